@@ -1,0 +1,33 @@
+"""Receive Nachocode webhooks (purchase, refund, unavailable users) in Flask,
+validated, typed, stored and handled exactly once."""
+
+from __future__ import annotations
+
+from .errors import Refuse
+from .events import (
+    AppStorePurchaseData,
+    PlayStorePurchaseData,
+    PurchaseEvent,
+    RefundEvent,
+    UnavailableUsersEvent,
+)
+from .extension import NachocodeWebhook
+from .ledger import Purchase
+from .signals import delivery_failed, delivery_handled, delivery_received
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AppStorePurchaseData",
+    "NachocodeWebhook",
+    "PlayStorePurchaseData",
+    "Purchase",
+    "PurchaseEvent",
+    "RefundEvent",
+    "Refuse",
+    "UnavailableUsersEvent",
+    "delivery_failed",
+    "delivery_handled",
+    "delivery_received",
+    "__version__",
+]

@@ -1,0 +1,253 @@
+"""Dispatch: claim -> ledger -> handlers -> record, in one transaction.
+
+Used by the webhook view for new deliveries and by ``replay`` for stored ones,
+so both follow the same exactly-once rule. On the happy path the claim, the
+ledger, the handlers' own writes (with ``db=``) and the delivery record are
+committed together, once. When a handler fails, all of that rolls back and the
+delivery is recorded as failed in a transaction of its own, so nothing that
+arrived is lost and nothing half-done stays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Mapping
+
+import sqlalchemy as sa
+from flask import current_app
+
+from . import ledger, signals
+from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookError
+from .events import Event, PurchaseEvent, RefundEvent
+from .store import utcnow
+
+if TYPE_CHECKING:
+    from .extension import AppState
+
+logger = logging.getLogger("flask_nachocode")
+
+#: Nachocode counts an answer slower than this as failed (and never retries).
+DELIVERY_BUDGET_SECONDS = 10.0
+
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def storable_headers(headers: Any) -> dict[str, str]:
+    """Request headers minus credentials: the key must never reach the database."""
+    return {name: value for name, value in headers.items() if name.lower() not in _SECRET_HEADERS}
+
+
+@dataclass
+class Delivery:
+    """One request as it arrived, before and while it is handled."""
+
+    route: str
+    received_at: datetime
+    started: float
+    body: bytes | None = None
+    headers: Mapping[str, str] | None = None
+    remote_addr: str | None = None
+    payload: Any = None
+    replay_of: int | None = None
+
+
+@dataclass
+class Result:
+    """What happened to a delivery; the view turns it into the answer."""
+
+    outcome: str
+    status: int
+    event_name: str | None
+    delivery_id: int | None
+    error: WebhookError | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duplicate(self) -> bool:
+        return self.outcome == "duplicate"
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
+    """Handle a valid event exactly once and record the delivery."""
+    store = state.store
+    session = store.session
+    handlers = state.handlers(event.name)
+    identity = event.identity
+    try:
+        store.ensure_ready()
+        if not handlers:
+            return record(state, delivery, NoHandler(f"no handler is registered for {event.name}"), event)
+        now = utcnow()
+        if identity is not None and not store.claim(session, identity, event.name, now):
+            return _commit(state, delivery, event, "duplicate", 200)
+        if state.ledger_enabled:
+            if isinstance(event, PurchaseEvent):
+                ledger.apply_purchase(session, store.purchases, event, now)
+            elif isinstance(event, RefundEvent):
+                ledger.apply_refund(session, store.purchases, event, now)
+    except Refuse as refusal:
+        session.rollback()
+        return record(state, delivery, refusal, event)
+    except sa.exc.SQLAlchemyError as error:
+        raise _store_unavailable(session, error) from error
+
+    try:
+        for handler in handlers:
+            handler(event)
+    except Refuse as refusal:
+        session.rollback()
+        return record(state, delivery, refusal, event)
+    except Exception as error:  # a handler bug must not lose the delivery
+        session.rollback()
+        logger.exception("nachocode %s handler failed (identity %s)", event.name, identity)
+        failure = HandlerFailed("a handler raised an exception; the delivery was recorded as failed")
+        return record(state, delivery, failure, event, cause=error)
+    return _commit(state, delivery, event, "handled", 200)
+
+
+def record(
+    state: AppState,
+    delivery: Delivery,
+    error: WebhookError,
+    event: Event | None = None,
+    *,
+    cause: BaseException | None = None,
+) -> Result:
+    """Store a delivery that was not handled (invalid, unhandled, refused, failed)."""
+    session = state.store.session
+    try:
+        state.store.ensure_ready()
+        result = _commit(
+            state,
+            delivery,
+            event,
+            error.outcome,
+            error.status,
+            error=error,
+            trace="".join(traceback.format_exception(cause)) if cause is not None else None,
+        )
+    except sa.exc.SQLAlchemyError as db_error:
+        raise _store_unavailable(session, db_error) from db_error
+    return result
+
+
+def _commit(
+    state: AppState,
+    delivery: Delivery,
+    event: Event | None,
+    outcome: str,
+    status: int,
+    *,
+    error: WebhookError | None = None,
+    trace: str | None = None,
+) -> Result:
+    store = state.store
+    session = store.session
+    finished = utcnow()
+    elapsed = time.perf_counter() - delivery.started
+    event_name = event.name if event is not None else _guess_event_name(delivery)
+    payload = delivery.payload if isinstance(delivery.payload, dict) else {}
+    user_id = getattr(event, "user_id", None) or payload.get("userId")
+    iap_log_id = getattr(event, "iap_log_id", None) or payload.get("iapLogId")
+    values = {
+        "event": event_name,
+        "route": delivery.route,
+        "outcome": outcome,
+        "status": status,
+        "identity": getattr(event, "identity", None),
+        "user_id": user_id if isinstance(user_id, str) else None,
+        "iap_log_id": iap_log_id if _is_storable_id(iap_log_id) else None,
+        "body": delivery.body if state.keep_bodies else None,
+        "headers": dict(delivery.headers) if delivery.headers is not None else None,
+        "remote_addr": delivery.remote_addr,
+        "received_at": delivery.received_at,
+        "finished_at": finished,
+        "duration_ms": elapsed * 1000.0,
+        "error": error.message if error is not None else None,
+        "traceback": trace,
+        "replay_of": delivery.replay_of,
+        "replay_count": 0,
+    }
+    try:
+        delivery_id = store.insert_delivery(session, values)
+        if delivery.replay_of is not None:
+            table = store.deliveries
+            session.execute(
+                sa.update(table)
+                .where(table.c.id == delivery.replay_of)
+                .values(replay_count=table.c.replay_count + 1, outcome=outcome, status=status)
+            )
+        session.commit()
+    except sa.exc.SQLAlchemyError as db_error:
+        raise _store_unavailable(session, db_error) from db_error
+
+    if elapsed > DELIVERY_BUDGET_SECONDS / 2:
+        logger.warning(
+            "nachocode delivery %s (%s) took %.1f s of Nachocode's %.0f s budget; an answer "
+            "after the budget shows as failed in the dashboard even though it was %s",
+            delivery_id, event_name, elapsed, DELIVERY_BUDGET_SECONDS, outcome,
+        )
+    result = Result(outcome, status, event_name, delivery_id, error)
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    if result.ok:
+        signals.delivery_handled.send(app, event=event, result=result)
+    else:
+        signals.delivery_failed.send(app, event=event, result=result, error=error)
+    return result
+
+
+def _store_unavailable(session: Any, error: sa.exc.SQLAlchemyError) -> StoreUnavailable:
+    try:
+        session.rollback()
+    except sa.exc.SQLAlchemyError:
+        pass  # the connection is gone; the pool replaces it on the next checkout
+    # Not the statement or its parameters: they hold the body.
+    logger.error("nachocode store unavailable, delivery not recorded: %s", type(error).__name__)
+    return StoreUnavailable(
+        "the delivery store is unavailable; nothing was handled, re-send this delivery later"
+    )
+
+
+def _guess_event_name(delivery: Delivery) -> str | None:
+    from .views import ROUTE_EVENTS
+
+    return ROUTE_EVENTS.get(delivery.route)
+
+
+def _is_storable_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def replay(state: AppState, delivery_id: int) -> Result:
+    """Run the handlers again on a stored delivery that failed, was refused or
+    found no handler, under the same exactly-once rule as a new delivery."""
+    from .schemas import load_event
+
+    row = state.store.get_delivery(delivery_id)
+    if row is None:
+        raise LookupError(f"no delivery {delivery_id}")
+    if row.outcome not in ("failed", "refused", "unhandled"):
+        raise ValueError(f"delivery {delivery_id} was {row.outcome}; only failed, refused or unhandled ones are replayed")
+    if row.body is None:
+        raise ValueError(f"delivery {delivery_id} has no stored body (NACHOCODE_KEEP_BODIES is off)")
+    payload = json.loads(bytes(row.body))
+    event = load_event(row.event, payload)
+    delivery = Delivery(
+        route="replay",
+        received_at=utcnow(),
+        started=time.perf_counter(),
+        body=bytes(row.body),
+        headers=row.headers,
+        payload=payload,
+        replay_of=delivery_id,
+    )
+    return dispatch(state, delivery, event)

@@ -1,0 +1,271 @@
+"""The purchase ledger: one row per store purchase, kept up to date from the
+``purchase`` and ``refund`` deliveries.
+
+The ledger is written inside the delivery's transaction, after the claim and
+before the handlers, so a handler reading it sees the purchase it is handling,
+and a duplicate (which never gets past the claim) never counts twice. A refund
+that arrives before its purchase (re-sends from the dashboard come in any
+order) creates the row from the refund's own copy of the purchase fields; the
+purchase, when it comes, completes the row and its handlers see it refunded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .errors import Refuse
+from .events import PurchaseEvent, RefundEvent
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from .store import Store
+
+ACTIVE, PARTIALLY_REFUNDED, REFUNDED = "active", "partially_refunded", "refunded"
+
+
+def define_purchases(metadata: sa.MetaData) -> sa.Table:
+    from .store import UTCDateTime, _table
+
+    return _table(
+        metadata,
+        "nachocode_purchases",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+        sa.Column("platform", sa.String(16), nullable=False),
+        # Play orderId / App Store transactionId: what a refund shares with its purchase.
+        sa.Column("store_purchase_id", sa.String(256), nullable=False),
+        # Play purchaseToken / App Store originalTransactionId.
+        sa.Column("store_token", sa.Text, nullable=False),
+        sa.Column("user_id", sa.Text, nullable=False, index=True),
+        sa.Column("iap_log_id", sa.BigInteger, nullable=False, index=True),
+        sa.Column("nacho_product_id", sa.Text, nullable=False),
+        sa.Column("product_id", sa.Text, nullable=False),
+        sa.Column("product_type", sa.String(16), nullable=False),
+        sa.Column("environment", sa.String(16), nullable=False),
+        sa.Column("quantity", sa.Integer, nullable=False),
+        # Exact decimal text: SQLite has no exact decimal type.
+        sa.Column("unit_price", sa.String(64), nullable=False),
+        sa.Column("refunded_quantity", sa.Integer, nullable=False),
+        sa.Column("state", sa.String(24), nullable=False),
+        # False while only a refund has arrived; True once the purchase was handled.
+        sa.Column("purchase_received", sa.Boolean, nullable=False),
+        sa.Column("purchased_at", UTCDateTime, nullable=True),
+        sa.Column("verified_at", UTCDateTime, nullable=True),
+        sa.Column("refunded_at", UTCDateTime, nullable=True),
+        sa.Column("updated_at", UTCDateTime, nullable=False),
+        sa.UniqueConstraint("platform", "store_purchase_id", name="uq_nachocode_purchases_store_id"),
+    )
+
+
+@dataclass(frozen=True)
+class Purchase:
+    """A row of the ledger, as the Python API returns it."""
+
+    user_id: str
+    iap_log_id: int
+    nacho_product_id: str
+    product_id: str
+    product_type: str
+    platform: str
+    environment: str
+    quantity: int
+    unit_price: Decimal
+    refunded_quantity: int
+    state: str
+    store_purchase_id: str
+    store_token: str
+    purchase_received: bool
+    purchased_at: Optional[datetime]
+    verified_at: Optional[datetime]
+    refunded_at: Optional[datetime]
+
+    @property
+    def net_quantity(self) -> int:
+        """Units the buyer still has: bought minus refunded."""
+        return self.quantity - self.refunded_quantity
+
+    @property
+    def status(self) -> str:
+        """What the purchase-status endpoint answers: ``pending`` until the
+        purchase was handled, then ``granted``, ``partially_refunded`` or ``refunded``."""
+        if not self.purchase_received:
+            return "pending"
+        return "granted" if self.state == ACTIVE else self.state
+
+    @classmethod
+    def from_row(cls, row: Any) -> Purchase:
+        return cls(
+            user_id=row.user_id,
+            iap_log_id=row.iap_log_id,
+            nacho_product_id=row.nacho_product_id,
+            product_id=row.product_id,
+            product_type=row.product_type,
+            platform=row.platform,
+            environment=row.environment,
+            quantity=row.quantity,
+            unit_price=Decimal(row.unit_price),
+            refunded_quantity=row.refunded_quantity,
+            state=row.state,
+            store_purchase_id=row.store_purchase_id,
+            store_token=row.store_token,
+            purchase_received=bool(row.purchase_received),
+            purchased_at=row.purchased_at,
+            verified_at=row.verified_at,
+            refunded_at=row.refunded_at,
+        )
+
+
+def _upsert(dialect_name: str) -> Any:
+    if dialect_name == "postgresql":
+        return postgresql.insert
+    if dialect_name == "sqlite":
+        return sqlite.insert
+    raise RuntimeError(
+        f"the purchase ledger needs PostgreSQL or SQLite (this database is {dialect_name}); "
+        "set NACHOCODE_LEDGER = False to run without it"
+    )
+
+
+def _store_token(event: PurchaseEvent | RefundEvent) -> str:
+    data = event.data
+    return data.purchase_token if event.os == "android" else data.original_transaction_id  # type: ignore[union-attr]
+
+
+def _purchase_fields(event: PurchaseEvent | RefundEvent, now: datetime) -> dict[str, Any]:
+    return {
+        "platform": event.os,
+        "store_purchase_id": event.store_purchase_id,
+        "store_token": _store_token(event),
+        "user_id": event.user_id,
+        "iap_log_id": event.iap_log_id,
+        "nacho_product_id": event.nacho_product_id,
+        "product_id": event.product_id,
+        "product_type": event.product_type,
+        "environment": event.environment,
+        "quantity": event.quantity,
+        "unit_price": str(event.price),
+        "updated_at": now,
+    }
+
+
+def apply_purchase(session: Session, table: sa.Table, event: PurchaseEvent, now: datetime) -> None:
+    insert = _upsert(session.get_bind().dialect.name)
+    values = _purchase_fields(event, now)
+    received = {
+        "purchase_received": True,
+        "purchased_at": event.purchased_at,
+        "verified_at": event.verified_at,
+    }
+    statement = insert(table).values(
+        **values, **received, refunded_quantity=0, state=ACTIVE, refunded_at=None
+    )
+    # A row already there was made by an early refund: complete it, but keep the
+    # refund bookkeeping it holds.
+    statement = statement.on_conflict_do_update(
+        index_elements=["platform", "store_purchase_id"], set_={**values, **received}
+    )
+    session.execute(statement)
+
+
+def apply_refund(session: Session, table: sa.Table, event: RefundEvent, now: datetime) -> None:
+    """Add the refund; :class:`Refuse` (422) when it would refund more than was bought."""
+    insert = _upsert(session.get_bind().dialect.name)
+    placeholder = insert(table).values(
+        **_purchase_fields(event, now),
+        purchase_received=False,
+        refunded_quantity=0,
+        state=ACTIVE,
+    )
+    session.execute(placeholder.on_conflict_do_nothing(index_elements=["platform", "store_purchase_id"]))
+    refunded = table.c.refunded_quantity + event.refund_quantity
+    # One conditional UPDATE: the bound and the sum are checked by the database,
+    # so two partial refunds handled at once cannot both pass a stale check.
+    result = session.execute(
+        sa.update(table)
+        .where(
+            table.c.platform == event.os,
+            table.c.store_purchase_id == event.store_purchase_id,
+            refunded <= table.c.quantity,
+        )
+        .values(
+            refunded_quantity=refunded,
+            state=sa.case((refunded >= table.c.quantity, REFUNDED), else_=PARTIALLY_REFUNDED),
+            refunded_at=event.refunded_at,
+            updated_at=now,
+        )
+    )
+    if result.rowcount != 1:
+        raise Refuse(
+            f"refunding {event.refund_quantity} more would refund more units than the "
+            f"{event.quantity} bought in purchase {event.store_purchase_id}",
+            status=422,
+            code="refund_exceeds_quantity",
+        )
+
+
+class Ledger:
+    """Read the ledger: ``nachocode.ledger`` on the extension.
+
+    Every query keeps sandbox and production apart: ``environment`` defaults to
+    ``"production"``; pass ``"sandbox"`` for test purchases, or ``None`` for both.
+    Inside a webhook handler, queries see the delivery's own uncommitted writes.
+    """
+
+    def __init__(self, store_for_app: Any) -> None:
+        self._store_for_app = store_for_app
+
+    def _query(self, *conditions: Any, environment: str | None, newest_first: bool = False) -> list[Purchase]:
+        store: Store = self._store_for_app()
+        store.ensure_ready()
+        table = store.purchases
+        statement = sa.select(table).where(*conditions)
+        if environment is not None:
+            statement = statement.where(table.c.environment == environment)
+        if newest_first:
+            statement = statement.order_by(table.c.id.desc())
+        return [Purchase.from_row(row) for row in store.session.execute(statement)]
+
+    def get(self, iap_log_id: int, *, environment: str | None = "production") -> Purchase | None:
+        """The purchase whose ``iapLogId`` (the SDK's ``purchaseId``) is given."""
+        table = self._store_for_app().purchases
+        found = self._query(table.c.iap_log_id == iap_log_id, environment=environment)
+        return found[0] if found else None
+
+    def find(self, event: PurchaseEvent | RefundEvent) -> Purchase | None:
+        """The ledger row of the purchase an event is about (the same store id)."""
+        table = self._store_for_app().purchases
+        found = self._query(
+            table.c.platform == event.os,
+            table.c.store_purchase_id == event.store_purchase_id,
+            environment=None,
+        )
+        return found[0] if found else None
+
+    def purchases_of(self, user_id: str, *, environment: str | None = "production") -> list[Purchase]:
+        """Every purchase of a user, newest first, refunded ones included."""
+        table = self._store_for_app().purchases
+        return self._query(table.c.user_id == user_id, environment=environment, newest_first=True)
+
+    def _of_product(self, user_id: str, product: str, environment: str | None) -> list[Purchase]:
+        table = self._store_for_app().purchases
+        return self._query(
+            table.c.user_id == user_id,
+            table.c.purchase_received.is_(True),
+            sa.or_(table.c.product_id == product, table.c.nacho_product_id == product),
+            environment=environment,
+        )
+
+    def owns(self, user_id: str, product: str, *, environment: str | None = "production") -> bool:
+        """Whether the user holds a product now: a handled purchase of it that is
+        not fully refunded. ``product`` is the store's productId or the nachoProductId."""
+        return any(p.net_quantity > 0 for p in self._of_product(user_id, product, environment))
+
+    def net_quantity(self, user_id: str, product: str, *, environment: str | None = "production") -> int:
+        """Units of a consumable the user bought, minus those refunded."""
+        return sum(p.net_quantity for p in self._of_product(user_id, product, environment))

@@ -1,0 +1,290 @@
+"""marshmallow schemas for the three webhook bodies, and the one place that maps
+an event name to its schema.
+
+The schemas follow Nachocode's field tables (``shared/nachocode/README.md``):
+every documented field is required, numbers must be JSON numbers (not strings,
+not booleans), timestamps are ISO 8601 UTC. Unknown fields are accepted, since
+Nachocode may add some; the event keeps the original object on ``event.raw``.
+Schemas are built once at import: building one per request is a measurable cost.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, Mapping
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
+
+from .errors import InvalidEvent
+from .events import (
+    AppStorePurchaseData,
+    Event,
+    PlayStorePurchaseData,
+    PurchaseEvent,
+    RefundEvent,
+    UnavailableUsersEvent,
+)
+
+_TIMESTAMP = re.compile(
+    r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}:\d{2})(?:\.(\d{1,6}))?(Z|[+-]\d{2}:\d{2})\Z"
+)
+
+
+class UTCDateTime(fields.Field):
+    """An ISO 8601 timestamp with an explicit zone, loaded as an aware UTC datetime.
+
+    Nachocode sends ``YYYY-MM-DDTHH:mm:ss.sssZ``; seconds without a fraction and
+    explicit offsets are accepted too. A timestamp without a zone is refused:
+    guessing its zone could shift a purchase or refund by hours.
+    """
+
+    default_error_messages = {
+        "invalid": "Not an ISO 8601 timestamp with a zone, such as 2025-02-19T02:00:31.280Z."
+    }
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        match = _TIMESTAMP.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise self.make_error("invalid")
+        day, time, fraction, zone = match.groups()
+        # Python 3.10's fromisoformat takes neither "Z" nor 1-2 or 4-5 digit fractions.
+        text = f"{day}T{time}.{(fraction or '').ljust(6, '0')}{'+00:00' if zone == 'Z' else zone}"
+        try:
+            return datetime.fromisoformat(text).astimezone(timezone.utc)
+        except ValueError as error:  # e.g. month 13
+            raise self.make_error("invalid") from error
+
+
+class Price(fields.Field):
+    """A JSON number (integer or fraction), kept exactly as a ``Decimal``."""
+
+    default_error_messages = {"invalid": "Not a number.", "negative": "Must be 0 or more."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Decimal:
+        if value is True or value is False or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.make_error("invalid")
+        # str() of a float is its shortest round-trip form: 9.99 stays 9.99, not 9.9900000001.
+        price = Decimal(value) if isinstance(value, int) else Decimal(str(value))
+        if price < 0:
+            raise self.make_error("negative")
+        return price
+
+
+def _text() -> fields.String:
+    return fields.String(required=True, validate=validate.Length(min=1))
+
+
+#: Bounds that keep every integer inside a signed 64-bit (ids) or 32-bit (counts)
+#: database column: JSON integers are unbounded, and an overflow at INSERT time
+#: would turn a bad body into a server error instead of a 422.
+MAX_ID = 2**63 - 1
+MAX_COUNT = 2**31 - 1
+
+
+def _count() -> fields.Integer:
+    return fields.Integer(required=True, strict=True, validate=validate.Range(min=1, max=MAX_COUNT))
+
+
+class PlayStoreDataSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    purchaseToken = _text()
+    orderId = _text()
+
+    @post_load
+    def _build(self, data: dict[str, Any], **kwargs: Any) -> PlayStorePurchaseData:
+        return PlayStorePurchaseData(purchase_token=data["purchaseToken"], order_id=data["orderId"])
+
+
+class AppStoreDataSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    originalTransactionId = _text()
+    transactionId = _text()
+
+    @post_load
+    def _build(self, data: dict[str, Any], **kwargs: Any) -> AppStorePurchaseData:
+        return AppStorePurchaseData(
+            original_transaction_id=data["originalTransactionId"],
+            transaction_id=data["transactionId"],
+        )
+
+
+_STORE_DATA_SCHEMAS: dict[str, Schema] = {
+    "android": PlayStoreDataSchema(),
+    "ios": AppStoreDataSchema(),
+}
+
+
+class StoreDataField(fields.Field):
+    """``data``: Play Store fields for android, App Store fields for ios.
+
+    The shape depends on the sibling ``os`` field, which marshmallow passes to
+    fields as the whole input object.
+    """
+
+    default_error_messages = {"invalid": "Not a JSON object."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, dict):
+            raise self.make_error("invalid")
+        schema = _STORE_DATA_SCHEMAS.get(data.get("os")) if isinstance(data, Mapping) else None
+        if schema is None:
+            # ``os`` itself is invalid and reported there; the store shape is unknowable.
+            return None
+        return schema.load(value)
+
+
+class _InAppSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    userId = _text()
+    iapLogId = fields.Integer(required=True, strict=True, validate=validate.Range(min=0, max=MAX_ID))
+    nachoProductId = _text()
+    os = fields.String(required=True, validate=validate.OneOf(["android", "ios"]))
+    productId = _text()
+    productType = fields.String(
+        required=True, validate=validate.OneOf(["consumable", "non-consumable"])
+    )
+    quantity = _count()
+    price = Price(required=True)
+    environment = fields.String(required=True, validate=validate.OneOf(["sandbox", "production"]))
+    data = StoreDataField(required=True)
+
+    def _common(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "user_id": data["userId"],
+            "iap_log_id": data["iapLogId"],
+            "nacho_product_id": data["nachoProductId"],
+            "os": data["os"],
+            "product_id": data["productId"],
+            "product_type": data["productType"],
+            "quantity": data["quantity"],
+            "price": data["price"],
+            "environment": data["environment"],
+            "data": data["data"],
+        }
+
+
+class PurchaseSchema(_InAppSchema):
+    requestedAt = UTCDateTime(required=True)
+    purchasedAt = UTCDateTime(required=True)
+    verifiedAt = UTCDateTime(required=True)
+
+    @post_load(pass_original=True)
+    def _build(self, data: dict[str, Any], original: dict[str, Any], **kwargs: Any) -> PurchaseEvent:
+        return PurchaseEvent(
+            **self._common(data),
+            requested_at=data["requestedAt"],
+            purchased_at=data["purchasedAt"],
+            verified_at=data["verifiedAt"],
+            raw=original,
+        )
+
+
+class RefundSchema(_InAppSchema):
+    refundQuantity = _count()
+    refundedAt = UTCDateTime(required=True)
+
+    @validates_schema(skip_on_field_errors=True)
+    def _refund_within_quantity(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data["refundQuantity"] > data["quantity"]:
+            raise ValidationError("Must not exceed quantity.", field_name="refundQuantity")
+
+    @post_load(pass_original=True)
+    def _build(self, data: dict[str, Any], original: dict[str, Any], **kwargs: Any) -> RefundEvent:
+        return RefundEvent(
+            **self._common(data),
+            refund_quantity=data["refundQuantity"],
+            refunded_at=data["refundedAt"],
+            raw=original,
+        )
+
+
+class UnavailableUsersSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    tokenNotFoundUserIds = fields.List(fields.String(), required=True)
+    tokenInvalidUserIds = fields.List(fields.String(), required=True)
+
+    @post_load(pass_original=True)
+    def _build(
+        self, data: dict[str, Any], original: dict[str, Any], **kwargs: Any
+    ) -> UnavailableUsersEvent:
+        return UnavailableUsersEvent(
+            token_not_found_user_ids=data["tokenNotFoundUserIds"],
+            token_invalid_user_ids=data["tokenInvalidUserIds"],
+            raw=original,
+        )
+
+
+#: Event name -> the schema that validates its body. The only such mapping.
+SCHEMAS: dict[str, Schema] = {
+    "purchase": PurchaseSchema(),
+    "refund": RefundSchema(),
+    "unavailable_users": UnavailableUsersSchema(),
+}
+
+_REFUND_MARKERS = ("refundQuantity", "refundedAt")
+_PURCHASE_MARKERS = ("requestedAt", "purchasedAt", "verifiedAt")
+_PUSH_MARKERS = ("tokenNotFoundUserIds", "tokenInvalidUserIds")
+
+
+def infer_event_name(body: Mapping[str, Any]) -> str:
+    """Tell the event from the body's shape, for the single all-events URL.
+
+    Nachocode puts the event type neither in the body nor in a header. Refund
+    fields win over purchase fields because a refund repeats the purchase's
+    fields; a body that mixes in-app purchase and push fields is refused rather
+    than guessed.
+    """
+    in_app = any(key in body for key in _REFUND_MARKERS + _PURCHASE_MARKERS)
+    push = any(key in body for key in _PUSH_MARKERS)
+    if in_app and push:
+        raise InvalidEvent(
+            "the body has both in-app purchase fields and unavailable-user lists; "
+            "it fits more than one event"
+        )
+    if any(key in body for key in _REFUND_MARKERS):
+        return "refund"
+    if in_app:
+        return "purchase"
+    if push:
+        return "unavailable_users"
+    raise InvalidEvent(
+        "the body fits no event: expected refundQuantity/refundedAt (refund), "
+        "requestedAt/purchasedAt/verifiedAt (purchase) or "
+        "tokenNotFoundUserIds/tokenInvalidUserIds (unavailable_users)"
+    )
+
+
+def flatten_errors(messages: Any, prefix: str = "") -> dict[str, list[str]]:
+    """marshmallow's nested error dict -> ``{"data.orderId": [...]}``."""
+    if isinstance(messages, list):
+        return {prefix or "_schema": [str(message) for message in messages]}
+    if not isinstance(messages, dict):
+        return {prefix or "_schema": [str(messages)]}
+    flat: dict[str, list[str]] = {}
+    for key, value in messages.items():
+        flat.update(flatten_errors(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def load_event(name: str, body: dict[str, Any]) -> Event:
+    """Validate ``body`` as the event ``name``; raise :class:`InvalidEvent` (422)."""
+    try:
+        event: Event = SCHEMAS[name].load(body)
+    except ValidationError as error:
+        raise InvalidEvent(
+            f"the body is not a valid {name} event", errors=flatten_errors(error.messages)
+        ) from None
+    return event

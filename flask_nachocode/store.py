@@ -1,0 +1,274 @@
+"""The delivery store: every delivery that passed the key check, and the claims
+that make handling exactly-once.
+
+Tables are SQLAlchemy Core tables on a ``MetaData``: the app's own
+``db.metadata`` when the extension is given ``db=`` (so Flask-Migrate and
+Alembic autogenerate see them and the claim commits together with the
+handlers' writes), otherwise a private one on the extension's own engine.
+
+Exactly once rests on one thing only: the primary key of ``nachocode_claims``.
+A delivery inserts its identity there *before* any handler runs, with
+``ON CONFLICT DO NOTHING``; whoever inserts the row (and later commits) owns the
+event, and every other process, host or re-send finds the row and answers
+"duplicate". On PostgreSQL a concurrent insert of the same key waits for the
+first transaction: if that one rolls back (a handler crashed), the waiting one
+takes over, so a failure never blocks the next attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable
+
+import sqlalchemy as sa
+from flask import Flask
+from flask.globals import app_ctx
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+if TYPE_CHECKING:
+    from flask_sqlalchemy import SQLAlchemy
+
+logger = logging.getLogger("flask_nachocode")
+
+#: Outcomes a stored delivery can have.
+OUTCOMES = ("handled", "duplicate", "failed", "refused", "invalid", "unhandled")
+#: Outcomes whose handlers can be run again by ``replay``.
+REPLAYABLE = ("failed", "refused", "unhandled")
+
+#: How long an SQLite connection waits for another process's write to finish
+#: before giving up with "database is locked"; longer than Nachocode's 10 s.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every database.
+
+    SQLite keeps no zone, so values are stored as naive UTC there and given
+    their zone back when read.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _table(metadata: sa.MetaData, name: str, *columns: Any) -> sa.Table:
+    # One extension object serving several apps that share one ``db`` must not
+    # define the table twice on the same metadata.
+    existing = metadata.tables.get(name)
+    return existing if existing is not None else sa.Table(name, metadata, *columns)
+
+
+def define_deliveries(metadata: sa.MetaData) -> sa.Table:
+    return _table(
+        metadata,
+        "nachocode_deliveries",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+        sa.Column("event", sa.String(32), nullable=True),
+        sa.Column("route", sa.String(32), nullable=False),
+        sa.Column("outcome", sa.String(16), nullable=False),
+        sa.Column("status", sa.Integer, nullable=False),
+        sa.Column("identity", sa.String(512), nullable=True, index=True),
+        sa.Column("user_id", sa.Text, nullable=True, index=True),
+        sa.Column("iap_log_id", sa.BigInteger, nullable=True, index=True),
+        sa.Column("body", sa.LargeBinary, nullable=True),
+        sa.Column("headers", sa.JSON, nullable=True),
+        sa.Column("remote_addr", sa.String(64), nullable=True),
+        sa.Column("received_at", UTCDateTime, nullable=False, index=True),
+        sa.Column("finished_at", UTCDateTime, nullable=False),
+        sa.Column("duration_ms", sa.Float, nullable=False),
+        sa.Column("error", sa.Text, nullable=True),
+        sa.Column("traceback", sa.Text, nullable=True),
+        sa.Column("replay_of", sa.BigInteger, nullable=True, index=True),
+        sa.Column("replay_count", sa.Integer, nullable=False, server_default="0"),
+    )
+
+
+def define_claims(metadata: sa.MetaData) -> sa.Table:
+    # Kept when old deliveries are pruned: forgetting a claim would let an old
+    # purchase, re-sent from the dashboard, be granted a second time.
+    return _table(
+        metadata,
+        "nachocode_claims",
+        sa.Column("identity", sa.String(512), primary_key=True),
+        sa.Column("event", sa.String(32), nullable=False),
+        sa.Column("claimed_at", UTCDateTime, nullable=False),
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers and one writer work at once across processes; the busy
+    # timeout makes a second gunicorn worker wait for the lock instead of
+    # failing with "database is locked".
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def resolve_database_uri(app: Flask) -> str:
+    """``NACHOCODE_DATABASE_URI``, falling back to the app's database, then to
+    ``sqlite:///nachocode.db``; relative SQLite paths live in the instance folder,
+    as in Flask-SQLAlchemy."""
+    uri = (
+        app.config.get("NACHOCODE_DATABASE_URI")
+        or app.config.get("SQLALCHEMY_DATABASE_URI")
+        or "sqlite:///nachocode.db"
+    )
+    url = sa.engine.make_url(uri)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        if not url.database.startswith("file:") and not os.path.isabs(url.database):
+            os.makedirs(app.instance_path, exist_ok=True)
+            url = url.set(database=os.path.join(app.instance_path, url.database))
+    return url.render_as_string(hide_password=False)
+
+
+class Store:
+    """Where one app's deliveries, claims and ledger live, and how to reach them.
+
+    ``session`` is a scoped session tied to the app context, like
+    Flask-SQLAlchemy's ``db.session``; with ``db=`` it *is* ``db.session``.
+    """
+
+    def __init__(self, app: Flask, db: SQLAlchemy | None) -> None:
+        self.db = db
+        self.metadata: sa.MetaData = db.metadata if db is not None else sa.MetaData()
+        self.deliveries = define_deliveries(self.metadata)
+        self.claims = define_claims(self.metadata)
+        # The ledger table is defined here too so that ``create_all`` and the
+        # shared metadata always hold the complete set.
+        from .ledger import define_purchases
+
+        self.purchases = define_purchases(self.metadata)
+        self._lock = threading.Lock()
+        self._ready = False
+        self._engine: Engine | None = None
+        self.session: Any
+        if db is not None:
+            self.session = db.session
+            self._uri = None
+        else:
+            self._uri = resolve_database_uri(app)
+            self._sessionmaker = sessionmaker(expire_on_commit=False)
+            self.session = scoped_session(self._sessionmaker, scopefunc=_app_context_id)
+            app.teardown_appcontext(self._remove_session)
+        self._insert_ignoring_conflict: Callable[..., Any] | None = None
+
+    def _remove_session(self, exc: BaseException | None) -> None:
+        self.session.remove()
+
+    @property
+    def engine(self) -> Engine:
+        if self.db is not None:
+            return self.db.engine
+        if self._engine is None:
+            self._engine = self._create_engine()
+        return self._engine
+
+    def _create_engine(self) -> Engine:
+        assert self._uri is not None
+        engine = sa.create_engine(self._uri)
+        if engine.dialect.name == "sqlite":
+            sa.event.listen(engine, "connect", _sqlite_pragmas)
+        self._sessionmaker.configure(bind=engine)
+        return engine
+
+    def ensure_ready(self) -> None:
+        """Connect lazily, and with its own engine create the tables on first use
+        so that an app needs no set-up step. Cheap after the first call."""
+        if self._ready:
+            return
+        with self._lock:
+            if self._ready:
+                return
+            engine = self.engine
+            if self.db is None:
+                self.create_tables()
+            elif engine.dialect.name == "sqlite":
+                # With the app's own SQLite database we only switch the file to WAL
+                # (persistent) and make new connections wait for locks.
+                sa.event.listen(engine, "connect", _sqlite_pragmas)
+                if engine.url.database not in (None, "", ":memory:"):
+                    with engine.connect() as connection:
+                        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+            self._insert_ignoring_conflict = _conflict_free_insert(engine.dialect.name)
+            self._ready = True
+
+    def create_tables(self) -> None:
+        tables = [self.deliveries, self.claims, self.purchases]
+        try:
+            self.metadata.create_all(self.engine, tables=tables)
+        except sa.exc.DBAPIError:
+            # Several workers starting at once race to create the tables; the
+            # loser's CREATE fails, and a second checked pass finds them all there.
+            self.metadata.create_all(self.engine, tables=tables)
+
+    def claim(self, session: Session, identity: str, event_name: str, now: datetime) -> bool:
+        """Insert the claim row for ``identity``; False when someone already holds it.
+
+        This must run before any handler, inside the delivery's transaction.
+        """
+        assert self._insert_ignoring_conflict is not None
+        values = {"identity": identity, "event": event_name, "claimed_at": now}
+        if self._insert_ignoring_conflict is _savepoint_insert:
+            return _savepoint_insert(session, self.claims, values)
+        statement = self._insert_ignoring_conflict(self.claims).values(values)
+        result = session.execute(statement.on_conflict_do_nothing(index_elements=["identity"]))
+        return bool(result.rowcount == 1)
+
+    def insert_delivery(self, session: Session, values: dict[str, Any]) -> int:
+        result = session.execute(sa.insert(self.deliveries).values(values))
+        return int(result.inserted_primary_key[0])
+
+    def get_delivery(self, delivery_id: int) -> sa.Row[Any] | None:
+        self.ensure_ready()
+        row = self.session.execute(
+            sa.select(self.deliveries).where(self.deliveries.c.id == delivery_id)
+        ).first()
+        self.session.rollback()  # end the read transaction: SQLite writers must not wait on it
+        return row
+
+
+def _app_context_id() -> int:
+    # Same scope as Flask-SQLAlchemy's session: one session per app context.
+    return id(app_ctx._get_current_object())
+
+
+def _conflict_free_insert(dialect_name: str) -> Callable[..., Any]:
+    if dialect_name == "postgresql":
+        return postgresql.insert
+    if dialect_name == "sqlite":
+        return sqlite.insert
+    return _savepoint_insert
+
+
+def _savepoint_insert(session: Session, table: sa.Table, values: dict[str, Any]) -> bool:
+    """Portable claim for databases without ``ON CONFLICT``: the unique key
+    still decides, a savepoint keeps the outer transaction usable."""
+    try:
+        with session.begin_nested():
+            session.execute(sa.insert(table).values(values))
+    except sa.exc.IntegrityError:
+        return False
+    return True

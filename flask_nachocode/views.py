@@ -1,0 +1,145 @@
+"""The webhook routes and their request pipeline:
+
+    key check -> content type / size -> parse -> validate -> dispatch -> answer
+
+A step that refuses raises a :class:`~flask_nachocode.errors.WebhookError`; the
+refusal is recorded (once the key check has passed) and answered through the
+single error answer. Nothing reaches a handler unless every step passed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from . import signals
+from .auth import check_bearer
+from .dispatch import Delivery, Result, dispatch, record, storable_headers
+from .errors import (
+    BadBody,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    WebhookError,
+    error_answer,
+)
+from .schemas import infer_event_name, load_event
+from .store import utcnow
+
+if TYPE_CHECKING:
+    from .extension import AppState
+
+#: Route name (as stored in a delivery) -> the event its URL receives.
+ROUTE_EVENTS: dict[str, str | None] = {
+    "purchase": "purchase",
+    "refund": "refund",
+    "unavailable-users": "unavailable_users",
+    "any": None,
+}
+
+_READ_CHUNK = 16384
+
+
+def _state() -> AppState:
+    return current_app.extensions["nachocode"]  # type: ignore[no-any-return]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json_object(max_bytes: int, delivery: Delivery) -> dict[str, Any]:
+    """The body as a JSON object, refusing anything else before it costs much.
+
+    The size is checked on Content-Length before reading, and the read itself is
+    bounded, so a chunked body without a length cannot make us hold more than
+    ``max_bytes`` either.
+    """
+    if request.mimetype != "application/json" and not request.mimetype.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {request.mimetype or 'missing'}"
+        )
+    too_large = PayloadTooLarge(f"the body is larger than {max_bytes} bytes")
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    stream = request.stream
+    while size <= max_bytes:
+        chunk = stream.read(min(_READ_CHUNK, max_bytes + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > max_bytes:
+        raise too_large
+    body = b"".join(chunks)
+    delivery.body = body
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadBody("the body is not UTF-8") from None
+    try:
+        payload = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as error:  # JSONDecodeError is a ValueError
+        raise BadBody(f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise BadBody("the body is nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise BadBody("the body must be a JSON object")
+    delivery.payload = payload
+    return payload
+
+
+def receive(route: str) -> Response:
+    """Receive one delivery on the route named ``route`` (see ROUTE_EVENTS)."""
+    state = _state()
+    delivery = Delivery(route=route, received_at=utcnow(), started=time.perf_counter())
+    # Before anything is read or stored: a delivery without the key leaves no trace.
+    check_bearer(request.headers.get("Authorization"), state.keys)
+    delivery.headers = storable_headers(request.headers)
+    delivery.remote_addr = request.remote_addr
+    signals.delivery_received.send(current_app._get_current_object(), delivery=delivery)  # type: ignore[attr-defined]
+    try:
+        payload = read_json_object(state.max_body_bytes, delivery)
+        event = load_event(ROUTE_EVENTS[route] or infer_event_name(payload), payload)
+    except WebhookError as refusal:
+        return answer(record(state, delivery, refusal))
+    return answer(dispatch(state, delivery, event))
+
+
+def answer(result: Result) -> Response:
+    """The JSON answer for a dispatched or recorded delivery."""
+    if result.error is not None:
+        return error_answer(result.error, event=result.event_name, delivery=result.delivery_id)
+    response = jsonify(
+        success=True,
+        event=result.event_name,
+        delivery=result.delivery_id,
+        duplicate=result.duplicate,
+    )
+    response.status_code = result.status
+    return response
+
+
+def make_blueprint(state: AppState) -> Blueprint:
+    """The ``nachocode`` blueprint with the routes this app has switched on."""
+    blueprint = Blueprint("nachocode", __name__)
+    blueprint.register_error_handler(WebhookError, error_answer)
+    blueprint.add_url_rule(
+        "/webhooks/purchase", "purchase", receive, methods=["POST"], defaults={"route": "purchase"}
+    )
+    blueprint.add_url_rule(
+        "/webhooks/refund", "refund", receive, methods=["POST"], defaults={"route": "refund"}
+    )
+    blueprint.add_url_rule(
+        "/webhooks/unavailable-users",
+        "unavailable_users",
+        receive,
+        methods=["POST"],
+        defaults={"route": "unavailable-users"},
+    )
+    blueprint.add_url_rule("/webhooks", "any", receive, methods=["POST"], defaults={"route": "any"})
+    return blueprint
