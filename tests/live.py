@@ -1,0 +1,77 @@
+"""Start real HTTP servers (``flask run``, gunicorn) for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def live_server(
+    args: list[str],
+    *,
+    port: int,
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+    ready_path: str = "/",
+    timeout: float = 30.0,
+) -> Iterator[str]:
+    """Run ``args`` (a server listening on ``port``) until the block ends; yield its base URL.
+
+    Output goes to ``log_path`` so a failing test can show what the server said.
+    """
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                output = log_path.read_text(errors="replace") if log_path else ""
+                raise RuntimeError(f"server exited with {process.returncode}:\n{output}")
+            try:
+                requests.get(base_url + ready_path, timeout=1)
+                break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server on port {port} did not start in {timeout} s") from None
+                time.sleep(0.1)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if log_path:
+            log.close()  # type: ignore[union-attr]
+
+
+def flask_run_args(app: str, port: int) -> list[str]:
+    return [str(BIN / "flask"), "--app", app, "run", "--port", str(port), "--no-reload"]
+
+
+def gunicorn_args(app: str, port: int, workers: int) -> list[str]:
+    return [
+        str(BIN / "gunicorn"), "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
+        "--worker-class", "sync", "--timeout", "60", app,
+    ]
