@@ -57,6 +57,18 @@ class PayloadTooLarge(WebhookError):
     code = "payload_too_large"
 
 
+class WrongMethod(WebhookError):
+    """Anything but POST on a webhook URL, e.g. someone opening it in a browser."""
+
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, method: str) -> None:
+        super().__init__(
+            f"webhook URLs take POST only, not {method}", headers={"Allow": "POST"}
+        )
+
+
 class UnsupportedMediaType(WebhookError):
     status = 415
     code = "unsupported_media_type"

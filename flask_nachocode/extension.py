@@ -114,7 +114,7 @@ class NachocodeWebhook:
         except ValueError as error:
             raise RuntimeError(str(error)) from None
         max_body = config["NACHOCODE_MAX_BODY_BYTES"]
-        if not isinstance(max_body, int) or max_body < 1:
+        if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 1:
             raise RuntimeError("NACHOCODE_MAX_BODY_BYTES must be a positive integer")
 
         state = AppState(

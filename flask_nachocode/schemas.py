@@ -135,7 +135,9 @@ class StoreDataField(fields.Field):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         if not isinstance(value, dict):
             raise self.make_error("invalid")
-        schema = _STORE_DATA_SCHEMAS.get(data.get("os")) if isinstance(data, Mapping) else None
+        platform = data.get("os") if isinstance(data, Mapping) else None
+        # ``os`` may be any JSON value here (a list is unhashable): look up strings only.
+        schema = _STORE_DATA_SCHEMAS.get(platform) if isinstance(platform, str) else None
         if schema is None:
             # ``os`` itself is invalid and reported there; the store shape is unknowable.
             return None

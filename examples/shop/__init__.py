@@ -1,7 +1,8 @@
 """A small coin shop that sells coins through Nachocode in-app purchases.
 
 Run it with ``flask --app examples/shop run``. It keeps everything in one
-SQLite file in its instance folder, created on first start, and shares its
+SQLite file in its instance folder, created on first start (or where
+``FLASK_SQLALCHEMY_DATABASE_URI`` points), and shares its
 Flask-SQLAlchemy ``db`` with flask-nachocode, so a grant and the record of the
 delivery that caused it are committed together or not at all.
 """
@@ -103,6 +104,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         # Set the same key in the Nachocode dashboard; never commit a real one.
         NACHOCODE_WEBHOOK_KEY=os.environ.get("NACHOCODE_WEBHOOK_KEY", "dev-webhook-key"),
     )
+    # Any other key from the environment, Flask's way: FLASK_SQLALCHEMY_DATABASE_URI=...
+    app.config.from_prefixed_env()
     app.config.update(config or {})
     db.init_app(app)
     nachocode.init_app(app)
