@@ -66,3 +66,14 @@ def make_app(tmp_path: Path) -> Callable[..., tuple[Flask, NachocodeWebhook]]:
         return app, NachocodeWebhook(app)
 
     return make
+
+
+def stored_deliveries(app: Flask) -> list[Any]:
+    """Every delivery the app's store holds, oldest first (rows with ``outcome``,
+    ``status``, ``event``, ``body``, ``headers``, ``traceback``...)."""
+    store = app.extensions["nachocode"].store
+    with app.app_context():
+        store.ensure_ready()
+        rows = store.session.execute(sa.select(store.deliveries).order_by(store.deliveries.c.id)).all()
+        store.session.rollback()
+    return list(rows)
