@@ -270,9 +270,15 @@ class Store:
         values = {"identity": identity, "event": event_name, "claimed_at": now}
         if self._insert_ignoring_conflict is _savepoint_insert:
             return _savepoint_insert(session, self.claims, values)
-        statement = self._insert_ignoring_conflict(self.claims).values(values)
-        result = session.execute(statement.on_conflict_do_nothing(index_elements=["identity"]))
-        return bool(result.rowcount == 1)
+        statement = (
+            self._insert_ignoring_conflict(self.claims)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["identity"])
+            # The returned row says who inserted; ``rowcount`` cannot be relied on
+            # for an INSERT (SQLAlchemy 2.1 with psycopg reports -1).
+            .returning(self.claims.c.identity)
+        )
+        return session.execute(statement).first() is not None
 
     def insert_delivery(self, session: Session, values: dict[str, Any]) -> int:
         result = session.execute(sa.insert(self.deliveries).values(values))
