@@ -213,10 +213,15 @@ def _commit(
         delivery_id = store.insert_delivery(session, values)
         if delivery.replay_of is not None:
             table = store.deliveries
+            # The original shows its latest outcome, except that a duplicate does
+            # not hide that an earlier replay of it was the one that handled it.
+            latest = outcome if outcome != "duplicate" else sa.case(
+                (table.c.outcome == "handled", "handled"), else_="duplicate"
+            )
             session.execute(
                 sa.update(table)
                 .where(table.c.id == delivery.replay_of)
-                .values(replay_count=table.c.replay_count + 1, outcome=outcome, status=status)
+                .values(replay_count=table.c.replay_count + 1, outcome=latest, status=status)
             )
         session.commit()
     except sa.exc.SQLAlchemyError as db_error:

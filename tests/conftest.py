@@ -100,9 +100,10 @@ class StoreApp:
             rows = self.db.session.execute(sa.text("SELECT identity FROM test_effects ORDER BY id"))
             return [row[0] for row in rows]
 
-    def rows(self, table: str) -> list[Any]:
-        """Every row of a nachocode_* table, read on a connection of its own."""
-        engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
+    def rows(self, table: str, url: str | None = None) -> list[Any]:
+        """Every row of ``table``, read on a connection of its own (to ``url``
+        instead of the app's database URL when given)."""
+        engine = sa.create_engine(url or self.url, poolclass=sa.pool.NullPool)
         try:
             with engine.connect() as connection:
                 return list(connection.execute(sa.text(f"SELECT * FROM {table} ORDER BY 1")))
@@ -124,55 +125,70 @@ def store_mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def build_store_app(url: str, mode: str, instance_path: str, *, create_tables: bool = True, **config: Any) -> StoreApp:
+    """A :class:`StoreApp` on ``url`` in ``mode``; keyword arguments are config.
+    ``create_tables=False`` leaves a shared db without tables."""
+    from flask_sqlalchemy import SQLAlchemy
+
+    app = Flask("nachocode_store_app", instance_path=instance_path)
+    app.config.update({"TESTING": True, "NACHOCODE_WEBHOOK_KEY": WEBHOOK_KEY, **config})
+    db = None
+    if mode == "shared_db":
+        db = SQLAlchemy()
+        effects_table = sa.Table(
+            "test_effects",
+            db.metadata,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("identity", sa.String(512), nullable=False),
+        )
+        app.config["SQLALCHEMY_DATABASE_URI"] = url
+        db.init_app(app)
+        ext = NachocodeWebhook(app, db=db)
+    else:
+        app.config["NACHOCODE_DATABASE_URI"] = url
+        ext = NachocodeWebhook(app)
+    store_app = StoreApp(app, ext, db, url, mode)
+
+    def record_effect(event: Any) -> None:
+        identity = event.identity or event.name
+        if db is not None:
+            db.session.execute(sa.insert(effects_table).values(identity=identity))
+        else:
+            store_app.effects_seen.append(identity)
+        broken = store_app.broken
+        if broken(event) if callable(broken) else broken:
+            raise RuntimeError(f"handler bug while handling {identity}")
+
+    for name in ("purchase", "refund", "unavailable_users"):
+        ext.handler(name)(record_effect)
+    if db is not None and create_tables:
+        with app.app_context():
+            db.create_all()
+    return store_app
+
+
 @pytest.fixture
-def make_store_app(
-    database_url: str, store_mode: str, tmp_path: Path
-) -> Any:
-    """Build a :class:`StoreApp` on ``database_url`` (or ``url=``) in ``store_mode``;
-    keyword arguments are config. ``create_tables=False`` leaves a shared db empty."""
+def store_apps(tmp_path: Path) -> Any:
+    """``store_apps(url, mode, **config)`` builds a :class:`StoreApp` and disposes
+    of its engines after the test (other test runs share the PostgreSQL server)."""
     made: list[StoreApp] = []
 
-    def make(*, url: str | None = None, create_tables: bool = True, **config: Any) -> StoreApp:
-        from flask_sqlalchemy import SQLAlchemy
+    def build(url: str, mode: str, **config: Any) -> StoreApp:
+        made.append(build_store_app(url, mode, str(tmp_path / "instance"), **config))
+        return made[-1]
 
-        url = url or database_url
-        app = Flask("nachocode_store_app", instance_path=str(tmp_path / "instance"))
-        app.config.update({"TESTING": True, "NACHOCODE_WEBHOOK_KEY": WEBHOOK_KEY, **config})
-        db = None
-        if store_mode == "shared_db":
-            db = SQLAlchemy()
-            effects_table = sa.Table(
-                "test_effects",
-                db.metadata,
-                sa.Column("id", sa.Integer, primary_key=True),
-                sa.Column("identity", sa.String(512), nullable=False),
-            )
-            app.config["SQLALCHEMY_DATABASE_URI"] = url
-            db.init_app(app)
-            ext = NachocodeWebhook(app, db=db)
-        else:
-            app.config["NACHOCODE_DATABASE_URI"] = url
-            ext = NachocodeWebhook(app)
-        store_app = StoreApp(app, ext, db, url, store_mode)
-
-        def record_effect(event: Any) -> None:
-            identity = event.identity or event.name
-            if db is not None:
-                db.session.execute(sa.insert(effects_table).values(identity=identity))
-            else:
-                store_app.effects_seen.append(identity)
-            broken = store_app.broken
-            if broken(event) if callable(broken) else broken:
-                raise RuntimeError(f"handler bug while handling {identity}")
-
-        for name in ("purchase", "refund", "unavailable_users"):
-            ext.handler(name)(record_effect)
-        if db is not None and create_tables:
-            with app.app_context():
-                db.create_all()
-        made.append(store_app)
-        return store_app
-
-    yield make
+    yield build
     for store_app in made:
         store_app.close()
+
+
+@pytest.fixture
+def make_store_app(database_url: str, store_mode: str, store_apps: Any) -> Any:
+    """Build a :class:`StoreApp` on ``database_url`` (SQLite and PostgreSQL) in
+    ``store_mode`` (own engine and shared db): each test using it runs four times.
+    Keyword arguments as for :func:`build_store_app`, plus ``url=``."""
+
+    def make(*, url: str | None = None, **config: Any) -> StoreApp:
+        return store_apps(url or database_url, store_mode, **config)  # type: ignore[no-any-return]
+
+    return make
