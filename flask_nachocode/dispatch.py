@@ -247,8 +247,13 @@ def _store_unavailable(session: Any, error: sa.exc.SQLAlchemyError) -> StoreUnav
         session.rollback()
     except sa.exc.SQLAlchemyError:
         pass  # the connection is gone; the pool replaces it on the next checkout
-    # Not the statement or its parameters: they hold the body.
-    logger.error("nachocode store unavailable, delivery not recorded: %s", type(error).__name__)
+    # Not the statement or its parameters, which hold the body: only the
+    # database's own first line, which tells "unreachable" from "no such table".
+    cause = getattr(error, "orig", None) or error
+    reason = (str(cause).splitlines() or [""])[0][:200]
+    logger.error(
+        "nachocode store unavailable, delivery not recorded: %s: %s", type(cause).__name__, reason
+    )
     return StoreUnavailable(
         "the delivery store is unavailable; nothing was handled, re-send this delivery later"
     )

@@ -232,7 +232,8 @@ class Store:
             elif engine.dialect.name == "sqlite":
                 # The app's SQLite database: the tables are the app's (create_all or
                 # migrations), but its connections must survive several workers.
-                sa.event.listen(engine, "checkout", _sqlite_pragmas)
+                if not sa.event.contains(engine, "checkout", _sqlite_pragmas):
+                    sa.event.listen(engine, "checkout", _sqlite_pragmas)
                 with engine.connect() as connection:
                     connection.exec_driver_sql("SELECT 1")  # reachable now, and set up
             self._insert_ignoring_conflict = _conflict_free_insert(engine.dialect.name)
