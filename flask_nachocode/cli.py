@@ -13,19 +13,20 @@ from flask.cli import with_appcontext
 
 from .dispatch import replay as replay_delivery
 from .errors import WebhookError
+from .events import EVENT_NAMES
 from .extension import AppState
-from .store import REPLAYABLE, utcnow
+from .store import OUTCOMES, REPLAYABLE, utcnow
 
 
 def _state() -> AppState:
     return current_app.extensions["nachocode"]  # type: ignore[no-any-return]
 
 
-def escape_controls(text: str) -> str:
-    """Show control characters (except newlines and tabs) as escapes, so that a
+def escape_controls(text: str, keep: str = "\n\t") -> str:
+    """Show control characters (except those in ``keep``) as escapes, so that a
     stored body cannot drive the terminal that displays it."""
     return "".join(
-        ch if ch in "\n\t" or (ch.isprintable() and ch != "\x7f") else ch.encode("unicode_escape").decode("ascii")
+        ch if ch in keep or (ch.isprintable() and ch != "\x7f") else ch.encode("unicode_escape").decode("ascii")
         for ch in text
     )
 
@@ -45,8 +46,8 @@ def init_db() -> None:
 
 
 @nachocode_cli.command("deliveries")
-@click.option("--status", "outcome", type=click.Choice(["handled", "duplicate", "failed", "refused", "invalid", "unhandled"]))
-@click.option("--event", type=click.Choice(["purchase", "refund", "unavailable_users"]))
+@click.option("--status", "outcome", type=click.Choice(OUTCOMES))
+@click.option("--event", type=click.Choice(EVENT_NAMES))
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
 @with_appcontext
 def list_deliveries(outcome: str | None, event: str | None, limit: int) -> None:
@@ -56,19 +57,21 @@ def list_deliveries(outcome: str | None, event: str | None, limit: int) -> None:
     table = store.deliveries
     query = sa.select(
         table.c.id, table.c.received_at, table.c.event, table.c.outcome, table.c.status,
-        table.c.duration_ms, table.c.user_id, table.c.replay_count,
+        table.c.duration_ms, table.c.user_id, table.c.replay_count, table.c.replay_of,
     ).order_by(table.c.id.desc()).limit(limit)
     if outcome:
         query = query.where(table.c.outcome == outcome)
     if event:
         query = query.where(table.c.event == event)
     rows = store.session.execute(query).all()
+    store.session.rollback()  # end the read: SQLite writers must not wait on it
     click.echo(f"{'id':>6}  {'received (UTC)':19}  {'event':17}  {'outcome':9}  {'status':>6}  {'ms':>8}  user")
     for row in rows:
         click.echo(
             f"{row.id:>6}  {row.received_at:%Y-%m-%d %H:%M:%S}  {row.event or '-':17}  {row.outcome:9}  "
-            f"{row.status:>6}  {row.duration_ms:>8.1f}  {escape_controls(row.user_id or '-')}"
+            f"{row.status:>6}  {row.duration_ms:>8.1f}  {escape_controls(row.user_id or '-', keep='')}"
             + (f"  (replayed {row.replay_count}x)" if row.replay_count else "")
+            + (f"  (replay of {row.replay_of})" if row.replay_of is not None else "")
         )
     if not rows:
         click.echo("no deliveries")
@@ -146,10 +149,16 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
             result = replay_delivery(state, one)
         except (LookupError, ValueError, WebhookError) as error:
             failures += 1
-            click.echo(f"delivery {one}: not replayed: {getattr(error, 'message', error)}")
+            click.echo(f"delivery {one}: not replayed: {escape_controls(str(getattr(error, 'message', error)))}")
             continue
+        except sa.exc.SQLAlchemyError as error:
+            raise click.ClickException(f"the delivery store is unavailable: {type(error).__name__}") from None
         failures += not result.ok
-        detail = f": {result.error.message}" if result.error is not None else ""
+        detail = ""
+        if result.error is not None:
+            # The stored error says what the handler raised; the answer only that it failed.
+            stored = state.store.get_delivery(result.delivery_id) if result.delivery_id else None
+            detail = f": {escape_controls((stored.error if stored is not None else None) or result.error.message)}"
         click.echo(f"delivery {one}: {result.outcome} ({result.status}) as delivery {result.delivery_id}{detail}")
     if failures:
         raise SystemExit(1)
