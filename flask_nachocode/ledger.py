@@ -183,7 +183,8 @@ def apply_purchase(session: Session, table: sa.Table, event: PurchaseEvent, now:
         # that says fewer units were bought must not leave more refunded than bought.
         where=refunded <= quantity,
     )
-    if session.execute(statement).rowcount != 1:
+    # preserve_rowcount: psycopg 3 reports -1 for an INSERT's rowcount otherwise.
+    if session.execute(statement.execution_options(preserve_rowcount=True)).rowcount != 1:
         raise Refuse(
             f"purchase {event.store_purchase_id} has {event.quantity} units but earlier "
             "refunds of it already refunded more",

@@ -234,7 +234,10 @@ class Store:
         if self._insert_ignoring_conflict is _savepoint_insert:
             return _savepoint_insert(session, self.claims, values)
         statement = self._insert_ignoring_conflict(self.claims).values(values)
-        result = session.execute(statement.on_conflict_do_nothing(index_elements=["identity"]))
+        # psycopg 3 forgets an INSERT's rowcount once SQLAlchemy closes the cursor
+        # (it reads -1, which made every delivery a "duplicate" on PostgreSQL).
+        statement = statement.on_conflict_do_nothing(index_elements=["identity"])
+        result = session.execute(statement.execution_options(preserve_rowcount=True))
         return bool(result.rowcount == 1)
 
     def insert_delivery(self, session: Session, values: dict[str, Any]) -> int:
