@@ -235,12 +235,18 @@ def test_refunds_arriving_out_of_order_keep_the_latest_refund_time(shop: Shop) -
     assert purchase.refunded_at is not None and purchase.refunded_at.isoformat() == "2025-05-02T00:00:00+00:00"
 
 
-def test_concurrent_partial_refunds_never_exceed_the_quantity(database_url: str, tmp_path: Any) -> None:
+def test_concurrent_partial_refunds_never_exceed_the_quantity(shop: Shop, database_url: str, tmp_path: Any) -> None:
     """Eight different one-unit refunds of a five-unit purchase, posted at once to
-    four gunicorn workers: exactly five are granted, three refused."""
+    three gunicorn workers: exactly five are granted, three refused."""
+    store = shop.app.extensions["nachocode"].store
+    shop.read(store.ensure_ready)  # tables in place before the workers start
     port = free_port()
-    env = {"NACHOCODE_DATABASE_URI": database_url, "NACHOCODE_WEBHOOK_KEY": WEBHOOK_KEY}
-    args = gunicorn_args("ledger_server:create_app()", port, workers=4) + ["--chdir", "tests"]
+    env = {
+        "NACHOCODE_DATABASE_URI": database_url,
+        "NACHOCODE_WEBHOOK_KEY": WEBHOOK_KEY,
+        "NACHOCODE_TEST_SHARED_DB": "1" if store.db is not None else "0",
+    }
+    args = gunicorn_args("ledger_server:create_app()", port, workers=3) + ["--chdir", "tests"]
     bought = purchase_payload(quantity=5)
     refunds = [
         refund_payload(bought, refundQuantity=1, refundedAt=f"2025-06-01T00:00:0{i}.000Z") for i in range(8)
@@ -267,3 +273,5 @@ def test_concurrent_partial_refunds_never_exceed_the_quantity(database_url: str,
 
     assert sorted(statuses) == [200] * 5 + [422] * 3
     assert (status["status"], status["refundedQuantity"], status["netQuantity"]) == ("refunded", 5, 0)
+    purchase = shop.get(bought)
+    assert purchase is not None and purchase.refunded_quantity == 5
