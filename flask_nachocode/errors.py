@@ -98,6 +98,13 @@ class StoreUnavailable(WebhookError):
     code = "store_unavailable"
 
 
+class BadPurchaseId(WebhookError):
+    """The purchase-status route was asked about something that is no ``iapLogId``."""
+
+    status = 400
+    code = "bad_iap_log_id"
+
+
 class Refuse(WebhookError):
     """Raise from a handler to refuse a delivery on purpose, with your own answer.
 

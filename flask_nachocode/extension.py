@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from flask import Flask, current_app
@@ -63,6 +63,10 @@ class AppState:
     ledger_enabled: bool
     store: Store
     config_handlers: HandlerRegistry
+    #: GET {prefix}/purchases/<iapLogId> is mounted (NACHOCODE_PURCHASE_STATUS_ROUTE).
+    purchase_status_route: bool = False
+    #: The app's decorators around that view (NACHOCODE_PURCHASE_STATUS_DECORATORS).
+    purchase_status_decorators: list[Callable[[Any], Any]] = field(default_factory=list)
 
     def handlers(self, name: str) -> list[Handler]:
         # Decorated handlers first, then NACHOCODE_HANDLERS; read live because
@@ -126,7 +130,16 @@ class NachocodeWebhook:
             ledger_enabled=bool(config["NACHOCODE_LEDGER"]),
             store=Store(app, self.db),
             config_handlers=registry_from_config(config["NACHOCODE_HANDLERS"] or {}),
+            purchase_status_route=bool(config["NACHOCODE_PURCHASE_STATUS_ROUTE"]),
+            purchase_status_decorators=resolve_decorators(
+                "NACHOCODE_PURCHASE_STATUS_DECORATORS", config["NACHOCODE_PURCHASE_STATUS_DECORATORS"]
+            ),
         )
+        if state.purchase_status_route and not state.ledger_enabled:
+            raise RuntimeError(
+                "NACHOCODE_PURCHASE_STATUS_ROUTE answers from the purchase ledger: "
+                "it needs NACHOCODE_LEDGER = True"
+            )
         app.extensions["nachocode"] = state
 
         from .cli import nachocode_cli

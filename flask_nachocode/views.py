@@ -160,4 +160,8 @@ def make_blueprint(state: AppState) -> Blueprint:
         defaults={"route": "unavailable-users"},
     )
     blueprint.add_url_rule("/webhooks", "any", receive, methods=["POST"], defaults={"route": "any"})
+    if state.purchase_status_route:
+        from .status import add_purchase_status_route
+
+        add_purchase_status_route(blueprint, state.purchase_status_decorators)
     return blueprint

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
 
 from flask_nachocode import NachocodeWebhook
 
@@ -203,3 +204,35 @@ def make_store_app(database_url: str, store_mode: str, store_apps: Any) -> Any:
         return store_apps(url or database_url, store_mode, **config)  # type: ignore[no-any-return]
 
     return make
+
+
+@pytest.fixture(params=["own-engine", "shared-db"])
+def make_ledger_app(
+    request: pytest.FixtureRequest, database_url: str, tmp_path: Path
+) -> Iterator[Callable[..., tuple[Flask, NachocodeWebhook]]]:
+    """Build an app whose store is on ``database_url`` (SQLite and PostgreSQL),
+    set up both ways: the extension's own engine, and the app's Flask-SQLAlchemy
+    ``db`` shared with the extension. Keyword arguments are config."""
+    apps: list[Flask] = []
+
+    def make(**config: Any) -> tuple[Flask, NachocodeWebhook]:
+        app = Flask("nachocode_test_app", instance_path=str(tmp_path / "instance"))
+        app.config.update(TESTING=True, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY)
+        if request.param == "own-engine":
+            app.config.update(NACHOCODE_DATABASE_URI=database_url, **config)
+            ext = NachocodeWebhook(app)
+        else:
+            app.config.update(SQLALCHEMY_DATABASE_URI=database_url, **config)
+            db = SQLAlchemy()
+            db.init_app(app)
+            ext = NachocodeWebhook(app, db=db)
+            with app.app_context():
+                db.create_all()
+        apps.append(app)
+        return app, ext
+
+    yield make
+    # Idle pooled connections would add up across tests on a shared PostgreSQL server.
+    for app in apps:
+        with app.app_context():
+            app.extensions["nachocode"].store.engine.dispose()
