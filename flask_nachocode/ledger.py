@@ -155,6 +155,8 @@ def _purchase_fields(event: PurchaseEvent | RefundEvent, now: datetime) -> dict[
 
 
 def apply_purchase(session: Session, table: sa.Table, event: PurchaseEvent, now: datetime) -> None:
+    """Record the purchase; :class:`Refuse` (422) when refunds of it that came
+    first already refunded more units than it says were bought."""
     insert = _upsert(session.get_bind().dialect.name)
     values = _purchase_fields(event, now)
     received = {
