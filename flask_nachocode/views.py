@@ -142,4 +142,8 @@ def make_blueprint(state: AppState) -> Blueprint:
         defaults={"route": "unavailable-users"},
     )
     blueprint.add_url_rule("/webhooks", "any", receive, methods=["POST"], defaults={"route": "any"})
+    if state.inspector is not None:
+        from .inspector import make_inspector_blueprint
+
+        blueprint.register_blueprint(make_inspector_blueprint(state))
     return blueprint
