@@ -283,8 +283,8 @@ def _int_arg(name: str) -> int | None:
     return int(value)
 
 
-#: The columns a list row shows.
 def _row_columns(table: sa.Table) -> list[sa.Column[Any]]:
+    """The columns a list row shows."""
     return [
         table.c.id, table.c.received_at, table.c.event, table.c.user_id, table.c.outcome,
         table.c.status, table.c.duration_ms, table.c.replay_of, table.c.replay_count,
@@ -311,9 +311,10 @@ class _Views:
         """Newest first, filtered, a page at a time; the first page polls for new ones."""
         filters = Filters.from_request()
         before, after = _int_arg("before"), _int_arg("after")
-        per_page = _int_arg("per_page") or PAGE_SIZE
-        if per_page > MAX_PAGE_SIZE:
-            abort(400, f"per_page must be at most {MAX_PAGE_SIZE}")
+        per_page = _int_arg("per_page")
+        per_page = PAGE_SIZE if per_page is None else per_page
+        if not 1 <= per_page <= MAX_PAGE_SIZE:
+            abort(400, f"per_page must be between 1 and {MAX_PAGE_SIZE}")
         table = self.state.store.deliveries
         query = filters.apply(sa.select(*_row_columns(table)), table)
         if after is not None:
