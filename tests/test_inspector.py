@@ -451,3 +451,53 @@ def test_replaying_a_handled_delivery_changes_nothing(inspector: Callable[..., A
     assert "Not replayed: delivery" in page or "duplicate (200)" in page
     assert len(handlers.handled) == 1
     assert client.post("/nachocode/deliveries/999999/replay", data={"nachocode_csrf": token}).status_code == 404
+
+
+def test_detail_of_a_body_that_is_not_json(inspector: Callable[..., Any]) -> None:
+    _, _, client = inspector()
+    response = client.post(
+        "/nachocode/webhooks/purchase",
+        data=b'{"userId": "</pre><script>alert(1)</script>", oops',
+        headers={"Authorization": f"Bearer {WEBHOOK_KEY}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    page = client.get(f"/nachocode/deliveries/{response.json['delivery']}").text
+    assert "&lt;/pre&gt;&lt;script&gt;alert(1)&lt;/script&gt;&#34;, oops" in page
+    assert "<script>alert" not in page
+    assert "No event could be read" in page
+
+
+def test_a_store_that_cannot_be_reached_is_a_503_page(inspector: Callable[..., Any], tmp_path: Path) -> None:
+    _, _, client = inspector(NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'missing' / 'dir' / 'n.db'}")
+    for path in ("/nachocode/deliveries", "/nachocode/deliveries/poll", "/nachocode/deliveries/1"):
+        response = client.get(path)
+        assert response.status_code == 503, path
+    assert "store is unavailable" in client.get("/nachocode/deliveries").text
+
+
+def test_with_the_apps_own_flask_sqlalchemy_db(tmp_path: Path) -> None:
+    from flask_sqlalchemy import SQLAlchemy
+
+    app = Flask("nachocode_db_app", instance_path=str(tmp_path / "instance"))
+    app.config.update(
+        SECRET_KEY=SECRET_KEY,
+        SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'app.db'}",
+        NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY,
+        NACHOCODE_INSPECTOR=True,
+        NACHOCODE_INSPECTOR_TOKEN=TOKEN,
+    )
+    db = SQLAlchemy(app)
+    ext = NachocodeWebhook(app, db=db)
+    with app.app_context():
+        db.create_all()
+    handlers = FailingHandlers(ext)
+    client = app.test_client()
+    client.get(f"/nachocode/deliveries?token={TOKEN}")
+    handlers.failing = True
+    delivery = send(client, userId="frank")
+    assert ids_on(client.get("/nachocode/deliveries?q=frank").text) == [delivery]
+    token = csrf_of(client.get(f"/nachocode/deliveries/{delivery}").text)
+    handlers.failing = False
+    client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": token})
+    assert handlers.handled == ["frank"]
+    assert '<span class="badge handled" id="outcome">' in client.get(f"/nachocode/deliveries/{delivery}").text
