@@ -363,7 +363,7 @@ class _Views:
 
     def delivery(self, delivery_id: int) -> str:
         store = self.state.store
-        row = store.get_delivery(delivery_id)
+        row = store.get_delivery(delivery_id) if delivery_id <= MAX_ID else None
         if row is None:
             abort(404, f"No delivery {delivery_id}.")
         table = store.deliveries
@@ -390,6 +390,8 @@ class _Views:
         show the original delivery with its new outcome and replay history."""
         check_csrf()
         try:
+            if delivery_id > MAX_ID:  # no such row, and too large for the id column
+                raise LookupError(delivery_id)
             result = replay(self.state, delivery_id)
         except LookupError:
             abort(404, f"No delivery {delivery_id}.")

@@ -329,6 +329,7 @@ def test_detail_shows_headers_without_authorization_body_event_and_traceback(
     assert "RuntimeError: the grant service is down" in page
     assert 'id="replay"' in page
     assert client.get("/nachocode/deliveries/999999").status_code == 404
+    assert client.get(f"/nachocode/deliveries/{2**64}").status_code == 404
 
 
 def test_detail_shows_validation_errors_of_an_invalid_body(inspector: Callable[..., Any]) -> None:
@@ -450,7 +451,9 @@ def test_replaying_a_handled_delivery_changes_nothing(inspector: Callable[..., A
     # either way the handler does not run a second time.
     assert "Not replayed: delivery" in page or "duplicate (200)" in page
     assert len(handlers.handled) == 1
-    assert client.post("/nachocode/deliveries/999999/replay", data={"nachocode_csrf": token}).status_code == 404
+    for missing in (999999, 2**64):
+        response = client.post(f"/nachocode/deliveries/{missing}/replay", data={"nachocode_csrf": token})
+        assert response.status_code == 404
 
 
 def test_detail_of_a_body_that_is_not_json(inspector: Callable[..., Any]) -> None:
