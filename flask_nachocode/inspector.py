@@ -56,6 +56,7 @@ from flask import (
     session,
     url_for,
 )
+from werkzeug.wrappers import Response as BaseResponse
 
 from .dispatch import replay
 from .errors import InvalidEvent, WebhookError
@@ -187,7 +188,7 @@ def make_inspector_blueprint(state: AppState) -> Blueprint:
     return blueprint
 
 
-def _gate(settings: InspectorSettings) -> Response | None:
+def _gate(settings: InspectorSettings) -> BaseResponse | None:
     """Runs before every inspector request, static files included."""
     if settings.token is not None:
         expected = settings.token.encode()
@@ -256,7 +257,7 @@ class Filters:
         return cls(outcome, event, q)
 
     @property
-    def args(self) -> dict[str, str]:
+    def args(self) -> dict[str, Any]:
         """The filters that are set, as query arguments for links."""
         return {name: value for name, value in dataclasses.asdict(self).items() if value}
 
@@ -385,7 +386,7 @@ class _Views:
             replayable_outcomes=REPLAYABLE,
         )
 
-    def replay(self, delivery_id: int) -> Response:
+    def replay(self, delivery_id: int) -> BaseResponse:
         """Run the handlers again (:func:`flask_nachocode.dispatch.replay`), then
         show the original delivery with its new outcome and replay history."""
         check_csrf()

@@ -23,12 +23,12 @@ if not CHROMIUM.exists():
     )
 pytest.importorskip("playwright.sync_api", reason="browser tests need Playwright (pip install -e '.[test]')")
 
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Dialog, Page, ViewportSize, expect, sync_playwright  # noqa: E402
 
 APP = "tests/inspector_app.py"
 ARTIFACTS = ROOT / "test-artifacts" / "inspector"
-DESKTOP = {"width": 1280, "height": 900}
-PHONE = {"width": 390, "height": 844}
+DESKTOP: ViewportSize = {"width": 1280, "height": 900}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 #: How long to wait for a page to show what the server did; polling runs every 2 s.
 WAIT_MS = 20_000
 XSS = '<script>alert("xss")</script>'
@@ -71,7 +71,7 @@ def open_page(browser: Browser, base_url: str) -> Iterator[OpenPage]:
     """A page in a fresh browser session, signed in with the token."""
     contexts = []
 
-    def open_page(viewport: dict[str, int] = DESKTOP) -> Page:
+    def open_page(viewport: ViewportSize = DESKTOP) -> Page:
         context = browser.new_context(viewport=viewport, base_url=base_url)
         contexts.append(context)
         page = context.new_page()
@@ -172,7 +172,12 @@ def test_deliveries_arrive_live_and_a_failed_one_is_replayed(
 def test_a_script_in_a_delivery_is_shown_as_text(open_page: OpenPage, send: Callable[..., int]) -> None:
     page = open_page()
     dialogs: list[str] = []
-    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+    def record(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", record)
 
     delivery = send(f"userId={XSS}")
     cell = page.locator(f'tr[data-id="{delivery}"] td.user')
@@ -187,7 +192,7 @@ def test_a_script_in_a_delivery_is_shown_as_text(open_page: OpenPage, send: Call
     assert dialogs == []
     # The only script on the page is the inspector's own.
     assert page.locator("script").count() == 1
-    assert page.locator("script").get_attribute("src", timeout=1000).endswith("/inspector.js")
+    assert str(page.locator("script").get_attribute("src")).endswith("/inspector.js")
 
 
 def test_pages_fit_a_phone(
