@@ -18,6 +18,8 @@ from .store import Store
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
 
+    from .inspector import InspectorSettings
+
 logger = logging.getLogger("flask_nachocode")
 
 H = TypeVar("H", bound=Handler)
@@ -33,6 +35,9 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "NACHOCODE_LEDGER": True,
     "NACHOCODE_PURCHASE_STATUS_ROUTE": False,
     "NACHOCODE_PURCHASE_STATUS_DECORATORS": [],
+    "NACHOCODE_INSPECTOR": False,
+    "NACHOCODE_INSPECTOR_TOKEN": None,
+    "NACHOCODE_INSPECTOR_DECORATORS": [],
 }
 
 
@@ -67,6 +72,8 @@ class AppState:
     purchase_status_route: bool = False
     #: The app's decorators around that view (NACHOCODE_PURCHASE_STATUS_DECORATORS).
     purchase_status_decorators: list[Callable[[Any], Any]] = field(default_factory=list)
+    #: The delivery inspector's protection, or None while NACHOCODE_INSPECTOR is off.
+    inspector: InspectorSettings | None = None
 
     def handlers(self, name: str) -> list[Handler]:
         # Decorated handlers first, then NACHOCODE_HANDLERS; read live because
@@ -140,6 +147,10 @@ class NachocodeWebhook:
                 "NACHOCODE_PURCHASE_STATUS_ROUTE answers from the purchase ledger: "
                 "it needs NACHOCODE_LEDGER = True"
             )
+        if config["NACHOCODE_INSPECTOR"]:
+            from .inspector import inspector_settings
+
+            state.inspector = inspector_settings(app, state.url_prefix)
         app.extensions["nachocode"] = state
 
         from .cli import nachocode_cli

@@ -164,4 +164,8 @@ def make_blueprint(state: AppState) -> Blueprint:
         from .status import add_purchase_status_route
 
         add_purchase_status_route(blueprint, state.purchase_status_decorators)
+    if state.inspector is not None:
+        from .inspector import make_inspector_blueprint
+
+        blueprint.register_blueprint(make_inspector_blueprint(state))
     return blueprint
