@@ -75,8 +75,16 @@ class Price(fields.Field):
         return price
 
 
-def _text() -> fields.String:
-    return fields.String(required=True, validate=validate.Length(min=1))
+#: Longest store id accepted: the ledger's column and the claim key hold it, and a
+#: longer one would fail at INSERT time (a 503 and a lost delivery, not a 422).
+MAX_STORE_ID = 256
+
+_NO_NUL = validate.Regexp(r"\A[^\x00]*\Z", error="Must not contain NUL characters.")
+
+
+def _text(max_length: int | None = None) -> fields.String:
+    # NUL is refused because PostgreSQL text cannot store it.
+    return fields.String(required=True, validate=[validate.Length(min=1, max=max_length), _NO_NUL])
 
 
 #: Bounds that keep every integer inside a signed 64-bit (ids) or 32-bit (counts)
@@ -95,7 +103,7 @@ class PlayStoreDataSchema(Schema):
         unknown = EXCLUDE
 
     purchaseToken = _text()
-    orderId = _text()
+    orderId = _text(MAX_STORE_ID)
 
     @post_load
     def _build(self, data: dict[str, Any], **kwargs: Any) -> PlayStorePurchaseData:
@@ -107,7 +115,7 @@ class AppStoreDataSchema(Schema):
         unknown = EXCLUDE
 
     originalTransactionId = _text()
-    transactionId = _text()
+    transactionId = _text(MAX_STORE_ID)
 
     @post_load
     def _build(self, data: dict[str, Any], **kwargs: Any) -> AppStorePurchaseData:
@@ -135,7 +143,9 @@ class StoreDataField(fields.Field):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         if not isinstance(value, dict):
             raise self.make_error("invalid")
-        schema = _STORE_DATA_SCHEMAS.get(data.get("os")) if isinstance(data, Mapping) else None
+        platform = data.get("os") if isinstance(data, Mapping) else None
+        # ``os`` may be any JSON value here (a list is unhashable): look up strings only.
+        schema = _STORE_DATA_SCHEMAS.get(platform) if isinstance(platform, str) else None
         if schema is None:
             # ``os`` itself is invalid and reported there; the store shape is unknowable.
             return None
