@@ -167,7 +167,8 @@ def _commit(
         "outcome": outcome,
         "status": status,
         "identity": getattr(event, "identity", None),
-        "user_id": user_id if isinstance(user_id, str) else None,
+        # From an invalid body this is unchecked: a NUL would fail the INSERT on PostgreSQL.
+        "user_id": user_id if isinstance(user_id, str) and "\x00" not in user_id else None,
         "iap_log_id": iap_log_id if _is_storable_id(iap_log_id) else None,
         "body": delivery.body if state.keep_bodies else None,
         "headers": dict(delivery.headers) if delivery.headers is not None else None,

@@ -75,8 +75,20 @@ class Price(fields.Field):
         return price
 
 
-def _text() -> fields.String:
-    return fields.String(required=True, validate=validate.Length(min=1))
+#: Longest store purchase id (Play ``orderId``, App Store ``transactionId``) accepted:
+#: the width of the ledger's column. Real ones are about 30 characters.
+MAX_STORE_ID = 256
+
+
+def _no_nul(value: str) -> None:
+    # PostgreSQL text cannot hold NUL: letting one through would fail the INSERT
+    # and lose the delivery instead of answering 422. No Nachocode id contains one.
+    if "\x00" in value:
+        raise ValidationError("Must not contain NUL characters.")
+
+
+def _text(max_length: int | None = None) -> fields.String:
+    return fields.String(required=True, validate=[validate.Length(min=1, max=max_length), _no_nul])
 
 
 #: Bounds that keep every integer inside a signed 64-bit (ids) or 32-bit (counts)
@@ -95,7 +107,7 @@ class PlayStoreDataSchema(Schema):
         unknown = EXCLUDE
 
     purchaseToken = _text()
-    orderId = _text()
+    orderId = _text(MAX_STORE_ID)
 
     @post_load
     def _build(self, data: dict[str, Any], **kwargs: Any) -> PlayStorePurchaseData:
@@ -107,7 +119,7 @@ class AppStoreDataSchema(Schema):
         unknown = EXCLUDE
 
     originalTransactionId = _text()
-    transactionId = _text()
+    transactionId = _text(MAX_STORE_ID)
 
     @post_load
     def _build(self, data: dict[str, Any], **kwargs: Any) -> AppStorePurchaseData:
@@ -215,8 +227,8 @@ class UnavailableUsersSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    tokenNotFoundUserIds = fields.List(fields.String(), required=True)
-    tokenInvalidUserIds = fields.List(fields.String(), required=True)
+    tokenNotFoundUserIds = fields.List(fields.String(validate=_no_nul), required=True)
+    tokenInvalidUserIds = fields.List(fields.String(validate=_no_nul), required=True)
 
     @post_load(pass_original=True)
     def _build(

@@ -259,6 +259,22 @@ def test_422_when_the_all_events_url_cannot_tell_the_event(app_and_calls: Any, b
     assert [row.outcome for row in stored_deliveries(app)] == ["invalid"]
 
 
+@pytest.mark.parametrize("body", [
+    purchase_payload(user_id="nul\x00user"),
+    refund_payload(purchase_payload(os="android", data={"orderId": "9" * 300})),
+    {"userId": "nul\x00user", "fits": "no event"},
+], ids=["nul-in-user-id", "store-id-too-long", "nul-in-unknown-body"])
+def test_values_the_database_cannot_hold_are_422_and_kept(make_app: AppFactory, database_url: str, body: Any) -> None:
+    app, nachocode = make_app(NACHOCODE_DATABASE_URI=database_url)
+    calls: list[Any] = []
+    nachocode.on_purchase(calls.append)
+    nachocode.on_refund(calls.append)
+    check_answer(post_delivery(app.test_client(), "any", body), 422)
+    assert calls == []
+    [row] = stored_deliveries(app)
+    assert (row.outcome, row.status, json.loads(row.body)) == ("invalid", 422, body)
+
+
 # -- 501 and 500 ------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("fixture", "event"), FIXTURES)

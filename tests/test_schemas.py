@@ -323,3 +323,29 @@ def test_a_body_that_fits_no_event(body: dict[str, Any]) -> None:
 def test_a_body_that_fits_more_than_one_event(in_app: str) -> None:
     with pytest.raises(InvalidEvent, match="more than one event"):
         infer_event_name({in_app: 1, "tokenNotFoundUserIds": []})
+
+
+# -- what the database could not store ---------------------------------------------------
+
+@pytest.mark.parametrize(("name", "field"), [
+    *[("purchase", field) for field in ("userId", "nachoProductId", "productId")],
+    ("refund", "userId"),
+])
+def test_nul_characters_are_refused_in_text(name: str, field: str) -> None:
+    assert list(errors_of(name, BODIES[name](**{field: "user\x00id"}))) == [field]
+
+
+@pytest.mark.parametrize(("os", "field"), [(os, field) for os, fields in STORE_FIELDS.items() for field in fields])
+def test_nul_characters_are_refused_in_store_data(os: str, field: str) -> None:
+    assert list(errors_of("purchase", purchase_payload(os=os, data={field: "id\x00"}))) == [f"data.{field}"]
+
+
+@pytest.mark.parametrize("field", PUSH_FIELDS)
+def test_nul_characters_are_refused_in_user_id_lists(field: str) -> None:
+    assert list(errors_of("unavailable_users", unavailable_users_payload(**{field: ["a", "b\x00"]}))) == [f"{field}.1"]
+
+
+@pytest.mark.parametrize(("os", "field"), [("android", "orderId"), ("ios", "transactionId")])
+def test_store_purchase_ids_are_at_most_256_characters(os: str, field: str) -> None:
+    assert load_event("purchase", purchase_payload(os=os, data={field: "9" * 256})).store_purchase_id == "9" * 256
+    assert list(errors_of("purchase", purchase_payload(os=os, data={field: "9" * 257}))) == [f"data.{field}"]
