@@ -93,9 +93,10 @@ def _text(max_length: int | None = None) -> fields.String:
 
 #: Bounds that keep every integer inside a signed 64-bit (ids) or 32-bit (counts)
 #: database column: JSON integers are unbounded, and an overflow at INSERT time
-#: would turn a bad body into a server error instead of a 422.
+#: would turn a bad body into a server error instead of a 422. Counts stop at half
+#: the 32-bit range because the ledger adds a refund to what was already refunded.
 MAX_ID = 2**63 - 1
-MAX_COUNT = 2**31 - 1
+MAX_COUNT = 2**30 - 1
 
 
 def _count() -> fields.Integer:

@@ -24,6 +24,7 @@ from flask_nachocode import (
     delivery_handled,
     delivery_received,
 )
+from flask_nachocode.schemas import MAX_COUNT
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
 
 AppFactory = Callable[..., "tuple[Flask, NachocodeWebhook]"]
@@ -273,6 +274,20 @@ def test_values_the_database_cannot_hold_are_422_and_kept(make_app: AppFactory, 
     assert calls == []
     [row] = stored_deliveries(app)
     assert (row.outcome, row.status, json.loads(row.body)) == ("invalid", 422, body)
+
+
+def test_refunds_of_the_largest_quantity_cannot_overflow_the_ledger(make_app: AppFactory, database_url: str) -> None:
+    app, nachocode = make_app(NACHOCODE_DATABASE_URI=database_url)
+    nachocode.on_purchase(lambda event: None)
+    nachocode.on_refund(lambda event: None)
+    purchase = purchase_payload(quantity=MAX_COUNT)
+    check_answer(post_delivery(app.test_client(), "purchase", purchase), 200)
+    refund_all = refund_payload(purchase, refund_quantity=MAX_COUNT, refunded_at="2030-01-01T00:00:00Z")
+    check_answer(post_delivery(app.test_client(), "refund", refund_all), 200)
+    one_more = refund_payload(purchase, refund_quantity=MAX_COUNT, refunded_at="2030-01-02T00:00:00Z")
+    assert check_answer(post_delivery(app.test_client(), "refund", one_more), 422)["error"] == "refund_exceeds_quantity"
+    too_many = check_answer(post_delivery(app.test_client(), "purchase", purchase_payload(quantity=MAX_COUNT + 1)), 422)
+    assert list(too_many["errors"]) == ["quantity"]
 
 
 # -- 501 and 500 ------------------------------------------------------------------------

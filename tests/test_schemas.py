@@ -18,7 +18,7 @@ from flask_nachocode import (
     UnavailableUsersEvent,
 )
 from flask_nachocode.errors import InvalidEvent
-from flask_nachocode.schemas import infer_event_name, load_event
+from flask_nachocode.schemas import MAX_COUNT, infer_event_name, load_event
 from flask_nachocode.testing import purchase_payload, refund_payload, unavailable_users_payload
 
 IN_APP_FIELDS = [
@@ -183,14 +183,14 @@ def test_values_outside_an_enum_are_refused(field: str, value: Any) -> None:
     *[(field, value) for field in ("iapLogId", "quantity") for value in ["1", True, False, 1.5, 1.0, None, [1]]],
     *[(field, value) for field in ("userId", "nachoProductId", "productId") for value in [1, True, None, "", ["x"]]],
     *[("price", value) for value in ["1000", True, None, -1, -0.01, float("nan"), float("inf")]],
-    ("quantity", 0), ("quantity", -1), ("quantity", 2**31), ("iapLogId", -1), ("iapLogId", 2**63),
+    ("quantity", 0), ("quantity", -1), ("quantity", MAX_COUNT + 1), ("iapLogId", -1), ("iapLogId", 2**63),
 ])
 def test_purchase_field_types_and_bounds(field: str, value: Any) -> None:
     assert list(errors_of("purchase", purchase_payload(**{field: value}))) == [field]
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("quantity", 1), ("quantity", 2**31 - 1), ("iapLogId", 0), ("iapLogId", 2**63 - 1),
+    ("quantity", 1), ("quantity", MAX_COUNT), ("iapLogId", 0), ("iapLogId", 2**63 - 1),
 ])
 def test_integer_bounds_are_inclusive(field: str, value: int) -> None:
     event = load_event("purchase", purchase_payload(**{field: value}))
