@@ -58,10 +58,17 @@ class UTCDateTime(fields.Field):
             raise self.make_error("invalid") from error
 
 
+MAX_PRICE = Decimal(10**15)
+
+
 class Price(fields.Field):
     """A JSON number (integer or fraction), kept exactly as a ``Decimal``."""
 
-    default_error_messages = {"invalid": "Not a number.", "negative": "Must be 0 or more."}
+    default_error_messages = {
+        "invalid": "Not a number.",
+        "negative": "Must be 0 or more.",
+        "too_large": f"Must be at most {10**15}.",
+    }
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Decimal:
         if value is True or value is False or not isinstance(value, (int, float)):
@@ -72,6 +79,9 @@ class Price(fields.Field):
         price = Decimal(value) if isinstance(value, int) else Decimal(str(value))
         if price < 0:
             raise self.make_error("negative")
+        # Far above any real price; an unbounded integer would not fit the ledger's column.
+        if price > MAX_PRICE:
+            raise self.make_error("too_large")
         return price
 
 

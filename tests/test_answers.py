@@ -264,7 +264,8 @@ def test_422_when_the_all_events_url_cannot_tell_the_event(app_and_calls: Any, b
     purchase_payload(user_id="nul\x00user"),
     refund_payload(purchase_payload(os="android", data={"orderId": "9" * 300})),
     {"userId": "nul\x00user", "fits": "no event"},
-], ids=["nul-in-user-id", "store-id-too-long", "nul-in-unknown-body"])
+    purchase_payload(price=10**70),
+], ids=["nul-in-user-id", "store-id-too-long", "nul-in-unknown-body", "price-too-large"])
 def test_values_the_database_cannot_hold_are_422_and_kept(make_app: AppFactory, database_url: str, body: Any) -> None:
     app, nachocode = make_app(NACHOCODE_DATABASE_URI=database_url)
     calls: list[Any] = []

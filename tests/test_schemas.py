@@ -182,7 +182,7 @@ def test_values_outside_an_enum_are_refused(field: str, value: Any) -> None:
 @pytest.mark.parametrize(("field", "value"), [
     *[(field, value) for field in ("iapLogId", "quantity") for value in ["1", True, False, 1.5, 1.0, None, [1]]],
     *[(field, value) for field in ("userId", "nachoProductId", "productId") for value in [1, True, None, "", ["x"]]],
-    *[("price", value) for value in ["1000", True, None, -1, -0.01, float("nan"), float("inf")]],
+    *[("price", value) for value in ["1000", True, None, -1, -0.01, float("nan"), float("inf"), 10**15 + 1, 1e300, 10**70]],
     ("quantity", 0), ("quantity", -1), ("quantity", MAX_COUNT + 1), ("iapLogId", -1), ("iapLogId", 2**63),
 ])
 def test_purchase_field_types_and_bounds(field: str, value: Any) -> None:
@@ -197,7 +197,9 @@ def test_integer_bounds_are_inclusive(field: str, value: int) -> None:
     assert event.raw[field] == value
 
 
-@pytest.mark.parametrize(("price", "expected"), [(0, "0"), (1000, "1000"), (9.99, "9.99"), (0.1, "0.1")])
+@pytest.mark.parametrize(("price", "expected"), [
+    (0, "0"), (1000, "1000"), (9.99, "9.99"), (0.1, "0.1"), (10**15, "1000000000000000"),
+])
 def test_price_is_an_exact_decimal(price: float, expected: str) -> None:
     event = load_event("purchase", purchase_payload(price=price))
     assert event.price == Decimal(expected)
