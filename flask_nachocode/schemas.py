@@ -54,7 +54,7 @@ class UTCDateTime(fields.Field):
         text = f"{day}T{time}.{(fraction or '').ljust(6, '0')}{'+00:00' if zone == 'Z' else zone}"
         try:
             return datetime.fromisoformat(text).astimezone(timezone.utc)
-        except ValueError as error:  # e.g. month 13
+        except (ValueError, OverflowError) as error:  # month 13; year 1 moved before year 1 by its offset
             raise self.make_error("invalid") from error
 
 

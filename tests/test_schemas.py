@@ -266,6 +266,9 @@ def test_timestamps_become_aware_utc(name: str, field: str, text: str, expected:
     "2025-13-19T02:00:31.280Z",
     "2025-02-19T25:00:31.280Z",
     "2025-02-19T02:00:31.1234567Z",
+    "2025-02-29T02:00:31Z",
+    "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
+    "9999-12-31T23:59:59-01:00",  # after year 9999 in UTC
     "yesterday",
     "",
     1739930431280,
