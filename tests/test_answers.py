@@ -331,6 +331,25 @@ def test_500_hides_the_exception_and_logs_its_traceback(
     assert "KeyError" in shown.output
 
 
+def test_an_unexpected_error_outside_the_handlers_is_still_a_json_500(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, nachocode = make_app(TESTING=False)  # testing mode would re-raise it into the test
+    calls: list[Any] = []
+    nachocode.on_purchase(calls.append)
+
+    def broken_metrics(sender: Flask, **extra: Any) -> None:
+        raise ZeroDivisionError("internal-detail-9b1c")
+
+    with delivery_received.connected_to(broken_metrics, app), caplog.at_level(logging.ERROR):
+        response = post_delivery(app.test_client(), "purchase", purchase_payload())
+    answer = check_answer(response, 500)
+    assert answer["error"] == "internal_error"
+    assert "internal-detail-9b1c" not in response.get_data(as_text=True)
+    assert "internal-detail-9b1c" in caplog.text  # Flask logged it with its traceback
+    assert calls == []
+
+
 # -- handlers that write, refuse or crash (with the app's own db) -----------------------
 
 @pytest.fixture
