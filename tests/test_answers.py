@@ -478,7 +478,7 @@ def test_signals_for_received_handled_and_failed(app_and_calls: Any) -> None:
     assert (failed["result"].status, failed["error"].status) == (422, 422)
 
 
-def test_signals_are_sent_only_for_their_app(make_app: AppFactory, app_and_calls: Any) -> None:
+def test_signals_are_sent_only_for_their_app(app_and_calls: Any) -> None:
     app, _ = app_and_calls
     seen: list[Any] = []
     with delivery_received.connected_to(lambda sender, **extra: seen.append(sender), Flask("other")):
