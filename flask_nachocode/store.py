@@ -48,6 +48,17 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 _CREATE_TABLES_LOCK = 0x6E6163686F636F64
 
 
+def describe_database_error(error: BaseException) -> str:
+    """``"OperationalError: <the database's first line>"``, for logs and the CLI.
+
+    Not the statement or its parameters, which hold the body: only enough to
+    tell "unreachable" from "no such table".
+    """
+    cause = getattr(error, "orig", None) or error
+    reason = (str(cause).splitlines() or [""])[0][:200]
+    return f"{type(cause).__name__}: {reason}"
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 

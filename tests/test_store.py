@@ -34,6 +34,10 @@ def test_every_delivery_past_the_key_check_is_stored_with_every_column(make_stor
     )
     assert answer.status_code == 200, answer.get_json()
 
+    if store_app.db is not None:
+        # On the app's metadata: db.create_all() and Alembic autogenerate see them.
+        assert {"nachocode_deliveries", "nachocode_claims"} <= set(store_app.db.metadata.tables)
+
     [row] = store_app.deliveries()
     assert answer.get_json()["delivery"] == row.id
     assert (row.event, row.route, row.outcome, row.status) == ("purchase", "purchase", "handled", 200)
