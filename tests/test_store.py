@@ -233,3 +233,22 @@ def test_in_memory_sqlite_is_one_database_for_every_thread(tmp_path: Path) -> No
         thread.start()
         thread.join()
     assert statuses == [200, 200]
+
+
+def test_a_warning_when_flask_sqlalchemy_uses_the_same_sqlite_file_through_another_engine(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from flask_sqlalchemy import SQLAlchemy
+
+    app = Flask("two_engines", instance_path=str(tmp_path / "instance"))
+    # The default: the extension's own engine on the app's SQLALCHEMY_DATABASE_URI.
+    app.config.update(TESTING=True, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY, SQLALCHEMY_DATABASE_URI="sqlite:///app.db")
+    db = SQLAlchemy(app)
+    ext = NachocodeWebhook(app)
+    ext.on_purchase(lambda event: None)
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        post_delivery(app.test_client(), "purchase", purchase_payload())
+    assert "Pass your db: NachocodeWebhook(app, db=db)" in caplog.text
+    with app.app_context():
+        db.engine.dispose()
+        app.extensions["nachocode"].store.engine.dispose()
