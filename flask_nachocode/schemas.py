@@ -54,7 +54,7 @@ class UTCDateTime(fields.Field):
         text = f"{day}T{time}.{(fraction or '').ljust(6, '0')}{'+00:00' if zone == 'Z' else zone}"
         try:
             return datetime.fromisoformat(text).astimezone(timezone.utc)
-        except ValueError as error:  # e.g. month 13
+        except (ValueError, OverflowError) as error:  # month 13; year 1 with a + offset
             raise self.make_error("invalid") from error
 
 
@@ -223,8 +223,8 @@ class UnavailableUsersSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    tokenNotFoundUserIds = fields.List(fields.String(), required=True)
-    tokenInvalidUserIds = fields.List(fields.String(), required=True)
+    tokenNotFoundUserIds = fields.List(fields.String(validate=_NO_NUL), required=True)
+    tokenInvalidUserIds = fields.List(fields.String(validate=_NO_NUL), required=True)
 
     @post_load(pass_original=True)
     def _build(
