@@ -30,7 +30,7 @@ from .errors import (
 )
 from .events import EVENT_NAMES
 from .schemas import SCHEMAS, AppStoreDataSchema, PlayStoreDataSchema, Price, StoreDataField, UTCDateTime
-from .testing import webhook_path
+from .testing import payload_for, webhook_path
 
 if TYPE_CHECKING:
     from .extension import AppState
@@ -149,13 +149,20 @@ def build_document(state: AppState) -> dict[str, Any]:
         if route == "any":
             body_schema: Any = {"anyOf": [{"$ref": f"#/components/schemas/{name}"} for name in BODY_COMPONENTS.values()]}
             summary = "Receive any event; the body's shape tells which."
+            examples = {}
         else:
             body_schema = BODY_COMPONENTS[route]
             summary = f"Receive the {route} webhook."
+            # Built by the testing factories, like the bodies of `flask nachocode send`.
+            platforms: list[str | None] = ["android", "ios"] if route != "unavailable_users" else [None]
+            examples = {platform or route: {"value": payload_for(route, os=platform)} for platform in platforms}
+        content: dict[str, Any] = {"schema": body_schema}
+        if examples:
+            content["examples"] = examples
         operation: dict[str, Any] = {
             "operationId": f"receive_{route}",
             "summary": summary,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}},
+            "requestBody": {"required": True, "content": {"application/json": content}},
             "responses": responses,
         }
         if state.keys:

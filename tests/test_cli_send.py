@@ -210,6 +210,7 @@ def test_urls_labels_each_route_and_never_shows_the_key(make_app: Callable[..., 
         "Push: unavailable users webhook URL             https://shop.example/hooks/nacho/webhooks/unavailable-users",
         "All events on one URL (event told by the body)  https://shop.example/hooks/nacho/webhooks",
     ]
+    assert lines[4] == "OpenAPI document of these routes: https://shop.example/hooks/nacho/openapi.json"
     assert "webhook key: configured (1 key)" in result.output
     assert WEBHOOK_KEY not in result.output
 
@@ -220,6 +221,8 @@ def test_urls_says_when_no_key_is_configured(make_app: Callable[..., Any]) -> No
     assert result.exit_code == 0
     assert "http://127.0.0.1:5000/nachocode/webhooks/purchase" in result.output
     assert "webhook key: not configured" in result.output
+    app, _ = make_app(NACHOCODE_OPENAPI=False)
+    assert "OpenAPI" not in app.test_cli_runner().invoke(args=["nachocode", "urls"]).output
 
 
 def test_urls_refuses_a_base_url_that_is_not_http(make_app: Callable[..., Any]) -> None:

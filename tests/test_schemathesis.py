@@ -12,11 +12,15 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
+from conftest import load_fixture
 from live import BIN, ROOT, flask_run_args, free_port, live_server
 
-MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "50"))
+from flask_nachocode.testing import post_delivery
+
+MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "25"))
 SEED = os.environ.get("SCHEMATHESIS_SEED", "1")
 SHOP_KEY = "schemathesis-key"
 
@@ -59,3 +63,24 @@ def test_generated_deliveries_get_documented_answers_and_no_500(
     # Bounded, yet enough to mean something: every operation got many cases.
     assert int(generated.group(1)) >= 4 * MAX_EXAMPLES
     print(f"schemathesis on {database}: {generated.group(1)} cases generated")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"userId": "user\x00"}, {"data": {"originalTransactionId": "1\x00", "transactionId": "1"}},
+     {"requestedAt": "0001-01-01T00:00:00+03:04"}],
+)
+def test_input_the_database_cannot_hold_is_refused_and_recorded(
+    make_app: Callable[..., Any], database_url: str, change: dict[str, Any]
+) -> None:
+    # Found while fuzzing: a NUL made PostgreSQL refuse the delivery row (503, the
+    # delivery lost); a year-1 timestamp with a positive offset overflowed (500).
+    app, ext = make_app(NACHOCODE_DATABASE_URI=database_url)
+    handled: list[Any] = []
+    ext.on_purchase(handled.append)
+    answer = post_delivery(app.test_client(), "purchase", {**load_fixture("purchase-ios"), **change})
+    assert answer.status_code == 422
+    assert handled == []
+    with app.app_context():
+        row = app.extensions["nachocode"].store.get_delivery(answer.json["delivery"])
+    assert row is not None and row.outcome == "invalid"
