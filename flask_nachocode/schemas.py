@@ -79,7 +79,9 @@ class Price(fields.Field):
 #: longer one would fail at INSERT time (a 503 and a lost delivery, not a 422).
 MAX_STORE_ID = 256
 
-_NO_NUL = validate.Regexp(r"\A[^\x00]*\Z", error="Must not contain NUL characters.")
+# Written for both Python and ECMA 262 (JSON Schema), as the OpenAPI document copies
+# it; ``$`` may match before a final newline, but never before a NUL.
+_NO_NUL = validate.Regexp(r"^[^\x00]*$", error="Must not contain NUL characters.")
 
 
 def _text(max_length: int | None = None) -> fields.String:

@@ -163,6 +163,9 @@ def test_wrong_key_exits_non_zero(send: Send, instance: Path) -> None:
     assert result.returncode == 1
     assert result.stdout.splitlines()[1].startswith("401 ")
     assert answer_of(result)["error"] == "unauthorized"
+    no_key = send("purchase", "--key", "")
+    assert no_key.returncode == 1
+    assert answer_of(no_key)["message"] == "missing Authorization: Bearer header"
     assert handled(instance) == before
 
 

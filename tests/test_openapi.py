@@ -108,6 +108,7 @@ def test_what_nachocode_sends_is_valid_by_the_document(make_app: MakeApp, compon
         {"price": -1},
         {"purchasedAt": "2025-02-19T02:00:31"},  # no zone
         {"environment": "staging"},
+        {"userId": "user\x00"},
     ],
 )
 def test_what_the_routes_refuse_is_invalid_by_the_document(make_app: MakeApp, change: dict[str, Any]) -> None:
