@@ -249,6 +249,8 @@ def urls(base_url: str) -> None:
     width = max(len(label) for label in DASHBOARD_FIELDS.values())
     for route, label in DASHBOARD_FIELDS.items():
         click.echo(f"{label:{width}}  {webhook_url(base_url, route)}")
+    if _state().openapi:
+        click.echo(f"OpenAPI document of these routes: {base_url.rstrip('/')}{_state().url_prefix}/openapi.json")
     count = len(_state().keys)
     if count:
         # Never the key itself: this output ends up in terminals, logs and chat.

@@ -175,4 +175,8 @@ def make_blueprint(state: AppState) -> Blueprint:
         from .inspector import make_inspector_blueprint
 
         blueprint.register_blueprint(make_inspector_blueprint(state))
+    if state.openapi:
+        from .openapi import make_openapi_view
+
+        blueprint.add_url_rule("/openapi.json", "openapi", make_openapi_view(state), methods=["GET"])
     return blueprint
