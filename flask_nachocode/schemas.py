@@ -54,14 +54,21 @@ class UTCDateTime(fields.Field):
         text = f"{day}T{time}.{(fraction or '').ljust(6, '0')}{'+00:00' if zone == 'Z' else zone}"
         try:
             return datetime.fromisoformat(text).astimezone(timezone.utc)
-        except ValueError as error:  # e.g. month 13
+        except (ValueError, OverflowError) as error:  # month 13; year 1 with a + offset
             raise self.make_error("invalid") from error
+
+
+MAX_PRICE = Decimal(10**15)
 
 
 class Price(fields.Field):
     """A JSON number (integer or fraction), kept exactly as a ``Decimal``."""
 
-    default_error_messages = {"invalid": "Not a number.", "negative": "Must be 0 or more."}
+    default_error_messages = {
+        "invalid": "Not a number.",
+        "negative": "Must be 0 or more.",
+        "too_large": f"Must be at most {10**15}.",
+    }
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Decimal:
         if value is True or value is False or not isinstance(value, (int, float)):
@@ -72,26 +79,31 @@ class Price(fields.Field):
         price = Decimal(value) if isinstance(value, int) else Decimal(str(value))
         if price < 0:
             raise self.make_error("negative")
+        # Far above any real price; an unbounded integer would not fit the ledger's column.
+        if price > MAX_PRICE:
+            raise self.make_error("too_large")
         return price
 
 
-#: Longest store id accepted: the ledger's column and the claim key hold it, and a
-#: longer one would fail at INSERT time (a 503 and a lost delivery, not a 422).
+#: Longest store purchase id (Play ``orderId``, App Store ``transactionId``) accepted:
+#: the width of the ledger's column. Real ones are about 30 characters.
 MAX_STORE_ID = 256
 
-_NO_NUL = validate.Regexp(r"\A[^\x00]*\Z", error="Must not contain NUL characters.")
+# Written for both Python and ECMA 262 (JSON Schema), as the OpenAPI document copies
+# it; ``$`` may match before a final newline, but never before a NUL.
+_NO_NUL = validate.Regexp(r"^[^\x00]*$", error="Must not contain NUL characters.")
 
 
 def _text(max_length: int | None = None) -> fields.String:
-    # NUL is refused because PostgreSQL text cannot store it.
     return fields.String(required=True, validate=[validate.Length(min=1, max=max_length), _NO_NUL])
 
 
 #: Bounds that keep every integer inside a signed 64-bit (ids) or 32-bit (counts)
 #: database column: JSON integers are unbounded, and an overflow at INSERT time
-#: would turn a bad body into a server error instead of a 422.
+#: would turn a bad body into a server error instead of a 422. Counts stop at half
+#: the 32-bit range because the ledger adds a refund to what was already refunded.
 MAX_ID = 2**63 - 1
-MAX_COUNT = 2**31 - 1
+MAX_COUNT = 2**30 - 1
 
 
 def _count() -> fields.Integer:
@@ -223,8 +235,8 @@ class UnavailableUsersSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    tokenNotFoundUserIds = fields.List(fields.String(), required=True)
-    tokenInvalidUserIds = fields.List(fields.String(), required=True)
+    tokenNotFoundUserIds = fields.List(fields.String(validate=_NO_NUL), required=True)
+    tokenInvalidUserIds = fields.List(fields.String(validate=_NO_NUL), required=True)
 
     @post_load(pass_original=True)
     def _build(
