@@ -234,7 +234,10 @@ class Store:
         if self._insert_ignoring_conflict is _savepoint_insert:
             return _savepoint_insert(session, self.claims, values)
         statement = self._insert_ignoring_conflict(self.claims).values(values)
-        result = session.execute(statement.on_conflict_do_nothing(index_elements=["identity"]))
+        statement = statement.on_conflict_do_nothing(index_elements=["identity"])
+        # SQLAlchemy 2 keeps an INSERT's rowcount only when asked to: without this,
+        # psycopg reports -1 and every new purchase on PostgreSQL looked like a duplicate.
+        result = session.execute(statement.execution_options(preserve_rowcount=True))
         return bool(result.rowcount == 1)
 
     def insert_delivery(self, session: Session, values: dict[str, Any]) -> int:
