@@ -174,6 +174,10 @@ class Store:
             self.session = scoped_session(self._sessionmaker, scopefunc=_app_context_id)
             app.teardown_appcontext(self._remove_session)
         self._insert_ignoring_conflict: Callable[..., Any] | None = None
+        # Statements are built once and run with parameters: building them (and
+        # their cache keys) per delivery cost more CPU than running them.
+        self._claim_statement: Any = None
+        self._insert_delivery_statement = sa.insert(self.deliveries)
 
     def _remove_session(self, exc: BaseException | None) -> None:
         self.session.remove()
@@ -213,6 +217,12 @@ class Store:
                     with engine.connect() as connection:
                         connection.exec_driver_sql("PRAGMA journal_mode=WAL")
             self._insert_ignoring_conflict = _conflict_free_insert(engine.dialect.name)
+            if self._insert_ignoring_conflict is not _savepoint_insert:
+                statement = self._insert_ignoring_conflict(self.claims)
+                statement = statement.on_conflict_do_nothing(index_elements=["identity"])
+                # SQLAlchemy 2 keeps an INSERT's rowcount only when asked to: without this,
+                # psycopg reports -1 and every new purchase would look like a duplicate.
+                self._claim_statement = statement.execution_options(preserve_rowcount=True)
             self._ready = True
 
     def create_tables(self) -> None:
@@ -233,15 +243,11 @@ class Store:
         values = {"identity": identity, "event": event_name, "claimed_at": now}
         if self._insert_ignoring_conflict is _savepoint_insert:
             return _savepoint_insert(session, self.claims, values)
-        statement = self._insert_ignoring_conflict(self.claims).values(values)
-        statement = statement.on_conflict_do_nothing(index_elements=["identity"])
-        # SQLAlchemy 2 keeps an INSERT's rowcount only when asked to: without this,
-        # psycopg reports -1 and every new purchase on PostgreSQL looked like a duplicate.
-        result = session.execute(statement.execution_options(preserve_rowcount=True))
+        result = session.execute(self._claim_statement, values)
         return bool(result.rowcount == 1)
 
     def insert_delivery(self, session: Session, values: dict[str, Any]) -> int:
-        result = session.execute(sa.insert(self.deliveries).values(values))
+        result = session.execute(self._insert_delivery_statement, values)
         return int(result.inserted_primary_key[0])
 
     def get_delivery(self, delivery_id: int) -> sa.Row[Any] | None:

@@ -85,6 +85,23 @@ def test_refund_after_purchase_updates_the_ledger(make_app: Any, database_url: s
     assert (row.refunded_quantity, row.state) == (1, "partially_refunded")
 
 
+def test_purchase_after_its_refund_completes_the_row(make_app: Any, database_url: str) -> None:
+    app, nachocode = make_app(NACHOCODE_DATABASE_URI=database_url)
+    seen: list[PurchaseEvent] = []
+    nachocode.on_purchase(seen.append)
+    nachocode.on_refund(lambda event: None)
+    client = app.test_client()
+    purchase = purchase_payload(os="ios", quantity=2, price=9.99)
+    assert post_delivery(client, "refund", refund_payload(purchase, refundQuantity=1)).status_code == 200
+    assert post_delivery(client, "purchase", purchase).json["duplicate"] is False
+    with app.app_context():
+        row = nachocode.ledger.find(seen[0])
+    assert row is not None
+    assert (row.purchase_received, row.refunded_quantity, row.state) == (True, 1, "partially_refunded")
+    assert (row.quantity, row.unit_price, row.purchased_at) == (2, Decimal("9.99"), seen[0].purchased_at)
+    assert row.refunded_at is not None
+
+
 def test_documented_bodies_load_into_the_same_events(make_app: Any) -> None:
     app, nachocode = make_app()
     seen: list[Any] = []
