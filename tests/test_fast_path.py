@@ -205,3 +205,20 @@ def test_invalid_bodies_answer_as_before(
     assert answer.status_code == 422
     assert answer.json["errors"] == errors
     assert called == []
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"userId": NaN}', "the body is not valid JSON: NaN is not valid JSON"),
+        ('{"userId": Infinity}', "the body is not valid JSON: Infinity is not valid JSON"),
+        ('{"userId": ', "the body is not valid JSON: Expecting value: line 1 column 12 (char 11)"),
+        ("[1, 2]", "the body must be a JSON object"),
+    ],
+)
+def test_bodies_that_are_not_a_json_object_answer_400(make_app: Any, body: str, message: str) -> None:
+    app, nachocode = make_app()
+    nachocode.on_purchase(lambda event: None)
+    answer = post_delivery(app.test_client(), "purchase", body)
+    assert answer.status_code == 400
+    assert answer.json["message"] == message
