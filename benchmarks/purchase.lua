@@ -2,15 +2,14 @@
 -- Arguments after "--": <key> <run prefix> <mode>, mode "unique" (every request a new
 -- purchase: fresh orderId/transactionId/iapLogId from a per-thread counter) or
 -- "duplicate" (the same purchase over and over).
--- Statuses of 400 and above count in "non_2xx"; done() prints one JSON line (BENCH {...}) that benchmarks/run.py reads.
+-- Statuses of 400 and above count in "non_2xx"; done() prints one JSON line
+-- (BENCH {...}) that benchmarks/run.py reads.
 
-local threads = {}
 local thread_count = 0
 
 function setup(thread)
    thread_count = thread_count + 1
    thread:set("thread_id", thread_count)
-   table.insert(threads, thread)
 end
 
 local template = '{"userId":"bench-user","iapLogId":%d,"nachoProductId":"NP-BENCH-0001",'
