@@ -24,6 +24,7 @@ from flask import current_app
 from . import ledger, signals
 from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookError
 from .events import Event, PurchaseEvent, RefundEvent
+from .schemas import is_storable_text
 from .store import utcnow
 
 if TYPE_CHECKING:
@@ -164,7 +165,8 @@ def _commit(
         "outcome": outcome,
         "status": status,
         "identity": getattr(event, "identity", None),
-        "user_id": user_id if isinstance(user_id, str) else None,
+        # From an invalid body this is anything: only text every database can keep.
+        "user_id": user_id if isinstance(user_id, str) and is_storable_text(user_id) else None,
         "iap_log_id": iap_log_id if _is_storable_id(iap_log_id) else None,
         "body": delivery.body if state.keep_bodies else None,
         "headers": dict(delivery.headers) if delivery.headers is not None else None,

@@ -54,14 +54,19 @@ class UTCDateTime(fields.Field):
         text = f"{day}T{time}.{(fraction or '').ljust(6, '0')}{'+00:00' if zone == 'Z' else zone}"
         try:
             return datetime.fromisoformat(text).astimezone(timezone.utc)
-        except ValueError as error:  # e.g. month 13
+        # ValueError: e.g. month 13; OverflowError: year 1 or 9999 shifted out of range by its offset.
+        except (ValueError, OverflowError) as error:
             raise self.make_error("invalid") from error
 
 
 class Price(fields.Field):
     """A JSON number (integer or fraction), kept exactly as a ``Decimal``."""
 
-    default_error_messages = {"invalid": "Not a number.", "negative": "Must be 0 or more."}
+    default_error_messages = {
+        "invalid": "Not a number.",
+        "negative": "Must be 0 or more.",
+        "too_long": "Too many digits.",
+    }
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Decimal:
         if value is True or value is False or not isinstance(value, (int, float)):
@@ -72,11 +77,32 @@ class Price(fields.Field):
         price = Decimal(value) if isinstance(value, int) else Decimal(str(value))
         if price < 0:
             raise self.make_error("negative")
+        if len(str(price)) > MAX_PRICE_TEXT:
+            # The ledger keeps the exact text in a 64-character column: a longer
+            # one failed the INSERT on PostgreSQL (503 for a body that can never pass).
+            raise self.make_error("too_long")
         return price
 
 
-def _text() -> fields.String:
-    return fields.String(required=True, validate=validate.Length(min=1))
+def is_storable_text(value: str) -> bool:
+    """Whether every database can keep ``value``: PostgreSQL refuses NUL in text,
+    and a lone surrogate (legal in JSON as ``\\ud800``) cannot be encoded as UTF-8."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _storable(value: str) -> None:
+    if not is_storable_text(value):
+        raise ValidationError("Must not contain NUL or unpaired surrogate characters.")
+
+
+def _text(max_length: int | None = None) -> fields.String:
+    return fields.String(required=True, validate=[validate.Length(min=1, max=max_length), _storable])
 
 
 #: Bounds that keep every integer inside a signed 64-bit (ids) or 32-bit (counts)
@@ -84,6 +110,12 @@ def _text() -> fields.String:
 #: would turn a bad body into a server error instead of a 422.
 MAX_ID = 2**63 - 1
 MAX_COUNT = 2**31 - 1
+#: Longest exact price text the ledger's ``unit_price`` column holds.
+MAX_PRICE_TEXT = 64
+#: Longest orderId / transactionId: the ledger's ``store_purchase_id`` column, and
+#: what keeps a claim identity inside its 512 characters. Longer ones failed the
+#: INSERT on PostgreSQL (a 503 for a body that can never pass) instead of a 422.
+MAX_STORE_ID = 256
 
 
 def _count() -> fields.Integer:
@@ -95,7 +127,7 @@ class PlayStoreDataSchema(Schema):
         unknown = EXCLUDE
 
     purchaseToken = _text()
-    orderId = _text()
+    orderId = _text(MAX_STORE_ID)
 
     @post_load
     def _build(self, data: dict[str, Any], **kwargs: Any) -> PlayStorePurchaseData:
@@ -107,7 +139,7 @@ class AppStoreDataSchema(Schema):
         unknown = EXCLUDE
 
     originalTransactionId = _text()
-    transactionId = _text()
+    transactionId = _text(MAX_STORE_ID)
 
     @post_load
     def _build(self, data: dict[str, Any], **kwargs: Any) -> AppStorePurchaseData:

@@ -233,9 +233,15 @@ class Store:
         values = {"identity": identity, "event": event_name, "claimed_at": now}
         if self._insert_ignoring_conflict is _savepoint_insert:
             return _savepoint_insert(session, self.claims, values)
-        statement = self._insert_ignoring_conflict(self.claims).values(values)
-        result = session.execute(statement.on_conflict_do_nothing(index_elements=["identity"]))
-        return bool(result.rowcount == 1)
+        statement = (
+            self._insert_ignoring_conflict(self.claims)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["identity"])
+            # RETURNING, not rowcount: with SQLAlchemy 2.1 and psycopg the rowcount
+            # of this INSERT is -1, which made every new delivery look like a duplicate.
+            .returning(self.claims.c.identity)
+        )
+        return session.execute(statement).first() is not None
 
     def insert_delivery(self, session: Session, values: dict[str, Any]) -> int:
         result = session.execute(sa.insert(self.deliveries).values(values))

@@ -66,3 +66,14 @@ def make_app(tmp_path: Path) -> Callable[..., tuple[Flask, NachocodeWebhook]]:
         return app, NachocodeWebhook(app)
 
     return make
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print what the reliability tests tried (tests/figures.py), when any ran."""
+    from figures import FIGURES, write_figures
+
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for name, value in sorted(FIGURES.items()):
+            terminalreporter.write_line(f"{name}: {value}")
+        terminalreporter.write_line(f"written to {write_figures()}")
