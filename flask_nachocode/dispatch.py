@@ -107,6 +107,11 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
     except Refuse as refusal:
         session.rollback()
         return record(state, delivery, refusal, event)
+    except sa.exc.OperationalError as error:
+        # The database went away under a handler's own writes (connection killed,
+        # server restarting, SQLite locked too long): the store failed, not the
+        # handler, and a re-send will work, so 503 as for the claim, not 500.
+        raise _store_unavailable(session, error) from error
     except Exception as error:  # a handler bug must not lose the delivery
         session.rollback()
         logger.exception("nachocode %s handler failed (identity %s)", event.name, identity)

@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
@@ -105,3 +106,29 @@ def create_tables(uri: str) -> None:
     with app.app_context():
         db.create_all()
         db.engine.dispose()
+
+
+@contextmanager
+def serve(
+    uri: str, workers: int, folder: Path, *, key: str | None, **env: str
+) -> Iterator[tuple[str, int, Path]]:
+    """Create the tables on ``uri`` and run this app under gunicorn with ``workers``
+    workers, logging everything at DEBUG into ``folder/gunicorn.log``; yield
+    (base URL, port, log path). ``env`` sets the RELIABILITY_* knobs above."""
+    from live import ROOT, free_port, gunicorn_args, live_server
+
+    create_tables(uri)
+    port = free_port()
+    log = folder / f"gunicorn-{port}.log"
+    full_env = {
+        "RELIABILITY_DATABASE_URI": uri,
+        "RELIABILITY_INSTANCE": str(folder),
+        "RELIABILITY_LOG_LEVEL": "DEBUG",
+        "NACHOCODE_WEBHOOK_KEY": key or "",
+        **env,
+    }
+    args = gunicorn_args("reliability_app:create_app()", port, workers) + [
+        "--chdir", str(ROOT / "tests"), "--log-level", "debug", "--access-logfile", "-",
+    ]
+    with live_server(args, port=port, env=full_env, log_path=log) as base_url:
+        yield base_url, port, log

@@ -13,7 +13,6 @@ import os
 import select
 import socket
 import string
-import threading
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -26,7 +25,8 @@ from hypothesis import strategies as st
 
 from figures import count
 from flask_nachocode.testing import EVENT_PATHS, purchase_payload, refund_payload
-from live import ROOT, free_port, gunicorn_args, live_server
+from live import rss_kib, worker_pids
+from reliability_app import serve
 from conftest import WEBHOOK_KEY
 
 EXAMPLES = int(os.environ.get("NACHOCODE_FUZZ_EXAMPLES", "100"))
@@ -431,44 +431,9 @@ def test_inputs_fuzzing_found_are_refused_on_every_database(db_harness: Harness,
 
 @pytest.fixture(scope="module")
 def gunicorn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, Path]]:
-    from reliability_app import create_tables
-
     folder = tmp_path_factory.mktemp("bombs")
-    uri = f"sqlite:///{folder / 'bombs.db'}"
-    create_tables(uri)
-    port = free_port()
-    log = folder / "gunicorn.log"
-    env = {"RELIABILITY_DATABASE_URI": uri, "NACHOCODE_WEBHOOK_KEY": WEBHOOK_KEY}
-    args = gunicorn_args("reliability_app:create_app()", port, 1) + ["--chdir", str(ROOT / "tests")]
-    with live_server(args, port=port, env=env, log_path=log):
+    with serve(f"sqlite:///{folder / 'bombs.db'}", 1, folder, key=WEBHOOK_KEY) as (_, port, log):
         yield "127.0.0.1", port, log
-
-
-def worker_pids(port: int) -> list[int]:
-    """The gunicorn workers serving ``port``: the children of the master listening there."""
-    parents: dict[int, int] = {}
-    matching: list[int] = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            status = (proc / "status").read_text()
-        except OSError:
-            continue  # exited meanwhile
-        parents[int(proc.name)] = int(status.split("PPid:")[1].split()[0])
-        if b"gunicorn" in cmdline and f"127.0.0.1:{port}".encode() in cmdline:
-            matching.append(int(proc.name))
-    # Workers carry the master's command line too: the master is the one whose parent does not.
-    masters = {pid for pid in matching if parents[pid] not in matching}
-    return sorted(pid for pid in matching if parents[pid] in masters)
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def raw_request(
