@@ -82,6 +82,9 @@ def create_app() -> Flask:
     level = os.environ.get("RELIABILITY_LOG_LEVEL")
     if level:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        # SQLAlchemy holds its loggers at WARNING unless told: at DEBUG every
+        # statement, parameter (stored headers, bodies) and row is logged too.
+        logging.getLogger("sqlalchemy").setLevel(level)
     if os.environ.get("RELIABILITY_BUDGET"):
         nachocode_dispatch.DELIVERY_BUDGET_SECONDS = float(os.environ["RELIABILITY_BUDGET"])
     keys: Any = os.environ.get("NACHOCODE_WEBHOOK_KEY")
@@ -110,10 +113,10 @@ def create_tables(uri: str) -> None:
 
 @contextmanager
 def serve(
-    uri: str, workers: int, folder: Path, *, key: str | None, **env: str
+    uri: str, workers: int, folder: Path, *, key: str | None, log_level: str = "DEBUG", **env: str
 ) -> Iterator[tuple[str, int, Path]]:
     """Create the tables on ``uri`` and run this app under gunicorn with ``workers``
-    workers, logging everything at DEBUG into ``folder/gunicorn.log``; yield
+    workers, logging everything at ``log_level`` into ``folder/gunicorn-PORT.log``; yield
     (base URL, port, log path). ``env`` sets the RELIABILITY_* knobs above."""
     from live import ROOT, free_port, gunicorn_args, live_server
 
@@ -123,12 +126,12 @@ def serve(
     full_env = {
         "RELIABILITY_DATABASE_URI": uri,
         "RELIABILITY_INSTANCE": str(folder),
-        "RELIABILITY_LOG_LEVEL": "DEBUG",
+        "RELIABILITY_LOG_LEVEL": log_level,
         "NACHOCODE_WEBHOOK_KEY": key or "",
         **env,
     }
     args = gunicorn_args("reliability_app:create_app()", port, workers) + [
-        "--chdir", str(ROOT / "tests"), "--log-level", "debug", "--access-logfile", "-",
+        "--chdir", str(ROOT / "tests"), "--log-level", log_level.lower(), "--access-logfile", "-",
     ]
     with live_server(args, port=port, env=full_env, log_path=log) as base_url:
         yield base_url, port, log
