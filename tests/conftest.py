@@ -27,6 +27,16 @@ def load_fixture(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / f"{name}.json").read_text())
 
 
+def delivery_rows(app: Flask) -> int:
+    """How many deliveries ``app``'s store holds."""
+    with app.app_context():
+        store = app.extensions["nachocode"].store
+        store.ensure_ready()
+        total = store.session.execute(sa.select(sa.func.count()).select_from(store.deliveries)).scalar_one()
+        store.session.rollback()  # end the read: SQLite writers must not wait on it
+        return int(total)
+
+
 def reset_postgres(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as connection:

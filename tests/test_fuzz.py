@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-import sqlalchemy as sa
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from conftest import WEBHOOK_KEY, delivery_rows
 from figures import count
 from flask_nachocode.testing import EVENT_PATHS, purchase_payload, refund_payload
 from live import rss_kib, worker_pids
 from reliability_app import serve
-from conftest import WEBHOOK_KEY
 
 EXAMPLES = int(os.environ.get("NACHOCODE_FUZZ_EXAMPLES", "100"))
 settings.register_profile(
@@ -64,21 +63,13 @@ class Harness:
             self.ext.handler(name)(self.calls.append)
         self.client = self.app.test_client()
 
-    def rows(self) -> int:
-        with self.app.app_context():
-            store = self.app.extensions["nachocode"].store
-            store.ensure_ready()
-            total = store.session.execute(sa.select(sa.func.count()).select_from(store.deliveries)).scalar_one()
-            store.session.rollback()
-            return int(total)
-
     def post(self, route: str, body: bytes, headers: dict[str, str]) -> tuple[Any, list[Any], int]:
         """POST and return (response, handler calls it caused, delivery rows it added)."""
-        calls_before, rows_before = len(self.calls), self.rows()
+        calls_before, rows_before = len(self.calls), delivery_rows(self.app)
         response = self.client.post(PREFIX + route, data=body, headers=headers)
         count("fuzz: requests sent")
         assert_json_verdict(response)
-        return response, self.calls[calls_before:], self.rows() - rows_before
+        return response, self.calls[calls_before:], delivery_rows(self.app) - rows_before
 
 
 def assert_json_verdict(response: Any) -> None:

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -211,7 +211,7 @@ def test_worker_killed_in_handlers_leaves_nothing_half_written(
 
 
 def test_postgres_connections_killed_during_load(postgres_url: str, tmp_path: Path) -> None:
-    items, unique = deliveries(max(DELIVERIES // 4, 50), DUPLICATE_SHARE, seed=11)
+    items, _ = deliveries(max(DELIVERIES // 4, 50), DUPLICATE_SHARE, seed=11)
     admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
     # Only this test's own database is touched: the shared server keeps running.
     kill = sa.text(

@@ -14,6 +14,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
+from conftest import delivery_rows
 from figures import count
 from flask_nachocode import Refuse
 from flask_nachocode import auth as nachocode_auth
@@ -47,15 +48,6 @@ def webhook_rules(app: Any) -> list[str]:
         rule.rule for rule in app.url_map.iter_rules()
         if rule.endpoint.startswith("nachocode") and "POST" in (rule.methods or ())
     )
-
-
-def delivery_rows(app: Any) -> int:
-    with app.app_context():
-        store = app.extensions["nachocode"].store
-        store.ensure_ready()
-        total = store.session.execute(sa.select(sa.func.count()).select_from(store.deliveries)).scalar_one()
-        store.session.rollback()
-        return int(total)
 
 
 @pytest.mark.parametrize("authorization", [None, "", "Bearer", "Bearer wrong", f"Basic {NEW_KEY}", f"Bearer {NEW_KEY}x"])
