@@ -19,6 +19,11 @@ def count(name: str, amount: int = 1) -> None:
     FIGURES[name] += amount
 
 
+def count_max(name: str, value: int) -> None:
+    """Keep the largest ``value`` seen under ``name`` (a peak, not a sum)."""
+    FIGURES[name] = max(FIGURES[name], value)
+
+
 def write_figures() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / "reliability-figures.json"

@@ -80,7 +80,7 @@ def send(base_url: str, items: list[Delivery], connections: int = CONNECTIONS) -
             response = local.session.post(base_url + item.path, data=item.body, headers=HEADERS, timeout=60)
         except requests.RequestException:
             return None, {}  # no answer: the worker died or the connection broke
-        count("load: deliveries sent")
+        count("deliveries sent to gunicorn")
         return response.status_code, response.json()
 
     with ThreadPoolExecutor(connections) as pool:
