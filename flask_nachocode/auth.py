@@ -24,9 +24,12 @@ def normalize_keys(configured: KeyConfig) -> tuple[bytes, ...]:
     """
     if configured is None:
         return ()
-    candidates: Iterable[object] = (
-        (configured,) if isinstance(configured, str) else configured
-    )
+    if isinstance(configured, str):
+        candidates: Iterable[object] = (configured,)
+    elif isinstance(configured, (list, tuple)):
+        candidates = configured
+    else:  # a number, bytes or dict would be iterated into nonsense keys
+        raise ValueError("NACHOCODE_WEBHOOK_KEY must be a string or a list of strings")
     keys = []
     for key in candidates:
         if not isinstance(key, str) or not key.strip():

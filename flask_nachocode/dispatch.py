@@ -24,8 +24,7 @@ from flask import current_app
 from . import ledger, signals
 from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookError
 from .events import Event, PurchaseEvent, RefundEvent
-from .schemas import is_storable_text
-from .store import utcnow
+from .store import REPLAYABLE, utcnow
 
 if TYPE_CHECKING:
     from .extension import AppState
@@ -34,6 +33,9 @@ logger = logging.getLogger("flask_nachocode")
 
 #: Nachocode counts an answer slower than this as failed (and never retries).
 DELIVERY_BUDGET_SECONDS = 10.0
+#: A delivery slower than this logs a warning: half the budget is the margin left
+#: before the network and a slow moment push the answer past it.
+SLOW_DELIVERY_SECONDS = DELIVERY_BUDGET_SECONDS / 2
 
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
@@ -88,7 +90,7 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
         if not handlers:
             return record(state, delivery, NoHandler(f"no handler is registered for {event.name}"), event)
         now = utcnow()
-        if identity is not None and not store.claim(session, identity, event.name, now):
+        if identity is not None and not _claim(store, session, identity, event.name, now):
             return _commit(state, delivery, event, "duplicate", 200)
         if state.ledger_enabled:
             if isinstance(event, PurchaseEvent):
@@ -104,8 +106,12 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
     try:
         for handler in handlers:
             handler(event)
+        # The handlers' pending ORM writes (with ``db=``) are sent now, so that a
+        # constraint they break counts as their failure (500, recorded), not as
+        # the store being unavailable when the delivery commits.
+        session.flush()
     except Refuse as refusal:
-        session.rollback()
+        _rollback(session)
         return record(state, delivery, refusal, event)
     except sa.exc.OperationalError as error:
         # The database went away under a handler's own writes (connection killed,
@@ -113,11 +119,35 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
         # handler, and a re-send will work, so 503 as for the claim, not 500.
         raise _store_unavailable(session, error) from error
     except Exception as error:  # a handler bug must not lose the delivery
-        session.rollback()
+        _rollback(session)
         logger.exception("nachocode %s handler failed (identity %s)", event.name, identity)
         failure = HandlerFailed("a handler raised an exception; the delivery was recorded as failed")
         return record(state, delivery, failure, event, cause=error)
     return _commit(state, delivery, event, "handled", 200)
+
+
+def _claim(store: Any, session: Any, identity: str, event_name: str, now: datetime) -> bool:
+    """The claim, the first statement of the delivery's transaction.
+
+    A pooled connection the database dropped while idle fails right here, before
+    any handler ran, so trying once more on a fresh connection is safe. That is
+    what lets the first delivery after an outage succeed on an app engine
+    without ``pool_pre_ping``.
+    """
+    try:
+        return bool(store.claim(session, identity, event_name, now))
+    except sa.exc.DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+        session.rollback()
+        return bool(store.claim(session, identity, event_name, now))
+
+
+def _rollback(session: Any) -> None:
+    try:
+        session.rollback()
+    except sa.exc.SQLAlchemyError:
+        pass  # the connection is gone; recording the failure will say so with a 503
 
 
 def record(
@@ -139,6 +169,9 @@ def record(
             error.outcome,
             error.status,
             error=error,
+            # The answer only says that a handler failed; the store keeps what it
+            # raised, for `flask nachocode show` and replay.
+            message=f"{type(cause).__name__}: {cause}" if cause is not None else None,
             trace="".join(traceback.format_exception(cause)) if cause is not None else None,
         )
     except sa.exc.SQLAlchemyError as db_error:
@@ -154,6 +187,7 @@ def _commit(
     status: int,
     *,
     error: WebhookError | None = None,
+    message: str | None = None,
     trace: str | None = None,
 ) -> Result:
     store = state.store
@@ -170,8 +204,7 @@ def _commit(
         "outcome": outcome,
         "status": status,
         "identity": getattr(event, "identity", None),
-        # From an invalid body this is anything: only text every database can keep.
-        "user_id": user_id if isinstance(user_id, str) and is_storable_text(user_id) else None,
+        "user_id": _storable_text(user_id) if isinstance(user_id, str) else None,
         "iap_log_id": iap_log_id if _is_storable_id(iap_log_id) else None,
         "body": delivery.body if state.keep_bodies else None,
         "headers": dict(delivery.headers) if delivery.headers is not None else None,
@@ -179,8 +212,8 @@ def _commit(
         "received_at": delivery.received_at,
         "finished_at": finished,
         "duration_ms": elapsed * 1000.0,
-        "error": error.message if error is not None else None,
-        "traceback": trace,
+        "error": _storable_text(message or error.message) if error is not None else None,
+        "traceback": _storable_text(trace) if trace is not None else None,
         "replay_of": delivery.replay_of,
         "replay_count": 0,
     }
@@ -188,16 +221,21 @@ def _commit(
         delivery_id = store.insert_delivery(session, values)
         if delivery.replay_of is not None:
             table = store.deliveries
+            # The original shows its latest outcome, except that a duplicate does
+            # not hide that an earlier replay of it was the one that handled it.
+            latest = outcome if outcome != "duplicate" else sa.case(
+                (table.c.outcome == "handled", "handled"), else_="duplicate"
+            )
             session.execute(
                 sa.update(table)
                 .where(table.c.id == delivery.replay_of)
-                .values(replay_count=table.c.replay_count + 1, outcome=outcome, status=status)
+                .values(replay_count=table.c.replay_count + 1, outcome=latest, status=status)
             )
         session.commit()
     except sa.exc.SQLAlchemyError as db_error:
         raise _store_unavailable(session, db_error) from db_error
 
-    if elapsed > DELIVERY_BUDGET_SECONDS / 2:
+    if elapsed > SLOW_DELIVERY_SECONDS:
         logger.warning(
             "nachocode delivery %s (%s) took %.1f s of Nachocode's %.0f s budget; an answer "
             "after the budget shows as failed in the dashboard even though it was %s",
@@ -217,8 +255,13 @@ def _store_unavailable(session: Any, error: sa.exc.SQLAlchemyError) -> StoreUnav
         session.rollback()
     except sa.exc.SQLAlchemyError:
         pass  # the connection is gone; the pool replaces it on the next checkout
-    # Not the statement or its parameters: they hold the body.
-    logger.error("nachocode store unavailable, delivery not recorded: %s", type(error).__name__)
+    # Not the statement or its parameters, which hold the body: only the
+    # database's own first line, which tells "unreachable" from "no such table".
+    cause = getattr(error, "orig", None) or error
+    reason = (str(cause).splitlines() or [""])[0][:200]
+    logger.error(
+        "nachocode store unavailable, delivery not recorded: %s: %s", type(cause).__name__, reason
+    )
     return StoreUnavailable(
         "the delivery store is unavailable; nothing was handled, re-send this delivery later"
     )
@@ -230,22 +273,50 @@ def _guess_event_name(delivery: Delivery) -> str | None:
     return ROUTE_EVENTS.get(delivery.route)
 
 
+def _storable_text(text: str) -> str:
+    # PostgreSQL text cannot hold NUL, and no database can encode a lone surrogate
+    # (JSON's "\\ud800" escape); an invalid body's userId or an exception message
+    # may hold either. Escaped, the delivery is still recorded instead of a 503 or 500.
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _is_storable_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def replay(state: AppState, delivery_id: int) -> Result:
-    """Run the handlers again on a stored delivery that failed, was refused or
-    found no handler, under the same exactly-once rule as a new delivery."""
+    """Run the handlers again on a stored delivery, under the same exactly-once
+    rule as a new delivery, and return what happened.
+
+    The replay is recorded as a new delivery (route ``replay``) whose
+    ``replay_of`` is the original; the original's ``replay_count`` goes up and
+    its outcome and status become the replay's, so ``deliveries --status failed``
+    lists what still needs attention. Replaying a replay replays its original.
+
+    A purchase or refund that was handled meanwhile (by a re-send, or an earlier
+    replay) comes back as a duplicate, without running handlers. Raises
+    ``LookupError`` for an unknown id and ``ValueError`` for a delivery that
+    cannot be replayed: an invalid body, no stored body, or an
+    ``unavailable_users`` delivery that was handled already (those are never
+    deduplicated, so a replay would run its handlers twice).
+    """
     from .schemas import load_event
 
     row = state.store.get_delivery(delivery_id)
     if row is None:
         raise LookupError(f"no delivery {delivery_id}")
-    if row.outcome not in ("failed", "refused", "unhandled"):
-        raise ValueError(f"delivery {delivery_id} was {row.outcome}; only failed, refused or unhandled ones are replayed")
+    if row.replay_of is not None:
+        original = state.store.get_delivery(row.replay_of)
+        if original is None:
+            raise LookupError(f"delivery {delivery_id} replays delivery {row.replay_of}, which was pruned")
+        row = original
+    if row.outcome not in REPLAYABLE and (row.outcome not in ("handled", "duplicate") or row.identity is None):
+        raise ValueError(
+            f"delivery {row.id} was {row.outcome}; only failed, refused or unhandled deliveries "
+            "and handled purchases or refunds (which come back as duplicates) are replayed"
+        )
     if row.body is None:
-        raise ValueError(f"delivery {delivery_id} has no stored body (NACHOCODE_KEEP_BODIES is off)")
+        raise ValueError(f"delivery {row.id} has no stored body (NACHOCODE_KEEP_BODIES is off)")
     payload = json.loads(bytes(row.body))
     event = load_event(row.event, payload)
     delivery = Delivery(
@@ -255,6 +326,6 @@ def replay(state: AppState, delivery_id: int) -> Result:
         body=bytes(row.body),
         headers=row.headers,
         payload=payload,
-        replay_of=delivery_id,
+        replay_of=row.id,
     )
     return dispatch(state, delivery, event)

@@ -57,6 +57,18 @@ class PayloadTooLarge(WebhookError):
     code = "payload_too_large"
 
 
+class WrongMethod(WebhookError):
+    """Anything but POST on a webhook URL, e.g. someone opening it in a browser."""
+
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, method: str) -> None:
+        super().__init__(
+            f"webhook URLs take POST only, not {method}", headers={"Allow": "POST"}
+        )
+
+
 class UnsupportedMediaType(WebhookError):
     status = 415
     code = "unsupported_media_type"
@@ -84,6 +96,13 @@ class HandlerFailed(WebhookError):
 class StoreUnavailable(WebhookError):
     status = 503
     code = "store_unavailable"
+
+
+class BadPurchaseId(WebhookError):
+    """The purchase-status route was asked about something that is no ``iapLogId``."""
+
+    status = 400
+    code = "bad_iap_log_id"
 
 
 class Refuse(WebhookError):

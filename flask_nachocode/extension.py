@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from flask import Flask, current_app
@@ -17,6 +17,8 @@ from .store import Store
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
+
+    from .inspector import InspectorSettings
 
 logger = logging.getLogger("flask_nachocode")
 
@@ -33,6 +35,9 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "NACHOCODE_LEDGER": True,
     "NACHOCODE_PURCHASE_STATUS_ROUTE": False,
     "NACHOCODE_PURCHASE_STATUS_DECORATORS": [],
+    "NACHOCODE_INSPECTOR": False,
+    "NACHOCODE_INSPECTOR_TOKEN": None,
+    "NACHOCODE_INSPECTOR_DECORATORS": [],
 }
 
 
@@ -63,6 +68,12 @@ class AppState:
     ledger_enabled: bool
     store: Store
     config_handlers: HandlerRegistry
+    #: GET {prefix}/purchases/<iapLogId> is mounted (NACHOCODE_PURCHASE_STATUS_ROUTE).
+    purchase_status_route: bool = False
+    #: The app's decorators around that view (NACHOCODE_PURCHASE_STATUS_DECORATORS).
+    purchase_status_decorators: list[Callable[[Any], Any]] = field(default_factory=list)
+    #: The delivery inspector's protection, or None while NACHOCODE_INSPECTOR is off.
+    inspector: InspectorSettings | None = None
 
     def handlers(self, name: str) -> list[Handler]:
         # Decorated handlers first, then NACHOCODE_HANDLERS; read live because
@@ -114,7 +125,7 @@ class NachocodeWebhook:
         except ValueError as error:
             raise RuntimeError(str(error)) from None
         max_body = config["NACHOCODE_MAX_BODY_BYTES"]
-        if not isinstance(max_body, int) or max_body < 1:
+        if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 1:
             raise RuntimeError("NACHOCODE_MAX_BODY_BYTES must be a positive integer")
 
         state = AppState(
@@ -126,7 +137,20 @@ class NachocodeWebhook:
             ledger_enabled=bool(config["NACHOCODE_LEDGER"]),
             store=Store(app, self.db),
             config_handlers=registry_from_config(config["NACHOCODE_HANDLERS"] or {}),
+            purchase_status_route=bool(config["NACHOCODE_PURCHASE_STATUS_ROUTE"]),
+            purchase_status_decorators=resolve_decorators(
+                "NACHOCODE_PURCHASE_STATUS_DECORATORS", config["NACHOCODE_PURCHASE_STATUS_DECORATORS"]
+            ),
         )
+        if state.purchase_status_route and not state.ledger_enabled:
+            raise RuntimeError(
+                "NACHOCODE_PURCHASE_STATUS_ROUTE answers from the purchase ledger: "
+                "it needs NACHOCODE_LEDGER = True"
+            )
+        if config["NACHOCODE_INSPECTOR"]:
+            from .inspector import inspector_settings
+
+            state.inspector = inspector_settings(app, state.url_prefix)
         app.extensions["nachocode"] = state
 
         from .cli import nachocode_cli

@@ -155,6 +155,8 @@ def _purchase_fields(event: PurchaseEvent | RefundEvent, now: datetime) -> dict[
 
 
 def apply_purchase(session: Session, table: sa.Table, event: PurchaseEvent, now: datetime) -> None:
+    """Record the purchase; :class:`Refuse` (422) when refunds of it that came
+    first already refunded more units than it says were bought."""
     insert = _upsert(session.get_bind().dialect.name)
     values = _purchase_fields(event, now)
     received = {
@@ -165,12 +167,32 @@ def apply_purchase(session: Session, table: sa.Table, event: PurchaseEvent, now:
     statement = insert(table).values(
         **values, **received, refunded_quantity=0, state=ACTIVE, refunded_at=None
     )
-    # A row already there was made by an early refund: complete it, but keep the
-    # refund bookkeeping it holds.
+    # A row already there was made by an early refund: complete it, keep the refund
+    # bookkeeping it holds, and derive the state again from the purchase's own
+    # quantity, which is the one that counts.
+    refunded = table.c.refunded_quantity
+    quantity = statement.excluded.quantity
     statement = statement.on_conflict_do_update(
-        index_elements=["platform", "store_purchase_id"], set_={**values, **received}
+        index_elements=["platform", "store_purchase_id"],
+        set_={
+            **values,
+            **received,
+            "state": sa.case(
+                (refunded >= quantity, REFUNDED), (refunded > 0, PARTIALLY_REFUNDED), else_=ACTIVE
+            ),
+        },
+        # Early refunds counted against the refund's copy of the quantity; a purchase
+        # that says fewer units were bought must not leave more refunded than bought.
+        where=refunded <= quantity,
     )
-    session.execute(statement)
+    # preserve_rowcount: psycopg 3 reports -1 for an INSERT's rowcount otherwise.
+    if session.execute(statement.execution_options(preserve_rowcount=True)).rowcount != 1:
+        raise Refuse(
+            f"purchase {event.store_purchase_id} has {event.quantity} units but earlier "
+            "refunds of it already refunded more",
+            status=422,
+            code="refund_exceeds_quantity",
+        )
 
 
 def apply_refund(session: Session, table: sa.Table, event: RefundEvent, now: datetime) -> None:
@@ -196,7 +218,14 @@ def apply_refund(session: Session, table: sa.Table, event: RefundEvent, now: dat
         .values(
             refunded_quantity=refunded,
             state=sa.case((refunded >= table.c.quantity, REFUNDED), else_=PARTIALLY_REFUNDED),
-            refunded_at=event.refunded_at,
+            # Refunds re-sent from the dashboard arrive in any order: keep the latest time.
+            refunded_at=sa.case(
+                (
+                    sa.or_(table.c.refunded_at.is_(None), table.c.refunded_at < event.refunded_at),
+                    event.refunded_at,
+                ),
+                else_=table.c.refunded_at,
+            ),
             updated_at=now,
         )
     )
@@ -227,14 +256,20 @@ class Ledger:
         statement = sa.select(table).where(*conditions)
         if environment is not None:
             statement = statement.where(table.c.environment == environment)
-        if newest_first:
-            statement = statement.order_by(table.c.id.desc())
+        statement = statement.order_by(table.c.id.desc() if newest_first else table.c.id)
         return [Purchase.from_row(row) for row in store.session.execute(statement)]
 
-    def get(self, iap_log_id: int, *, environment: str | None = "production") -> Purchase | None:
-        """The purchase whose ``iapLogId`` (the SDK's ``purchaseId``) is given."""
+    def get(
+        self, iap_log_id: int, *, environment: str | None = "production", user_id: str | None = None
+    ) -> Purchase | None:
+        """The purchase whose ``iapLogId`` (the SDK's ``purchaseId``) is given;
+        with ``user_id``, only when that user made it. A row that only an early
+        refund has created so far is returned too: check ``purchase_received``."""
         table = self._store_for_app().purchases
-        found = self._query(table.c.iap_log_id == iap_log_id, environment=environment)
+        conditions = [table.c.iap_log_id == iap_log_id]
+        if user_id is not None:
+            conditions.append(table.c.user_id == user_id)
+        found = self._query(*conditions, environment=environment)
         return found[0] if found else None
 
     def find(self, event: PurchaseEvent | RefundEvent) -> Purchase | None:

@@ -84,21 +84,19 @@ class Price(fields.Field):
         return price
 
 
-def is_storable_text(value: str) -> bool:
-    """Whether every database can keep ``value``: PostgreSQL refuses NUL in text,
-    and a lone surrogate (legal in JSON as ``\\ud800``) cannot be encoded as UTF-8."""
-    if "\x00" in value:
-        return False
+#: Longest store id accepted: the ledger's column and the claim key hold it, and a
+#: longer one would fail at INSERT time (a 503 and a lost delivery, not a 422).
+MAX_STORE_ID = 256
+
+def _storable(value: str) -> None:
+    # PostgreSQL text cannot store NUL, and a lone surrogate (legal in JSON as
+    # "\\ud800") cannot be encoded for any database: a 500 at INSERT time before.
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _storable(value: str) -> None:
-    if not is_storable_text(value):
-        raise ValidationError("Must not contain NUL or unpaired surrogate characters.")
+        raise ValidationError("Must not contain unpaired surrogate characters.") from None
+    if "\x00" in value:
+        raise ValidationError("Must not contain NUL characters.")
 
 
 def _text(max_length: int | None = None) -> fields.String:
@@ -112,10 +110,6 @@ MAX_ID = 2**63 - 1
 MAX_COUNT = 2**31 - 1
 #: Longest exact price text the ledger's ``unit_price`` column holds.
 MAX_PRICE_TEXT = 64
-#: Longest orderId / transactionId: the ledger's ``store_purchase_id`` column, and
-#: what keeps a claim identity inside its 512 characters. Longer ones failed the
-#: INSERT on PostgreSQL (a 503 for a body that can never pass) instead of a 422.
-MAX_STORE_ID = 256
 
 
 def _count() -> fields.Integer:
@@ -167,7 +161,9 @@ class StoreDataField(fields.Field):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         if not isinstance(value, dict):
             raise self.make_error("invalid")
-        schema = _STORE_DATA_SCHEMAS.get(data.get("os")) if isinstance(data, Mapping) else None
+        platform = data.get("os") if isinstance(data, Mapping) else None
+        # ``os`` may be any JSON value here (a list is unhashable): look up strings only.
+        schema = _STORE_DATA_SCHEMAS.get(platform) if isinstance(platform, str) else None
         if schema is None:
             # ``os`` itself is invalid and reported there; the store shape is unknowable.
             return None

@@ -44,6 +44,9 @@ REPLAYABLE = ("failed", "refused", "unhandled")
 #: before giving up with "database is locked"; longer than Nachocode's 10 s.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+#: pg_advisory_xact_lock key that serialises creating the tables ("nachocod").
+_CREATE_TABLES_LOCK = 0x6E6163686F636F64
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -117,14 +120,23 @@ def define_claims(metadata: sa.MetaData) -> sa.Table:
     )
 
 
-def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any, *args: Any) -> None:
+    """Set up an SQLite connection for several processes on one file, once.
+
+    Listens to "checkout" rather than "connect" so that it also reaches the
+    connections an app's own engine opened before the extension first ran.
+    """
+    if connection_record.info.get("nachocode_sqlite_ready"):
+        return
     cursor = dbapi_connection.cursor()
-    # WAL lets readers and one writer work at once across processes; the busy
-    # timeout makes a second gunicorn worker wait for the lock instead of
-    # failing with "database is locked".
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # The busy timeout first: switching to WAL itself needs a lock that another
+    # worker starting at the same moment may hold. With it a second gunicorn
+    # worker waits for the write lock instead of failing with "database is
+    # locked"; WAL lets readers and that one writer work at once.
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
+    connection_record.info["nachocode_sqlite_ready"] = True
 
 
 def resolve_database_uri(app: Flask) -> str:
@@ -188,15 +200,27 @@ class Store:
 
     def _create_engine(self) -> Engine:
         assert self._uri is not None
-        engine = sa.create_engine(self._uri)
+        url = sa.engine.make_url(self._uri)
+        options: dict[str, Any] = {}
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            # As Flask-SQLAlchemy does: one in-memory database for every thread,
+            # instead of an empty one per thread.
+            options = {"poolclass": sa.pool.StaticPool, "connect_args": {"check_same_thread": False}}
+        else:
+            # A pooled connection the database dropped (restart, failover, a cut
+            # network) is replaced before use instead of failing one delivery.
+            options = {"pool_pre_ping": True}
+        engine = sa.create_engine(url, **options)
         if engine.dialect.name == "sqlite":
-            sa.event.listen(engine, "connect", _sqlite_pragmas)
+            sa.event.listen(engine, "checkout", _sqlite_pragmas)
         self._sessionmaker.configure(bind=engine)
         return engine
 
     def ensure_ready(self) -> None:
         """Connect lazily, and with its own engine create the tables on first use
-        so that an app needs no set-up step. Cheap after the first call."""
+        so that an app needs no set-up step. Cheap after the first call; raises
+        ``SQLAlchemyError`` (and tries again next time) while the database is
+        unreachable."""
         if self._ready:
             return
         with self._lock:
@@ -206,23 +230,37 @@ class Store:
             if self.db is None:
                 self.create_tables()
             elif engine.dialect.name == "sqlite":
-                # With the app's own SQLite database we only switch the file to WAL
-                # (persistent) and make new connections wait for locks.
-                sa.event.listen(engine, "connect", _sqlite_pragmas)
-                if engine.url.database not in (None, "", ":memory:"):
-                    with engine.connect() as connection:
-                        connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+                # The app's SQLite database: the tables are the app's (create_all or
+                # migrations), but its connections must survive several workers.
+                if not sa.event.contains(engine, "checkout", _sqlite_pragmas):
+                    sa.event.listen(engine, "checkout", _sqlite_pragmas)
+                with engine.connect() as connection:
+                    connection.exec_driver_sql("SELECT 1")  # reachable now, and set up
             self._insert_ignoring_conflict = _conflict_free_insert(engine.dialect.name)
             self._ready = True
 
     def create_tables(self) -> None:
+        """Create the ``nachocode_*`` tables that do not exist yet; safe when several
+        workers start at once."""
         tables = [self.deliveries, self.claims, self.purchases]
-        try:
-            self.metadata.create_all(self.engine, tables=tables)
-        except sa.exc.DBAPIError:
-            # Several workers starting at once race to create the tables; the
-            # loser's CREATE fails, and a second checked pass finds them all there.
-            self.metadata.create_all(self.engine, tables=tables)
+        engine = self.engine
+        if engine.dialect.name == "postgresql":
+            # Concurrent CREATE TABLEs of one name fail on PostgreSQL even with
+            # checkfirst; a transaction-scoped advisory lock lines the workers up,
+            # and each one after the first finds the tables there.
+            with engine.begin() as connection:
+                connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_CREATE_TABLES_LOCK)))
+                self.metadata.create_all(connection, tables=tables)
+            return
+        for attempt in range(5):
+            try:
+                self.metadata.create_all(engine, tables=tables)
+                return
+            except sa.exc.OperationalError:
+                # Another worker created a table between our check and our CREATE
+                # ("table ... already exists"); the next checked pass skips it.
+                if attempt == 4:
+                    raise
 
     def claim(self, session: Session, identity: str, event_name: str, now: datetime) -> bool:
         """Insert the claim row for ``identity``; False when someone already holds it.
@@ -237,8 +275,8 @@ class Store:
             self._insert_ignoring_conflict(self.claims)
             .values(values)
             .on_conflict_do_nothing(index_elements=["identity"])
-            # RETURNING, not rowcount: with SQLAlchemy 2.1 and psycopg the rowcount
-            # of this INSERT is -1, which made every new delivery look like a duplicate.
+            # The returned row says who inserted; ``rowcount`` cannot be relied on
+            # for an INSERT (SQLAlchemy 2.1 with psycopg reports -1).
             .returning(self.claims.c.identity)
         )
         return session.execute(statement).first() is not None

@@ -97,12 +97,33 @@ def unavailable_users_payload(**overrides: Any) -> dict[str, Any]:
     return _apply(payload, overrides)
 
 
+def payload_for(event: str, *, os: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """A valid body for the event named ``event``, from the factory above that
+    builds it; ``os`` (``android`` or ``ios``, default ``ios``) applies to
+    ``purchase`` and ``refund`` only."""
+    if event == "unavailable_users":
+        if os is not None:
+            raise ValueError("os applies to purchase and refund bodies, not unavailable_users")
+        return unavailable_users_payload(**overrides)
+    if event == "purchase":
+        return purchase_payload(os=os or "ios", **overrides)
+    if event == "refund":
+        return refund_payload(os=os or "ios", **overrides)
+    raise ValueError(f"unknown event {event!r}; expected purchase, refund or unavailable_users")
+
+
 #: Event name -> the URL path below the prefix that receives it.
 EVENT_PATHS = {
     "purchase": "/webhooks/purchase",
     "refund": "/webhooks/refund",
     "unavailable_users": "/webhooks/unavailable-users",
 }
+
+
+
+def webhook_path(event: str) -> str:
+    """The path below the URL prefix that receives ``event`` (``"any"``: the all-events URL)."""
+    return "/webhooks" if event == "any" else EVENT_PATHS[event]
 
 
 def post_delivery(
@@ -124,7 +145,7 @@ def post_delivery(
         configured = config.get("NACHOCODE_WEBHOOK_KEY")
         key = configured if isinstance(configured, str) or configured is None else configured[0]
     prefix = prefix if prefix is not None else config.get("NACHOCODE_URL_PREFIX", "/nachocode")
-    path = "/webhooks" if event == "any" else EVENT_PATHS[event]
+    path = webhook_path(event)
     headers = {"Content-Type": "application/json"}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"

@@ -23,6 +23,7 @@ from .errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
     WebhookError,
+    WrongMethod,
     error_answer,
 )
 from .schemas import infer_event_name, load_event
@@ -40,6 +41,10 @@ ROUTE_EVENTS: dict[str, str | None] = {
 }
 
 _READ_CHUNK = 16384
+
+#: Methods answered with the JSON 405 rather than Werkzeug's HTML page: a
+#: blueprint's error handlers never see routing errors, so these get a rule.
+_OTHER_METHODS = ["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 def _state() -> AppState:
@@ -110,6 +115,11 @@ def receive(route: str) -> Response:
     return answer(dispatch(state, delivery, event))
 
 
+def refuse_method() -> Response:
+    """Answer a non-POST request on a webhook URL; nothing is read or stored."""
+    raise WrongMethod(request.method)
+
+
 def answer(result: Result) -> Response:
     """The JSON answer for a dispatched or recorded delivery."""
     if result.error is not None:
@@ -128,6 +138,14 @@ def make_blueprint(state: AppState) -> Blueprint:
     """The ``nachocode`` blueprint with the routes this app has switched on."""
     blueprint = Blueprint("nachocode", __name__)
     blueprint.register_error_handler(WebhookError, error_answer)
+    for path in ("/webhooks/purchase", "/webhooks/refund", "/webhooks/unavailable-users", "/webhooks"):
+        blueprint.add_url_rule(
+            path,
+            "wrong_method" + path.replace("/", "_").replace("-", "_"),
+            refuse_method,
+            methods=_OTHER_METHODS,
+            provide_automatic_options=False,
+        )
     blueprint.add_url_rule(
         "/webhooks/purchase", "purchase", receive, methods=["POST"], defaults={"route": "purchase"}
     )
@@ -142,4 +160,12 @@ def make_blueprint(state: AppState) -> Blueprint:
         defaults={"route": "unavailable-users"},
     )
     blueprint.add_url_rule("/webhooks", "any", receive, methods=["POST"], defaults={"route": "any"})
+    if state.purchase_status_route:
+        from .status import add_purchase_status_route
+
+        add_purchase_status_route(blueprint, state.purchase_status_decorators)
+    if state.inspector is not None:
+        from .inspector import make_inspector_blueprint
+
+        blueprint.register_blueprint(make_inspector_blueprint(state))
     return blueprint

@@ -50,7 +50,7 @@ def live_server(
             try:
                 requests.get(base_url + ready_path, timeout=1)
                 break
-            except (requests.ConnectionError, requests.Timeout):  # a slow worker boot times out
+            except (requests.ConnectionError, requests.Timeout):  # a loaded machine starts slowly
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"server on port {port} did not start in {timeout} s") from None
                 time.sleep(0.1)

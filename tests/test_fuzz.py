@@ -177,7 +177,7 @@ header_names = st.one_of(
     st.sampled_from([
         "Authorization", "Content-Type", "Content-Length", "Transfer-Encoding", "Content-Encoding",
         "Expect", "X-Forwarded-For", "X-Forwarded-Proto", "Proxy-Authorization", "Cookie",
-        "Accept", "Host", "Connection", "Range",
+        "Accept", "Connection", "Range",
     ]),
     st.text(string.ascii_letters + "-", min_size=1, max_size=12),
 )
@@ -191,17 +191,23 @@ authorization_values = st.one_of(
 )
 
 
+#: Host values a server passes on. An invalid one ("." or "a..b") is refused by
+#: Werkzeug's routing with its HTML 400 before any extension code runs.
+hosts = st.sampled_from(["localhost", "example.com", "127.0.0.1:8000", "[::1]:5000", "xn--bcher-kva.example", "EXAMPLE.COM."])
+
+
 @FUZZ
 @given(
     headers=st.dictionaries(header_names, latin1_value, max_size=6),
+    host=st.none() | hosts,
     authorization=st.none() | authorization_values,
     body=st.sampled_from(["valid", "invalid", "empty"]),
 )
 def test_any_header_combination_gets_a_verdict(
-    harness: Harness, headers: dict[str, str], authorization: str | None, body: str
+    harness: Harness, headers: dict[str, str], host: str | None, authorization: str | None, body: str
 ) -> None:
     count("fuzz: any header combination")
-    sent = {"Content-Type": "application/json", **headers}
+    sent = {"Content-Type": "application/json", **headers, **({"Host": host} if host else {})}
     sent.pop("Authorization", None)
     if authorization is not None:
         sent["Authorization"] = authorization

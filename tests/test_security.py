@@ -42,12 +42,47 @@ class UnreadableStream(io.RawIOBase):
         raise AssertionError("the body was read before the key was checked")
 
 
+INSPECTOR_TOKEN = "inspector-token-5e0c11d2"
+
+
 def webhook_rules(app: Any) -> list[str]:
-    """Every POST route the extension mounts (new routes are covered automatically)."""
+    """Every webhook POST route the extension mounts (new ones are covered automatically);
+    the inspector's routes have their own protection, tested below."""
     return sorted(
         rule.rule for rule in app.url_map.iter_rules()
-        if rule.endpoint.startswith("nachocode") and "POST" in (rule.methods or ())
+        if rule.endpoint.startswith("nachocode.") and not rule.endpoint.startswith("nachocode.inspector")
+        and "POST" in (rule.methods or ())
     )
+
+
+def test_the_inspector_replay_refuses_without_its_token_and_the_csrf_token(make_app: Callable[..., Any]) -> None:
+    app, ext = make_app(
+        NACHOCODE_WEBHOOK_KEY=NEW_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=INSPECTOR_TOKEN,
+        SECRET_KEY="session-secret-for-the-test",
+    )
+    calls: list[Any] = []
+
+    @ext.on_purchase
+    def fails_the_first_time(event: Any) -> None:
+        calls.append(event)
+        if len(calls) == 1:
+            raise RuntimeError("fails once")
+
+    client = app.test_client()
+    assert post_delivery(client, "purchase", purchase_payload()).status_code == 500
+    replays = [rule.rule.replace("<int:delivery_id>", "1") for rule in app.url_map.iter_rules()
+               if rule.endpoint.startswith("nachocode.inspector") and "POST" in (rule.methods or ())]
+    assert replays
+    for route in replays:
+        # Neither the inspector token nor the CSRF token: nothing replayed. The webhook key opens nothing here.
+        for headers in ({}, {"Authorization": f"Bearer {NEW_KEY}"}):
+            response = client.post(route, headers=headers)
+            count("security: unauthorised requests")
+            assert response.status_code in (403, 404), response.status_code
+        # With the inspector token but without the form's CSRF token: still refused.
+        client.get(f"/nachocode/deliveries?token={INSPECTOR_TOKEN}")
+        assert client.post(route).status_code == 400
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("authorization", [None, "", "Bearer", "Bearer wrong", f"Basic {NEW_KEY}", f"Bearer {NEW_KEY}x"])
@@ -141,7 +176,10 @@ def test_the_key_never_reaches_logs_answers_database_or_cli(
     caplog.set_level(logging.DEBUG)
     # SQLAlchemy keeps its loggers at WARNING unless told: statements, parameters and rows too.
     caplog.set_level(logging.DEBUG, logger="sqlalchemy")
-    app, ext = make_app(NACHOCODE_WEBHOOK_KEY=[NEW_KEY, OLD_KEY], NACHOCODE_DATABASE_URI=database_url)
+    app, ext = make_app(
+        NACHOCODE_WEBHOOK_KEY=[NEW_KEY, OLD_KEY], NACHOCODE_DATABASE_URI=database_url,
+        NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=INSPECTOR_TOKEN, SECRET_KEY="session-secret-for-the-test",
+    )
 
     @ext.on_purchase
     def crash_on_demand(event: Any) -> None:
@@ -182,6 +220,11 @@ def test_the_key_never_reaches_logs_answers_database_or_cli(
     outputs += [runner.invoke(args=["nachocode", "show", str(number)]).output for number in range(1, stored + 1)]
     outputs.append(runner.invoke(args=["nachocode", "replay", "--failed"]).output)
     assert "handler bug" in "".join(outputs)  # the CLI really showed the stored details
+    # The inspector's pages show the same deliveries, headers and bodies.
+    pages = [client.get(f"/nachocode/deliveries?token={INSPECTOR_TOKEN}", follow_redirects=True)]
+    pages += [client.get(f"/nachocode/deliveries/{number}") for number in range(1, stored + 1)]
+    assert all(page.status_code == 200 for page in pages) and b"handler bug" in b"".join(p.get_data() for p in pages)
+    answers += pages
 
     searched = {
         "logs": caplog.text.encode(),

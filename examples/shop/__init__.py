@@ -1,9 +1,19 @@
 """A small coin shop that sells coins through Nachocode in-app purchases.
 
 Run it with ``flask --app examples/shop run``. It keeps everything in one
-SQLite file in its instance folder, created on first start, and shares its
+SQLite file in its instance folder, created on first start (or where
+``FLASK_SQLALCHEMY_DATABASE_URI`` points), and shares its
 Flask-SQLAlchemy ``db`` with flask-nachocode, so a grant and the record of the
 delivery that caused it are committed together or not at all.
+
+The purchase flow, as Nachocode's guide has it: the shop's front end calls
+``Nachocode.iap.purchase(productKey, userId, callback)``; on success it opens
+``/receipt/<purchaseId>?userId=...``, which shows "processing" and polls the
+extension's purchase-status route until the ``purchase`` webhook has been
+handled, then shows what was granted.
+
+Config can also come from ``FLASK_*`` environment variables, e.g.
+``FLASK_SQLALCHEMY_DATABASE_URI``.
 """
 
 from __future__ import annotations
@@ -11,7 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from flask import Flask, jsonify, render_template_string
+from flask import Flask, jsonify, render_template_string, request, url_for
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -70,11 +80,21 @@ def _wallet(user_id: str) -> Wallet:
 @nachocode.on_purchase
 def grant_coins(event: PurchaseEvent) -> None:
     # No commit here: flask-nachocode commits our writes with the delivery record.
-    _wallet(event.user_id).coins += _coins_for(event, event.quantity)
+    # The ledger already holds this purchase, with any refund that arrived before
+    # it: grant only the units that were not refunded.
+    purchase = nachocode.ledger.find(event)
+    units = purchase.net_quantity if purchase is not None else event.quantity
+    _wallet(event.user_id).coins += _coins_for(event, units)
 
 
 @nachocode.on_refund
 def take_back_coins(event: RefundEvent) -> None:
+    purchase = nachocode.ledger.find(event)
+    if purchase is not None and not purchase.purchase_received:
+        # Refunded before the purchase itself arrived: nothing was granted yet, and
+        # grant_coins will leave these units out.
+        _coins_for(event, event.refund_quantity)  # still refuse unknown products
+        return
     # May go below zero when the coins were already spent: the debt stays visible.
     _wallet(event.user_id).coins -= _coins_for(event, event.refund_quantity)
 
@@ -96,13 +116,78 @@ PAGE = """<!doctype html>
 """
 
 
+RECEIPT_PAGE = """<!doctype html>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Your purchase</title>
+<h1>Your purchase</h1>
+<p id="purchase-status" data-state="processing">Processing your purchase&hellip;</p>
+<button id="check-again" hidden>Check again</button>
+<script>
+// The front end comes here from the Nachocode SDK's purchase callback:
+//   Nachocode.iap.purchase(productKey, userId, (result) => {
+//     if (result.status.success) location.href = `/receipt/${result.purchaseId}?userId=${encodeURIComponent(userId)}`;
+//   });
+// result.purchaseId is the iapLogId of the purchase webhook.
+const statusUrl = {{ status_url|tojson }};
+const giveUpMs = {{ give_up_ms|tojson }};
+const line = document.getElementById("purchase-status");
+const checkAgain = document.getElementById("check-again");
+const TEXT = {
+  granted: (p) => `Thank you! ${p.netQuantity} \u00d7 ${p.productId} added to your account.`,
+  partially_refunded: (p) => `${p.netQuantity} of ${p.quantity} \u00d7 ${p.productId} kept; the rest was refunded.`,
+  refunded: (p) => `This purchase of ${p.productId} was refunded.`,
+};
+
+async function waitForGrant() {
+  const deadline = Date.now() + giveUpMs;
+  let delay = 250;
+  for (;;) {
+    try {
+      const response = await fetch(statusUrl, {cache: "no-store", credentials: "same-origin"});
+      if (response.ok) return await response.json();
+      // 404 is "pending", 5xx may pass; any other answer will not change by asking again.
+      if (response.status !== 404 && response.status < 500) return null;
+    } catch (networkError) { /* offline for a moment: keep trying until the deadline */ }
+    if (Date.now() + delay > deadline) return null;
+    await new Promise((resolve) => setTimeout(resolve, delay));
+    delay = Math.min(delay * 1.5, 2000);
+  }
+}
+
+async function show() {
+  checkAgain.hidden = true;
+  line.dataset.state = "processing";
+  line.textContent = "Processing your purchase\u2026";
+  const purchase = await waitForGrant();
+  if (purchase === null) {
+    // Not a failure: the store charged, the webhook is late. The grant will come.
+    line.textContent = "Still processing. Your purchase will appear in your account shortly.";
+    checkAgain.hidden = false;
+    return;
+  }
+  line.dataset.state = purchase.status;
+  line.textContent = TEXT[purchase.status](purchase);
+}
+
+checkAgain.addEventListener("click", show);
+show();
+</script>
+"""
+
+
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     app.config.update(
         SQLALCHEMY_DATABASE_URI="sqlite:///shop.db",  # in the instance folder
         # Set the same key in the Nachocode dashboard; never commit a real one.
         NACHOCODE_WEBHOOK_KEY=os.environ.get("NACHOCODE_WEBHOOK_KEY", "dev-webhook-key"),
+        # GET /nachocode/purchases/<iapLogId>?userId=..., polled by the receipt page.
+        NACHOCODE_PURCHASE_STATUS_ROUTE=True,
+        # How long the receipt page polls before it says "still processing".
+        SHOP_STATUS_GIVE_UP_MS=10_000,
     )
+    # Any other key from the environment, Flask's way: FLASK_SQLALCHEMY_DATABASE_URI=...
+    app.config.from_prefixed_env()
     app.config.update(config or {})
     db.init_app(app)
     nachocode.init_app(app)
@@ -118,6 +203,27 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def balances() -> Any:
         wallets = db.session.scalars(db.select(Wallet).order_by(Wallet.user_id)).all()
         return jsonify({wallet.user_id: wallet.coins for wallet in wallets})
+
+    @app.get("/receipt/<int:iap_log_id>")
+    def receipt(iap_log_id: int) -> str:
+        status_url = url_for(
+            "nachocode.purchase_status", iap_log_id=iap_log_id, userId=request.args.get("userId", "")
+        )
+        return render_template_string(
+            RECEIPT_PAGE, status_url=status_url, give_up_ms=app.config["SHOP_STATUS_GIVE_UP_MS"]
+        )
+
+    @app.get("/users/<user_id>/purchases")
+    def purchases(user_id: str) -> Any:
+        # Sandbox too: the shop shows test purchases, marked by their environment.
+        found = nachocode.ledger.purchases_of(user_id, environment=None)
+        return jsonify([
+            {
+                "iapLogId": p.iap_log_id, "productId": p.product_id, "environment": p.environment,
+                "status": p.status, "quantity": p.quantity, "netQuantity": p.net_quantity,
+            }
+            for p in found
+        ])
 
     @app.post("/push-tokens/<user_id>/<token>")
     def register_push_token(user_id: str, token: str) -> Any:

@@ -1,0 +1,468 @@
+"""The delivery inspector: pages in the app itself to watch deliveries arrive,
+read one (headers, body, parsed event, error, traceback) and replay a failed one.
+
+It is off unless ``NACHOCODE_INSPECTOR`` is true, and then mounted below the
+extension's prefix: ``{prefix}/deliveries`` and ``{prefix}/deliveries/<id>``.
+What protects it (config read once, in ``init_app``):
+
+``NACHOCODE_INSPECTOR_DECORATORS``
+    The app's own view decorators (callables or ``"module:name"`` strings), for
+    example its ``login_required`` and an admin check, wrapped around every
+    inspector view; the first one in the list is the outermost.
+``NACHOCODE_INSPECTOR_TOKEN``
+    A shared secret of at least 16 characters. Open
+    ``{prefix}/deliveries?token=...`` once: the token is compared in constant
+    time, a digest of it (never the token, the session cookie is only signed)
+    is kept in the session, and the browser is redirected to the same URL
+    without the token, so it stays out of history and logs.
+neither
+    Reachable only while ``app.debug`` is true. Outside debug mode every
+    inspector URL answers 404, and ``init_app`` logs a warning, so switching it
+    on in production without protection exposes nothing.
+
+Both may be set; then both must pass. Replay is a POST that must carry the
+session's CSRF token (a random value kept in the signed session cookie and put
+in the form); see :func:`check_csrf` for why a token rather than an origin check.
+Everything shown from a delivery goes through Jinja's autoescaping, and the
+pages send a Content-Security-Policy without inline scripts as a second line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+from urllib.parse import urlencode
+
+import sqlalchemy as sa
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    current_app,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from werkzeug.wrappers import Response as BaseResponse
+
+from .dispatch import replay
+from .errors import InvalidEvent, WebhookError
+from .events import EVENT_NAMES
+from .extension import resolve_decorators
+from .schemas import MAX_ID, SCHEMAS, load_event
+from .store import OUTCOMES, REPLAYABLE
+
+if TYPE_CHECKING:
+    from .extension import AppState
+
+logger = logging.getLogger("flask_nachocode")
+
+#: Deliveries per page unless ``?per_page=`` asks for another number (up to MAX_PAGE_SIZE).
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+#: Most rows one poll returns; a bigger burst arrives over the next polls.
+POLL_BATCH = 100
+MIN_TOKEN_LENGTH = 16
+MAX_SEARCH_LENGTH = 512
+
+_SESSION_LOGIN = "nachocode_inspector"
+_SESSION_CSRF = "nachocode_inspector_csrf"
+#: Named apart from Flask-WTF's ``csrf_token`` so that the two never collide.
+CSRF_FIELD = "nachocode_csrf"
+_FLASH_OK = "nachocode-ok"
+_FLASH_ERROR = "nachocode-error"
+
+_SECURITY_HEADERS = {
+    # No inline script or style anywhere in the templates, so a body that slipped
+    # past escaping still could not run.
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    # Delivery data (user ids, store receipts) must not stay in shared caches.
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass(frozen=True)
+class InspectorSettings:
+    """How the inspector of one app is protected (see the module docstring)."""
+
+    token: str | None
+    decorators: tuple[Callable[[Any], Any], ...]
+
+    @property
+    def protected(self) -> bool:
+        return bool(self.token or self.decorators)
+
+    @property
+    def session_mark(self) -> str:
+        """What the session keeps after a token login: a digest, since Flask's
+        session cookie is signed but readable. Changing the token logs everyone out."""
+        assert self.token is not None
+        return hmac.new(self.token.encode(), b"flask-nachocode inspector", hashlib.sha256).hexdigest()
+
+
+def inspector_settings(app: Flask, url_prefix: str) -> InspectorSettings:
+    """Read the inspector's protection from ``app.config``; refuse a config that
+    cannot work and warn when the inspector is on without protection."""
+    config = app.config
+    token = config["NACHOCODE_INSPECTOR_TOKEN"]
+    if token is not None and (not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH):
+        raise RuntimeError(
+            f"NACHOCODE_INSPECTOR_TOKEN must be a string of at least {MIN_TOKEN_LENGTH} characters; "
+            "make one with: python -c 'import secrets; print(secrets.token_urlsafe())'"
+        )
+    decorators = resolve_decorators(
+        "NACHOCODE_INSPECTOR_DECORATORS", config["NACHOCODE_INSPECTOR_DECORATORS"]
+    )
+    if not app.secret_key:
+        raise RuntimeError(
+            "NACHOCODE_INSPECTOR needs the app's SECRET_KEY: the inspector keeps its CSRF "
+            "token (and a token login) in the session cookie"
+        )
+    settings = InspectorSettings(token=token, decorators=tuple(decorators))
+    if not settings.protected:
+        if app.debug:
+            logger.warning(
+                "The delivery inspector at %s/deliveries is on without protection: in debug mode "
+                "anyone who can reach this server can read deliveries and replay them. Set "
+                "NACHOCODE_INSPECTOR_DECORATORS or NACHOCODE_INSPECTOR_TOKEN.",
+                url_prefix,
+            )
+        else:
+            logger.warning(
+                "The delivery inspector at %s/deliveries is on without protection and the app is "
+                "not in debug mode, so its pages answer 404. Set NACHOCODE_INSPECTOR_DECORATORS "
+                "(your login decorator) or NACHOCODE_INSPECTOR_TOKEN.",
+                url_prefix,
+            )
+    return settings
+
+
+def make_inspector_blueprint(state: AppState) -> Blueprint:
+    """The ``inspector`` blueprint, nested in the ``nachocode`` one (endpoints
+    ``nachocode.inspector.*``). Its templates live in ``templates/nachocode/``
+    and can be overridden by the app's own templates of the same name."""
+    settings = state.inspector
+    assert settings is not None
+    blueprint = Blueprint(
+        "inspector",
+        __name__,
+        template_folder="templates",
+        static_folder="static",
+        static_url_path="/inspector-static",
+    )
+    views = _Views(state)
+
+    def protect(view: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(settings.decorators):
+            view = decorator(view)
+        return view
+
+    blueprint.before_request(lambda: _gate(settings))
+    blueprint.after_request(_add_security_headers)
+    blueprint.context_processor(lambda: {"csrf_token": csrf_token, "csrf_field": CSRF_FIELD})
+    blueprint.register_error_handler(sa.exc.SQLAlchemyError, views.store_error)
+    blueprint.add_url_rule("/deliveries", "deliveries", protect(views.deliveries))
+    blueprint.add_url_rule("/deliveries/poll", "poll", protect(views.poll))
+    blueprint.add_url_rule("/deliveries/<int:delivery_id>", "delivery", protect(views.delivery))
+    blueprint.add_url_rule(
+        "/deliveries/<int:delivery_id>/replay", "replay", protect(views.replay), methods=["POST"]
+    )
+    return blueprint
+
+
+def _gate(settings: InspectorSettings) -> BaseResponse | None:
+    """Runs before every inspector request, static files included."""
+    if settings.token is not None:
+        expected = settings.token.encode()
+        given = request.args.get("token")
+        if given is not None:
+            if not hmac.compare_digest(given.encode(), expected):
+                abort(403, "Wrong inspector token.")
+            session[_SESSION_LOGIN] = settings.session_mark
+            rest = [(name, value) for name, value in request.args.items(multi=True) if name != "token"]
+            return redirect(request.path + (f"?{urlencode(rest)}" if rest else ""), 303)
+        mark = session.get(_SESSION_LOGIN)
+        if not isinstance(mark, str) or not hmac.compare_digest(mark.encode(), settings.session_mark.encode()):
+            abort(403, "Open this page once with ?token=<NACHOCODE_INSPECTOR_TOKEN> to sign in.")
+    elif not settings.decorators and not current_app.debug:
+        abort(404)
+    return None
+
+
+def _add_security_headers(response: Response) -> Response:
+    for name, value in _SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+def csrf_token() -> str:
+    """This session's CSRF token, made on first use."""
+    token = session.get(_SESSION_CSRF)
+    if not isinstance(token, str):
+        token = secrets.token_urlsafe(32)
+        session[_SESSION_CSRF] = token
+    return token
+
+
+def check_csrf() -> None:
+    """Refuse a POST that does not carry this session's CSRF token.
+
+    A synchronizer token rather than an Origin/Referer check plus SameSite:
+    the inspector cannot choose the SameSite attribute of the app's session
+    cookie (it is the app's), Referrer-Policy or privacy tools strip Referer,
+    and a proxy that rewrites Host breaks origin comparison, while a random
+    value that a cross-site page cannot read works the same behind all of them.
+    """
+    expected = session.get(_SESSION_CSRF)
+    given = request.form.get(CSRF_FIELD, "")
+    if not isinstance(expected, str) or not hmac.compare_digest(given.encode(), expected.encode()):
+        abort(400, "The form's CSRF token is missing or out of date: reload the page and try again.")
+
+
+@dataclass
+class Filters:
+    outcome: str = ""
+    event: str = ""
+    q: str = ""
+
+    @classmethod
+    def from_request(cls) -> Filters:
+        outcome = request.args.get("outcome", "")
+        event = request.args.get("event", "")
+        q = request.args.get("q", "").strip()
+        if outcome and outcome not in OUTCOMES:
+            abort(400, f"outcome must be one of {', '.join(OUTCOMES)}")
+        if event and event not in EVENT_NAMES:
+            abort(400, f"event must be one of {', '.join(EVENT_NAMES)}")
+        if len(q) > MAX_SEARCH_LENGTH:
+            abort(400, f"the search is longer than {MAX_SEARCH_LENGTH} characters")
+        return cls(outcome, event, q)
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """The filters that are set, as query arguments for links."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if value}
+
+    def apply(self, query: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
+        if self.outcome:
+            query = query.where(table.c.outcome == self.outcome)
+        if self.event:
+            query = query.where(table.c.event == self.event)
+        if self.q:
+            # Exact matches, so that both columns' indexes serve the search.
+            match = table.c.user_id == self.q
+            if self.q.isdigit() and int(self.q) <= MAX_ID:
+                match = match | (table.c.iap_log_id == int(self.q))
+            query = query.where(match)
+        return query
+
+
+def _int_arg(name: str) -> int | None:
+    value = request.args.get(name)
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or int(value) > MAX_ID:
+        abort(400, f"{name} must be a whole number")
+    return int(value)
+
+
+def _row_columns(table: sa.Table) -> list[sa.Column[Any]]:
+    """The columns a list row shows."""
+    return [
+        table.c.id, table.c.received_at, table.c.event, table.c.user_id, table.c.outcome,
+        table.c.status, table.c.duration_ms, table.c.replay_of, table.c.replay_count,
+    ]
+
+
+class _Views:
+    """The inspector's views, bound to one app's state."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    def _rows(self, query: sa.Select[Any]) -> list[sa.Row[Any]]:
+        store = self.state.store
+        store.ensure_ready()
+        return list(store.session.execute(query).all())
+
+    def _exists(self, filters: Filters, condition: sa.ColumnElement[bool]) -> bool:
+        table = self.state.store.deliveries
+        query = filters.apply(sa.select(table.c.id), table).where(condition).limit(1)
+        return bool(self._rows(query))
+
+    def deliveries(self) -> str:
+        """Newest first, filtered, a page at a time; the first page polls for new ones."""
+        filters = Filters.from_request()
+        before, after = _int_arg("before"), _int_arg("after")
+        per_page = _int_arg("per_page")
+        per_page = PAGE_SIZE if per_page is None else per_page
+        if not 1 <= per_page <= MAX_PAGE_SIZE:
+            abort(400, f"per_page must be between 1 and {MAX_PAGE_SIZE}")
+        table = self.state.store.deliveries
+        query = filters.apply(sa.select(*_row_columns(table)), table)
+        if after is not None:
+            rows = self._rows(query.where(table.c.id > after).order_by(table.c.id.asc()).limit(per_page))
+            rows.reverse()
+        else:
+            if before is not None:
+                query = query.where(table.c.id < before)
+            rows = self._rows(query.order_by(table.c.id.desc()).limit(per_page))
+        live = before is None and after is None
+        older = newer = None
+        if rows and self._exists(filters, table.c.id < rows[-1].id):
+            older = url_for(".deliveries", before=rows[-1].id, **self._page_args(filters, per_page))
+        if not live and rows and self._exists(filters, table.c.id > rows[0].id):
+            newer = url_for(".deliveries", after=rows[0].id, **self._page_args(filters, per_page))
+        self.state.store.session.rollback()  # end the read: SQLite writers must not wait on it
+        return render_template(
+            "nachocode/deliveries.html",
+            rows=rows,
+            filters=filters,
+            outcomes=OUTCOMES,
+            events=EVENT_NAMES,
+            live=live,
+            latest=rows[0].id if rows else 0,
+            poll_url=url_for(".poll", **filters.args),
+            newest_url=url_for(".deliveries", **self._page_args(filters, per_page)),
+            older_url=older,
+            newer_url=newer,
+        )
+
+    @staticmethod
+    def _page_args(filters: Filters, per_page: int) -> dict[str, Any]:
+        return {**filters.args, **({"per_page": per_page} if per_page != PAGE_SIZE else {})}
+
+    def poll(self) -> Response:
+        """Rows newer than ``?after=``, rendered by the same template as the page."""
+        filters = Filters.from_request()
+        after = _int_arg("after") or 0
+        table = self.state.store.deliveries
+        query = filters.apply(sa.select(*_row_columns(table)), table)
+        rows = self._rows(query.where(table.c.id > after).order_by(table.c.id.asc()).limit(POLL_BATCH))
+        self.state.store.session.rollback()
+        rows.reverse()
+        html = render_template("nachocode/_rows.html", rows=rows) if rows else ""
+        return jsonify(latest=rows[0].id if rows else after, count=len(rows), html=html)
+
+    def delivery(self, delivery_id: int) -> str:
+        store = self.state.store
+        row = store.get_delivery(delivery_id) if delivery_id <= MAX_ID else None
+        if row is None:
+            abort(404, f"No delivery {delivery_id}.")
+        table = store.deliveries
+        replays = self._rows(
+            sa.select(*_row_columns(table)).where(table.c.replay_of == delivery_id).order_by(table.c.id.desc())
+        )
+        store.session.rollback()
+        body, payload = pretty_body(row.body)
+        event_type, event_fields, event_errors = parse_stored_event(row.event, payload)
+        return render_template(
+            "nachocode/delivery.html",
+            d=row,
+            body=body,
+            event_type=event_type,
+            event_fields=event_fields,
+            event_errors=event_errors,
+            replays=replays,
+            replayable=row.outcome in REPLAYABLE and row.body is not None,
+            replayable_outcomes=REPLAYABLE,
+        )
+
+    def replay(self, delivery_id: int) -> BaseResponse:
+        """Run the handlers again (:func:`flask_nachocode.dispatch.replay`), then
+        show the original delivery with its new outcome and replay history."""
+        check_csrf()
+        try:
+            if delivery_id > MAX_ID:  # no such row, and too large for the id column
+                raise LookupError(delivery_id)
+            result = replay(self.state, delivery_id)
+        except LookupError:
+            abort(404, f"No delivery {delivery_id}.")
+        except ValueError as error:
+            flash(f"Not replayed: {error}", _FLASH_ERROR)
+        except WebhookError as error:
+            flash(f"Not replayed: {error.message}", _FLASH_ERROR)
+        else:
+            detail = f": {result.error.message}" if result.error is not None else ""
+            flash(
+                f"Replayed as delivery {result.delivery_id}: {result.outcome} ({result.status}){detail}",
+                _FLASH_OK if result.ok else _FLASH_ERROR,
+            )
+        return redirect(url_for(".delivery", delivery_id=delivery_id), 303)
+
+    def store_error(self, error: sa.exc.SQLAlchemyError) -> tuple[str, int]:
+        try:
+            self.state.store.session.rollback()
+        except sa.exc.SQLAlchemyError:
+            pass  # the connection is gone; the pool replaces it
+        logger.error("nachocode inspector: the delivery store is unavailable: %s", type(error).__name__)
+        return render_template("nachocode/unavailable.html"), 503
+
+
+def pretty_body(body: bytes | None) -> tuple[str | None, Any]:
+    """The stored body as indented JSON when it parses (else as text), and the
+    parsed value. ``(None, None)`` when bodies are not kept."""
+    if body is None:
+        return None, None
+    text = bytes(body).decode("utf-8", "replace")
+    try:
+        payload = json.loads(text)
+        return json.dumps(payload, indent=2, ensure_ascii=False), payload
+    except (ValueError, RecursionError):
+        return text, None
+
+
+def parse_stored_event(
+    event_name: str | None, payload: Any
+) -> tuple[str | None, list[tuple[str, str]], dict[str, list[str]] | None]:
+    """What a handler received (or would receive): the event's class name and
+    its fields as ``(dotted name, text)``, or the validation errors."""
+    if event_name not in SCHEMAS or not isinstance(payload, dict):
+        return None, [], None
+    try:
+        event = load_event(event_name, payload)
+    except InvalidEvent as error:
+        return None, [], error.errors or {"_schema": [error.message]}
+    fields = [("identity", _show(event.identity))] + list(_fields(event))
+    return type(event).__name__, fields, None
+
+
+def _fields(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    for field in dataclasses.fields(value):
+        if field.name == "raw":  # the body, shown on its own
+            continue
+        item = getattr(value, field.name)
+        if dataclasses.is_dataclass(item):
+            yield from _fields(item, f"{prefix}{field.name}.")
+        else:
+            yield f"{prefix}{field.name}", _show(item)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value) or "(none)"
+    return str(value)

@@ -1,0 +1,180 @@
+"""`flask nachocode deliveries | show | replay | prune | init-db` on the stored deliveries."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from flask_nachocode.store import utcnow
+from flask_nachocode.testing import post_delivery, purchase_payload, unavailable_users_payload
+
+
+def run(store_app: Any, *args: str) -> Any:
+    return store_app.app.test_cli_runner().invoke(args=["nachocode", *args])
+
+
+def listed_ids(output: str) -> list[int]:
+    return [int(line.split()[0]) for line in output.splitlines()[1:] if line.split()[0].isdigit()]
+
+
+def test_deliveries_lists_newest_first_with_filters_and_a_limit(make_store_app: Any) -> None:
+    store_app = make_store_app()
+    post_delivery(store_app.client, "purchase", purchase_payload(userId="buyer-1"))
+    store_app.broken = True
+    post_delivery(store_app.client, "purchase", purchase_payload(userId="buyer-2"))
+    store_app.broken = False
+    post_delivery(store_app.client, "purchase", b"[1]")
+    post_delivery(store_app.client, "unavailable_users", unavailable_users_payload())
+
+    result = run(store_app, "deliveries")
+    assert result.exit_code == 0, result.output
+    assert listed_ids(result.output) == [4, 3, 2, 1]
+    assert "buyer-1" in result.output and "handled" in result.output
+
+    assert listed_ids(run(store_app, "deliveries", "--status", "failed").output) == [2]
+    assert listed_ids(run(store_app, "deliveries", "--event", "unavailable_users").output) == [4]
+    assert listed_ids(run(store_app, "deliveries", "--event", "purchase", "--limit", "2").output) == [3, 2]
+    assert "no deliveries" in run(store_app, "deliveries", "--status", "refused").output
+    assert run(store_app, "deliveries", "--status", "nonsense").exit_code == 2
+
+
+def test_show_pretty_prints_the_body_and_escapes_control_characters(make_store_app: Any) -> None:
+    store_app = make_store_app()
+    post_delivery(store_app.client, "purchase", purchase_payload(userId="evil\x1b[2J"))
+    # Raw control characters make a body invalid JSON; it is stored as it came.
+    post_delivery(store_app.client, "purchase", b'{"userId": "\x1b]0;owned\x07\r"}')
+
+    shown = run(store_app, "show", "1")
+    assert shown.exit_code == 0, shown.output
+    assert "delivery 1: purchase on purchase, handled (200)" in shown.output
+    assert '\n  "userId": "evil\\u001b[2J",' in shown.output  # indented JSON
+    assert "Authorization" not in shown.output
+
+    shown = run(store_app, "show", "2")
+    assert "invalid (400)" in shown.output and "the body is not valid JSON" in shown.output
+    for raw in ("\x1b", "\x07", "\r"):
+        assert raw not in shown.output
+    assert "\\x1b]0;owned\\x07\\r" in shown.output
+
+    store_app.broken = True
+    post_delivery(store_app.client, "purchase", purchase_payload())
+    shown = run(store_app, "show", "3")
+    assert "error:\nRuntimeError: handler bug" in shown.output
+    assert "traceback:\nTraceback (most recent call last)" in shown.output
+
+    missing = run(store_app, "show", "99")
+    assert missing.exit_code == 1 and "no delivery 99" in missing.output
+
+
+def test_replay_failed_replays_every_failed_delivery_and_fails_if_any_still_fails(make_store_app: Any) -> None:
+    store_app = make_store_app()
+    store_app.broken = True
+    stuck, fixed = purchase_payload(userId="stuck"), purchase_payload(userId="fixed")
+    for payload in (stuck, fixed):
+        assert post_delivery(store_app.client, "purchase", payload).status_code == 500
+    post_delivery(store_app.client, "purchase", purchase_payload())  # a third failure...
+    store_app.broken = False
+    resent = store_app.deliveries()[-1]
+    # ...that the dashboard re-sent successfully meanwhile.
+    assert post_delivery(store_app.client, "purchase", json_body(resent)).status_code == 200
+
+    store_app.broken = lambda event: event.user_id == "stuck"
+    result = run(store_app, "replay", "--failed")
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("delivery 1: failed (500) as delivery 5: RuntimeError: handler bug")
+    assert lines[1] == "delivery 2: handled (200) as delivery 6"
+    assert lines[2] == "delivery 3: duplicate (200) as delivery 7"
+    outcomes = {row.id: (row.outcome, row.replay_count) for row in store_app.deliveries()}
+    assert outcomes[1] == ("failed", 1) and outcomes[2] == ("handled", 1) and outcomes[3] == ("duplicate", 1)
+
+    store_app.broken = False
+    result = run(store_app, "replay", "--failed")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "delivery 1: handled (200) as delivery 8"
+    assert run(store_app, "replay", "--failed").output.strip() == "nothing to replay"
+
+
+def json_body(row: Any) -> bytes:
+    return bytes(row.body)
+
+
+def test_replay_refuses_what_cannot_be_replayed(make_store_app: Any) -> None:
+    store_app = make_store_app()
+    post_delivery(store_app.client, "purchase", b"{}")
+    post_delivery(store_app.client, "unavailable_users", unavailable_users_payload())
+    for delivery_id, reason in [("1", "delivery 1 was invalid"), ("2", "delivery 2 was handled"), ("9", "no delivery 9")]:
+        result = run(store_app, "replay", delivery_id)
+        assert result.exit_code == 1
+        assert f"delivery {delivery_id}: not replayed: {reason}" in result.output
+    assert store_app.effects() == ["unavailable_users"]
+    assert run(store_app, "replay").exit_code == 2
+    assert run(store_app, "replay", "1", "--failed").exit_code == 2
+
+
+def test_replay_of_a_replay_replays_its_original(make_store_app: Any) -> None:
+    store_app = make_store_app()
+    store_app.broken = True
+    post_delivery(store_app.client, "refund", purchase_payload() | {"refundQuantity": 1, "refundedAt": "2025-01-01T00:00:00.000Z"})
+    assert run(store_app, "replay", "1").exit_code == 1  # still broken: delivery 2 replays 1
+    store_app.broken = False
+    result = run(store_app, "replay", "2")
+    assert result.output.strip() == "delivery 2: handled (200) as delivery 3"
+    rows = store_app.deliveries()
+    assert [(row.id, row.replay_of, row.outcome, row.replay_count) for row in rows] == [
+        (1, None, "handled", 2),
+        (2, 1, "failed", 0),
+        (3, 1, "handled", 0),
+    ]
+
+
+def test_without_kept_bodies_nothing_is_shown_or_replayed(make_store_app: Any) -> None:
+    store_app = make_store_app(NACHOCODE_KEEP_BODIES=False)
+    store_app.broken = True
+    post_delivery(store_app.client, "purchase", purchase_payload())
+    assert "body:\n  (not kept)" in run(store_app, "show", "1").output
+    store_app.broken = False
+    result = run(store_app, "replay", "1")
+    assert result.exit_code == 1 and "no stored body (NACHOCODE_KEEP_BODIES is off)" in result.output
+
+
+def test_prune_deletes_old_deliveries_but_keeps_their_claims(make_store_app: Any) -> None:
+    store_app = make_store_app()
+    old_purchase = purchase_payload()
+    post_delivery(store_app.client, "purchase", old_purchase)
+    post_delivery(store_app.client, "purchase", b"{}")
+    post_delivery(store_app.client, "purchase", purchase_payload())
+    with store_app.app.app_context():
+        store = store_app.store
+        table = store.deliveries
+        store.session.execute(
+            sa.update(table).where(table.c.id.in_([1, 2])).values(received_at=utcnow() - timedelta(days=40))
+        )
+        store.session.commit()
+
+    result = run(store_app, "prune", "--older-than", "30")
+    assert result.exit_code == 0, result.output
+    assert "deleted 2 deliveries older than 30 days" in result.output
+    assert [row.id for row in store_app.deliveries()] == [3]
+    assert len(store_app.rows("nachocode_claims")) == 2
+
+    # Re-sent from the dashboard long after: still recognised.
+    answer = post_delivery(store_app.client, "purchase", old_purchase)
+    assert answer.get_json()["duplicate"] is True
+    assert run(store_app, "prune").exit_code == 2
+
+
+def test_init_db_creates_the_tables(make_store_app: Any) -> None:
+    store_app = make_store_app(create_tables=False)
+    engine = sa.create_engine(store_app.url, poolclass=sa.pool.NullPool)
+    assert "nachocode_claims" not in sa.inspect(engine).get_table_names()
+    result = run(store_app, "init-db")
+    assert result.exit_code == 0, result.output
+    assert "created the nachocode tables" in result.output
+    assert {"nachocode_deliveries", "nachocode_claims", "nachocode_purchases"} <= set(
+        sa.inspect(engine).get_table_names()
+    )
+    assert run(store_app, "init-db").exit_code == 0  # again: nothing to do, no error
+    engine.dispose()

@@ -1,0 +1,506 @@
+"""The delivery inspector's server side, through Flask's test client: when it is
+reachable, how it is protected, CSRF on replay, escaping, filters and paging."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from flask import Flask, abort, request
+from flask.testing import FlaskClient
+
+from flask_nachocode import NachocodeWebhook
+from flask_nachocode.extension import CONFIG_DEFAULTS
+from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
+
+from conftest import WEBHOOK_KEY
+
+TOKEN = "inspector-token-5f1e9a2c"
+SECRET_KEY = "inspector-test-secret"
+XSS = '<script>alert("xss")</script>'
+TEMPLATES = Path(__file__).resolve().parent.parent / "flask_nachocode" / "templates" / "nachocode"
+
+
+def ids_on(page: str) -> list[int]:
+    """Delivery ids of the rows of a rendered page or fragment, in order."""
+    return [int(found) for found in re.findall(r'<tr class="delivery" data-id="(\d+)"', page)]
+
+
+def csrf_of(page: str) -> str:
+    match = re.search(r'name="nachocode_csrf" value="([^"]+)"', page)
+    assert match, "no CSRF field on the page"
+    return match.group(1)
+
+
+def require_admin(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Stands in for an app's own authentication decorator."""
+
+    @functools.wraps(view)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if request.headers.get("X-Admin") != "yes":
+            abort(401)
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+class FailingHandlers:
+    """A purchase handler that raises while ``failing`` is true, as a bug would."""
+
+    def __init__(self, ext: NachocodeWebhook) -> None:
+        self.failing = False
+        self.handled: list[str] = []
+        ext.on_purchase(self.purchase)
+
+    def purchase(self, event: Any) -> None:
+        if self.failing:
+            raise RuntimeError("the grant service is down")
+        self.handled.append(event.user_id)
+
+
+@pytest.fixture
+def inspector(make_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> Callable[..., Any]:
+    """An app with the inspector on, token-protected, and a client signed in to it."""
+
+    def make(**config: Any) -> tuple[Flask, FailingHandlers, FlaskClient]:
+        app, ext = make_app(
+            SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN, **config
+        )
+        handlers = FailingHandlers(ext)
+        client = app.test_client()
+        assert client.get(f"/nachocode/deliveries?token={TOKEN}").status_code == 303
+        return app, handlers, client
+
+    return make
+
+
+def send(client: FlaskClient, **overrides: Any) -> int:
+    response = post_delivery(client, "purchase", purchase_payload(**overrides))
+    return int(response.json["delivery"])
+
+
+# -- when it is reachable -------------------------------------------------------------
+
+
+def test_off_by_default(make_app: Callable[..., Any]) -> None:
+    assert CONFIG_DEFAULTS["NACHOCODE_INSPECTOR"] is False
+    assert CONFIG_DEFAULTS["NACHOCODE_INSPECTOR_TOKEN"] is None
+    assert CONFIG_DEFAULTS["NACHOCODE_INSPECTOR_DECORATORS"] == []
+    app, _ = make_app(SECRET_KEY=SECRET_KEY, DEBUG=True)
+    client = app.test_client()
+    for path in ("/nachocode/deliveries", "/nachocode/deliveries/1", "/nachocode/inspector-static/inspector.css"):
+        assert client.get(path).status_code == 404
+    assert not [rule for rule in app.url_map.iter_rules() if "inspector" in rule.endpoint]
+
+
+def test_unprotected_outside_debug_answers_404_and_warns(
+    make_app: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        app, _ = make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True)
+    assert "without protection" in caplog.text and "answer 404" in caplog.text
+    client = app.test_client()
+    delivery = send(client)
+    for path in (
+        "/nachocode/deliveries",
+        "/nachocode/deliveries/poll",
+        f"/nachocode/deliveries/{delivery}",
+        "/nachocode/inspector-static/inspector.js",
+    ):
+        assert client.get(path).status_code == 404, path
+    assert client.post(f"/nachocode/deliveries/{delivery}/replay").status_code == 404
+
+
+def test_unprotected_in_debug_mode_is_open_and_warns(
+    make_app: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        app, _ = make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, DEBUG=True)
+    assert "without protection" in caplog.text and "debug mode" in caplog.text
+    assert app.test_client().get("/nachocode/deliveries").status_code == 200
+
+
+def test_protected_inspector_logs_no_warning(
+    make_app: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN)
+    assert "inspector" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"NACHOCODE_INSPECTOR_TOKEN": "short"}, "at least 16 characters"),
+        ({"NACHOCODE_INSPECTOR_TOKEN": TOKEN, "SECRET_KEY": None}, "SECRET_KEY"),
+        ({"NACHOCODE_INSPECTOR_DECORATORS": ["no_such_module_xyz:login_required"]}, "cannot import"),
+        ({"NACHOCODE_INSPECTOR_DECORATORS": [42]}, "not callable"),
+    ],
+)
+def test_unusable_config_is_refused_at_start(
+    make_app: Callable[..., Any], config: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        make_app(**{"SECRET_KEY": SECRET_KEY, "NACHOCODE_INSPECTOR": True, **config})
+
+
+# -- token -----------------------------------------------------------------------------
+
+
+def test_token_is_given_once_then_kept_in_the_session(make_app: Callable[..., Any]) -> None:
+    app, _ = make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN)
+    client = app.test_client()
+    assert client.get("/nachocode/deliveries").status_code == 403
+    assert client.get("/nachocode/deliveries?token=" + TOKEN[:-1] + "x").status_code == 403
+    assert client.get("/nachocode/deliveries").status_code == 403  # a wrong token signs nobody in
+
+    response = client.get(f"/nachocode/deliveries?outcome=failed&token={TOKEN}")
+    assert response.status_code == 303
+    # Redirected to the same page without the token, so it leaves no trace in history.
+    assert response.headers["Location"] == "/nachocode/deliveries?outcome=failed"
+    assert client.get("/nachocode/deliveries").status_code == 200
+    assert client.get("/nachocode/inspector-static/inspector.css").status_code == 200
+
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    serializer = app.session_interface.get_signing_serializer(app)  # type: ignore[attr-defined]
+    assert TOKEN not in repr(serializer.loads(cookie.value))
+    assert app.test_client().get("/nachocode/deliveries").status_code == 403  # another browser
+
+
+def test_changing_the_token_signs_sessions_out(make_app: Callable[..., Any], tmp_path: Path) -> None:
+    app, _ = make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN)
+    client = app.test_client()
+    client.get(f"/nachocode/deliveries?token={TOKEN}")
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    app2 = Flask("nachocode_test_app", instance_path=str(tmp_path / "instance2"))
+    app2.config.update(
+        SECRET_KEY=SECRET_KEY,
+        NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'other.db'}",
+        NACHOCODE_INSPECTOR=True,
+        NACHOCODE_INSPECTOR_TOKEN=TOKEN + "-rotated",
+    )
+    NachocodeWebhook(app2)
+    client2 = app2.test_client()
+    client2.set_cookie("session", cookie.value)
+    assert client2.get("/nachocode/deliveries").status_code == 403
+
+
+# -- the app's own decorators ----------------------------------------------------------------
+
+
+def test_decorators_wrap_every_view(make_app: Callable[..., Any]) -> None:
+    app, ext = make_app(
+        SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_DECORATORS=[require_admin]
+    )
+    FailingHandlers(ext)
+    client = app.test_client()
+    delivery = send(client)
+    paths = ["/nachocode/deliveries", "/nachocode/deliveries/poll", f"/nachocode/deliveries/{delivery}"]
+    for path in paths:
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers={"X-Admin": "yes"}).status_code == 200, path
+    assert client.post(f"/nachocode/deliveries/{delivery}/replay").status_code == 401
+
+
+def test_decorators_apply_first_outermost_and_with_a_token_both_must_pass(
+    make_app: Callable[..., Any],
+) -> None:
+    calls: list[str] = []
+
+    def named(name: str) -> Callable[..., Any]:
+        def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(view)
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                calls.append(name)
+                return view(*args, **kwargs)
+
+            return wrapped
+
+        return decorator
+
+    app, _ = make_app(
+        SECRET_KEY=SECRET_KEY,
+        NACHOCODE_INSPECTOR=True,
+        NACHOCODE_INSPECTOR_TOKEN=TOKEN,
+        NACHOCODE_INSPECTOR_DECORATORS=[named("outer"), named("inner"), require_admin],
+    )
+    client = app.test_client()
+    assert client.get("/nachocode/deliveries", headers={"X-Admin": "yes"}).status_code == 403
+    assert calls == []
+    client.get(f"/nachocode/deliveries?token={TOKEN}")
+    assert client.get("/nachocode/deliveries").status_code == 401
+    assert client.get("/nachocode/deliveries", headers={"X-Admin": "yes"}).status_code == 200
+    assert calls[-2:] == ["outer", "inner"]
+
+
+# -- list: filters, search, paging, live rows ----------------------------------------------------
+
+
+def test_list_filters_and_search(inspector: Callable[..., Any], database_url: str) -> None:
+    app, handlers, client = inspector(NACHOCODE_DATABASE_URI=database_url)
+    handled = send(client, userId="alice", iapLogId=700001)
+    handlers.failing = True
+    failed = send(client, userId="bob", iapLogId=700002)
+    refund = post_delivery(client, "refund", refund_payload(userId="carol")).json["delivery"]  # no handler
+
+    assert ids_on(client.get("/nachocode/deliveries").text) == [refund, failed, handled]
+    assert ids_on(client.get("/nachocode/deliveries?outcome=failed").text) == [failed]
+    assert ids_on(client.get("/nachocode/deliveries?outcome=unhandled").text) == [refund]
+    assert ids_on(client.get("/nachocode/deliveries?event=purchase").text) == [failed, handled]
+    assert ids_on(client.get("/nachocode/deliveries?q=alice").text) == [handled]
+    assert ids_on(client.get("/nachocode/deliveries?q=700002").text) == [failed]
+    assert ids_on(client.get("/nachocode/deliveries?event=purchase&outcome=handled&q=bob").text) == []
+    assert "No deliveries match" in client.get("/nachocode/deliveries?q=nobody").text
+
+
+@pytest.mark.parametrize(
+    "query", ["outcome=lost", "event=payment", "before=abc", "after=-1", "per_page=0", "per_page=999", "q=" + "x" * 600]
+)
+def test_bad_list_arguments_are_a_clear_400(inspector: Callable[..., Any], query: str) -> None:
+    _, _, client = inspector()
+    assert client.get(f"/nachocode/deliveries?{query}").status_code == 400
+
+
+def test_paging_newest_first(inspector: Callable[..., Any]) -> None:
+    _, _, client = inspector()
+    ids = [send(client) for _ in range(7)]
+    newest_first = ids[::-1]
+
+    first = client.get("/nachocode/deliveries?per_page=3").text
+    assert ids_on(first) == newest_first[:3]
+    assert "← Newer" not in first  # the first page shows new ones live instead
+    older = re.search(r'rel="next" href="([^"]+)"', first)
+    assert older
+    second = client.get(older.group(1).replace("&amp;", "&")).text
+    assert ids_on(second) == newest_first[3:6]
+    third_link = re.search(r'rel="next" href="([^"]+)"', second)
+    assert third_link
+    third = client.get(third_link.group(1).replace("&amp;", "&")).text
+    assert ids_on(third) == newest_first[6:]
+    assert 'rel="next"' not in third
+
+    newer = re.search(r'rel="prev" href="([^"]+)"', third)
+    assert newer
+    assert ids_on(client.get(newer.group(1).replace("&amp;", "&")).text) == newest_first[3:6]
+    # Older pages do not poll: their rows would otherwise be pushed by new ones.
+    assert "data-poll-url" not in second and "data-poll-url" in first
+
+
+def test_poll_returns_only_newer_rows_that_match_the_filters(inspector: Callable[..., Any]) -> None:
+    app, handlers, client = inspector()
+    first = send(client)
+    page = client.get("/nachocode/deliveries?outcome=failed").text
+    poll_url = re.search(r'data-poll-url="([^"]+)"', page)
+    assert poll_url and poll_url.group(1) == "/nachocode/deliveries/poll?outcome=failed"
+
+    nothing = client.get(f"/nachocode/deliveries/poll?after={first}").json
+    assert nothing == {"count": 0, "html": "", "latest": first}
+    send(client)
+    handlers.failing = True
+    failed = send(client, userId=XSS)
+    answer = client.get(f"/nachocode/deliveries/poll?outcome=failed&after={first}").json
+    assert answer["count"] == 1 and answer["latest"] == failed
+    assert ids_on(answer["html"]) == [failed]
+    assert "<script>" not in answer["html"] and "&lt;script&gt;" in answer["html"]
+
+
+# -- one delivery ----------------------------------------------------------------------------
+
+
+def test_detail_shows_headers_without_authorization_body_event_and_traceback(
+    inspector: Callable[..., Any],
+) -> None:
+    _, handlers, client = inspector()
+    handlers.failing = True
+    delivery = send(client, userId="dora", iapLogId=424242)
+    page = client.get(f"/nachocode/deliveries/{delivery}").text
+
+    assert "Content-Type</dt><dd>application/json" in page
+    assert "Authorization</dt>" not in page and WEBHOOK_KEY not in page
+    assert '&#34;iapLogId&#34;: 424242,\n' in page  # pretty-printed, one field a line
+    assert "PurchaseEvent" in page and "<dt>iap_log_id</dt><dd>424242</dd>" in page
+    assert '<p class="error">' in page
+    assert "RuntimeError: the grant service is down" in page
+    assert 'id="replay"' in page
+    assert client.get("/nachocode/deliveries/999999").status_code == 404
+    assert client.get(f"/nachocode/deliveries/{2**64}").status_code == 404
+
+
+def test_detail_shows_validation_errors_of_an_invalid_body(inspector: Callable[..., Any]) -> None:
+    _, _, client = inspector()
+    response = post_delivery(client, "purchase", purchase_payload(quantity="two"))
+    assert response.status_code == 422
+    page = client.get(f"/nachocode/deliveries/{response.json['delivery']}").text
+    assert "not a valid purchase event" in page and "<dt>quantity</dt>" in page
+    assert 'id="replay"' not in page  # invalid deliveries are not replayed
+
+
+def test_everything_from_a_delivery_is_escaped(inspector: Callable[..., Any]) -> None:
+    _, handlers, client = inspector()
+    handlers.failing = True
+    payload = purchase_payload(userId=XSS, productId="</pre><img src=x onerror=alert(1)>")
+    response = client.post(
+        "/nachocode/webhooks/purchase",
+        json=payload,
+        headers={"Authorization": f"Bearer {WEBHOOK_KEY}", "X-Evil": "<b onmouseover=alert(1)>hi</b>"},
+    )
+    delivery = response.json["delivery"]
+    for page in (client.get("/nachocode/deliveries").text, client.get(f"/nachocode/deliveries/{delivery}").text):
+        assert "<script>" not in page and "<img" not in page and "<b " not in page
+        assert "&lt;script&gt;alert(" in page
+    detail = client.get(f"/nachocode/deliveries/{delivery}").text
+    assert "&lt;/pre&gt;&lt;img src=x onerror=alert(1)&gt;" in detail
+    assert "&lt;b onmouseover=alert(1)&gt;hi&lt;/b&gt;" in detail
+
+
+def test_templates_never_mark_data_safe() -> None:
+    for template in TEMPLATES.glob("*.html"):
+        text = template.read_text()
+        assert "|safe" not in text.replace(" ", "") and "autoescape false" not in text, template.name
+
+
+def test_pages_send_a_strict_content_security_policy(inspector: Callable[..., Any]) -> None:
+    _, _, client = inspector()
+    response = client.get("/nachocode/deliveries")
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+
+
+# -- replay -------------------------------------------------------------------------------------
+
+
+def test_replay_after_fixing_the_handler(inspector: Callable[..., Any], database_url: str) -> None:
+    _, handlers, client = inspector(NACHOCODE_DATABASE_URI=database_url)
+    handlers.failing = True
+    delivery = send(client, userId="erin")
+    page = client.get(f"/nachocode/deliveries/{delivery}").text
+
+    handlers.failing = False
+    response = client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": csrf_of(page)})
+    assert response.status_code == 303
+    assert response.headers["Location"] == f"/nachocode/deliveries/{delivery}"
+    assert handlers.handled == ["erin"]
+
+    after = client.get(f"/nachocode/deliveries/{delivery}").text
+    assert f"Replayed as delivery {delivery + 1}: handled (200)" in after
+    assert '<span class="badge handled" id="outcome">handled</span>' in after
+    assert ids_on(after) == [delivery + 1]  # the replay history
+    assert 'id="replay"' not in after  # handled now: nothing left to replay
+    replay_page = client.get(f"/nachocode/deliveries/{delivery + 1}").text
+    assert f'href="/nachocode/deliveries/{delivery}">#{delivery}</a>' in replay_page
+
+
+def test_replay_still_failing_is_reported(inspector: Callable[..., Any]) -> None:
+    _, handlers, client = inspector()
+    handlers.failing = True
+    delivery = send(client)
+    page = client.get(f"/nachocode/deliveries/{delivery}").text
+    client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": csrf_of(page)})
+    after = client.get(f"/nachocode/deliveries/{delivery}").text
+    assert "failed (500): a handler raised an exception" in after
+    assert 'id="replay"' in after and "Replayed 1×" in after
+
+
+@pytest.mark.parametrize("token", [None, "", "forged-token"])
+def test_replay_without_the_sessions_csrf_token_is_refused(
+    inspector: Callable[..., Any], token: str | None
+) -> None:
+    _, handlers, client = inspector()
+    handlers.failing = True
+    delivery = send(client)
+    client.get(f"/nachocode/deliveries/{delivery}")  # the session has a CSRF token now
+    handlers.failing = False
+    data = {} if token is None else {"nachocode_csrf": token}
+    response = client.post(f"/nachocode/deliveries/{delivery}/replay", data=data)
+    assert response.status_code == 400 and "CSRF" in response.text
+    assert handlers.handled == []
+    assert ids_on(client.get("/nachocode/deliveries").text) == [delivery]
+
+
+def test_a_csrf_token_from_another_session_is_refused(inspector: Callable[..., Any]) -> None:
+    app, handlers, client = inspector()
+    handlers.failing = True
+    delivery = send(client)
+    attacker = app.test_client()
+    attacker.get(f"/nachocode/deliveries?token={TOKEN}")
+    their_token = csrf_of(attacker.get(f"/nachocode/deliveries/{delivery}").text)
+    client.get(f"/nachocode/deliveries/{delivery}")
+    response = client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": their_token})
+    assert response.status_code == 400
+
+
+def test_replaying_a_handled_delivery_changes_nothing(inspector: Callable[..., Any]) -> None:
+    _, handlers, client = inspector()
+    delivery = send(client)
+    # A handled delivery has no Replay form; take the session's token from a failed one.
+    handlers.failing = True
+    failed = send(client)
+    token = csrf_of(client.get(f"/nachocode/deliveries/{failed}").text)
+    response = client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": token})
+    assert response.status_code == 303
+    page = client.get(f"/nachocode/deliveries/{delivery}").text
+    # Refused as not replayable, or (where replay allows it) answered as a duplicate:
+    # either way the handler does not run a second time.
+    assert "Not replayed: delivery" in page or "duplicate (200)" in page
+    assert len(handlers.handled) == 1
+    for missing in (999999, 2**64):
+        response = client.post(f"/nachocode/deliveries/{missing}/replay", data={"nachocode_csrf": token})
+        assert response.status_code == 404
+
+
+def test_detail_of_a_body_that_is_not_json(inspector: Callable[..., Any]) -> None:
+    _, _, client = inspector()
+    response = client.post(
+        "/nachocode/webhooks/purchase",
+        data=b'{"userId": "</pre><script>alert(1)</script>", oops',
+        headers={"Authorization": f"Bearer {WEBHOOK_KEY}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    page = client.get(f"/nachocode/deliveries/{response.json['delivery']}").text
+    assert "&lt;/pre&gt;&lt;script&gt;alert(1)&lt;/script&gt;&#34;, oops" in page
+    assert "<script>alert" not in page
+    assert "No event could be read" in page
+
+
+def test_a_store_that_cannot_be_reached_is_a_503_page(inspector: Callable[..., Any], tmp_path: Path) -> None:
+    _, _, client = inspector(NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'missing' / 'dir' / 'n.db'}")
+    for path in ("/nachocode/deliveries", "/nachocode/deliveries/poll", "/nachocode/deliveries/1"):
+        response = client.get(path)
+        assert response.status_code == 503, path
+    assert "store is unavailable" in client.get("/nachocode/deliveries").text
+
+
+def test_with_the_apps_own_flask_sqlalchemy_db(tmp_path: Path) -> None:
+    from flask_sqlalchemy import SQLAlchemy
+
+    app = Flask("nachocode_db_app", instance_path=str(tmp_path / "instance"))
+    app.config.update(
+        SECRET_KEY=SECRET_KEY,
+        SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'app.db'}",
+        NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY,
+        NACHOCODE_INSPECTOR=True,
+        NACHOCODE_INSPECTOR_TOKEN=TOKEN,
+    )
+    db = SQLAlchemy(app)
+    ext = NachocodeWebhook(app, db=db)
+    with app.app_context():
+        db.create_all()
+    handlers = FailingHandlers(ext)
+    client = app.test_client()
+    client.get(f"/nachocode/deliveries?token={TOKEN}")
+    handlers.failing = True
+    delivery = send(client, userId="frank")
+    assert ids_on(client.get("/nachocode/deliveries?q=frank").text) == [delivery]
+    token = csrf_of(client.get(f"/nachocode/deliveries/{delivery}").text)
+    handlers.failing = False
+    client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": token})
+    assert handlers.handled == ["frank"]
+    assert '<span class="badge handled" id="outcome">' in client.get(f"/nachocode/deliveries/{delivery}").text

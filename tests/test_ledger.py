@@ -1,0 +1,277 @@
+"""The purchase ledger: kept from purchase and refund deliveries, read through
+``nachocode.ledger``. Every test runs on SQLite and PostgreSQL, with the
+extension's own engine and with a shared Flask-SQLAlchemy ``db``."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import requests
+from flask import Flask
+
+from flask_nachocode import NachocodeWebhook, Purchase, PurchaseEvent, RefundEvent
+from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
+from live import free_port, gunicorn_args, live_server
+from conftest import WEBHOOK_KEY, load_fixture
+
+
+@dataclass
+class Shop:
+    """An app whose handlers note what the ledger showed them."""
+
+    app: Flask
+    ext: NachocodeWebhook
+    seen: list[tuple[str, Purchase | None]] = field(default_factory=list)
+    fail_with: Exception | None = None
+
+    def post(self, event: str, payload: dict[str, Any]) -> Any:
+        return post_delivery(self.app.test_client(), event, payload)
+
+    def read(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with self.app.app_context():
+            return function(*args, **kwargs)
+
+    def get(self, payload: dict[str, Any]) -> Purchase | None:
+        return self.read(self.ext.ledger.get, payload["iapLogId"], environment=None)
+
+    def outcome(self, answer: Any) -> str:
+        delivery = answer.get_json()["delivery"]
+        return str(self.read(self.app.extensions["nachocode"].store.get_delivery, delivery).outcome)
+
+
+@pytest.fixture
+def shop(make_ledger_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> Shop:
+    app, ext = make_ledger_app()
+    shop = Shop(app, ext)
+
+    def note(event: PurchaseEvent | RefundEvent) -> None:
+        shop.seen.append((event.name, ext.ledger.find(event)))
+        if shop.fail_with is not None:
+            raise shop.fail_with
+
+    ext.on_purchase(note)
+    ext.on_refund(note)
+    return shop
+
+
+def test_purchase_then_refund(shop: Shop) -> None:
+    bought = purchase_payload(productType="non-consumable", environment="production")
+    assert shop.post("purchase", bought).status_code == 200
+
+    purchase = shop.get(bought)
+    assert purchase is not None
+    assert (purchase.state, purchase.status, purchase.net_quantity) == ("active", "granted", 1)
+    assert purchase.user_id == "test-user" and purchase.purchase_received
+    assert shop.read(shop.ext.ledger.owns, "test-user", bought["productId"])
+    # The handler already saw its own row, inside the delivery's transaction.
+    assert shop.seen[-1][1] == purchase
+
+    assert shop.post("refund", refund_payload(bought)).status_code == 200
+    refunded = shop.get(bought)
+    assert refunded is not None
+    assert (refunded.state, refunded.status, refunded.refunded_quantity) == ("refunded", "refunded", 1)
+    assert refunded.refunded_at is not None
+    assert not shop.read(shop.ext.ledger.owns, "test-user", bought["productId"])
+    assert not shop.read(shop.ext.ledger.owns, "test-user", bought["nachoProductId"])
+
+
+def test_partial_refunds_sum_to_the_quantity(shop: Shop) -> None:
+    bought = load_fixture("purchase-android")  # 3 units of coins_500, production
+    shop.post("purchase", bought)
+
+    assert shop.post("refund", load_fixture("refund-android-partial")).status_code == 200
+    purchase = shop.get(bought)
+    assert purchase is not None
+    assert (purchase.state, purchase.status, purchase.refunded_quantity) == (
+        "partially_refunded", "partially_refunded", 1,
+    )
+    assert shop.read(shop.ext.ledger.net_quantity, "player-42", "coins_500") == 2
+    assert shop.read(shop.ext.ledger.owns, "player-42", "coins_500")
+
+    rest = refund_payload(bought, refundQuantity=2, refundedAt="2025-03-10T08:00:00.000Z")
+    assert shop.post("refund", rest).status_code == 200
+    purchase = shop.get(bought)
+    assert purchase is not None
+    assert (purchase.state, purchase.refunded_quantity, purchase.net_quantity) == ("refunded", 3, 0)
+    assert shop.read(shop.ext.ledger.net_quantity, "player-42", "coins_500") == 0
+
+
+def test_a_refund_beyond_the_quantity_is_refused_and_changes_nothing(shop: Shop) -> None:
+    bought = purchase_payload(quantity=3)
+    shop.post("purchase", bought)
+    shop.post("refund", refund_payload(bought, refundQuantity=2))
+    handled = len(shop.seen)
+
+    answer = shop.post("refund", refund_payload(bought, refundQuantity=2))
+    assert answer.status_code == 422
+    assert answer.get_json()["error"] == "refund_exceeds_quantity"
+    assert shop.outcome(answer) == "refused"
+    assert len(shop.seen) == handled  # no handler ran for it
+    purchase = shop.get(bought)
+    assert purchase is not None
+    assert (purchase.refunded_quantity, purchase.state) == (2, "partially_refunded")
+
+    # Refused, not claimed: the right refund of the last unit still goes through.
+    assert shop.post("refund", refund_payload(bought, refundQuantity=1)).status_code == 200
+    assert shop.get(bought).refunded_quantity == 3  # type: ignore[union-attr]
+
+
+def test_a_refund_before_its_purchase_is_applied_when_the_purchase_arrives(shop: Shop) -> None:
+    bought = purchase_payload(quantity=2, productId="coins_500")
+    assert shop.post("refund", refund_payload(bought, refundQuantity=1)).status_code == 200
+
+    early = shop.get(bought)
+    assert early is not None
+    assert not early.purchase_received and early.status == "pending"
+    assert early.refunded_quantity == 1 and early.purchased_at is None
+    # Nothing is owned and nothing counted before the purchase itself arrived.
+    assert shop.read(shop.ext.ledger.net_quantity, "test-user", "coins_500", environment="sandbox") == 0
+
+    assert shop.post("purchase", bought).status_code == 200
+    event_name, seen = shop.seen[-1]
+    assert event_name == "purchase" and seen is not None
+    assert seen.purchase_received and seen.state == "partially_refunded"
+    assert seen.refunded_quantity == 1 and seen.purchased_at is not None
+    assert shop.read(shop.ext.ledger.net_quantity, "test-user", "coins_500", environment="sandbox") == 1
+
+
+def test_a_purchase_fully_refunded_before_it_arrives_is_seen_refunded(shop: Shop) -> None:
+    bought = purchase_payload()
+    shop.post("refund", refund_payload(bought))
+    shop.post("purchase", bought)
+    seen = shop.seen[-1][1]
+    assert seen is not None and seen.status == "refunded" and seen.net_quantity == 0
+
+
+def test_a_purchase_of_fewer_units_than_already_refunded_is_refused(shop: Shop) -> None:
+    bought = purchase_payload(quantity=1)
+    early = refund_payload(bought, quantity=3, refundQuantity=2)  # a refund's copy that disagrees
+    shop.post("refund", early)
+
+    answer = shop.post("purchase", bought)
+    assert answer.status_code == 422
+    assert answer.get_json()["error"] == "refund_exceeds_quantity"
+    purchase = shop.get(bought)
+    assert purchase is not None and not purchase.purchase_received and purchase.quantity == 3
+
+
+@pytest.mark.parametrize("order", ["purchase first", "refund first"])
+def test_duplicates_never_count_twice(shop: Shop, order: str) -> None:
+    bought = purchase_payload(quantity=4)
+    refund = refund_payload(bought, refundQuantity=1)
+    deliveries = [("purchase", bought), ("refund", refund)]
+    if order == "refund first":
+        deliveries.reverse()
+    for event, payload in deliveries:
+        assert shop.post(event, payload).get_json()["duplicate"] is False
+        assert shop.post(event, payload).get_json()["duplicate"] is True
+
+    purchase = shop.get(bought)
+    assert purchase is not None
+    assert (purchase.quantity, purchase.refunded_quantity, purchase.state) == (4, 1, "partially_refunded")
+    assert len(shop.seen) == 2
+
+
+@pytest.mark.parametrize("event", ["purchase", "refund"])
+def test_a_handler_that_raises_rolls_the_ledger_back(shop: Shop, event: str) -> None:
+    bought = purchase_payload(quantity=2)
+    payload = bought if event == "purchase" else refund_payload(bought, refundQuantity=1)
+    if event == "refund":
+        shop.post("purchase", bought)
+
+    shop.fail_with = RuntimeError("the shop's database is full")
+    answer = shop.post(event, payload)
+    assert answer.status_code == 500 and shop.outcome(answer) == "failed"
+    after_failure = shop.get(bought)
+    if event == "purchase":
+        assert after_failure is None
+    else:
+        assert after_failure is not None and after_failure.refunded_quantity == 0
+
+    # The cause fixed, the re-sent delivery is handled and counted once.
+    shop.fail_with = None
+    assert shop.post(event, payload).get_json()["duplicate"] is False
+    purchase = shop.get(bought)
+    assert purchase is not None and purchase.purchase_received
+    assert purchase.refunded_quantity == (1 if event == "refund" else 0)
+
+
+def test_sandbox_and_production_are_kept_apart(shop: Shop) -> None:
+    ledger = shop.ext.ledger
+    live = purchase_payload(environment="production", quantity=2, userId="u1")
+    test = purchase_payload(environment="sandbox", quantity=5, userId="u1")
+    other_user = purchase_payload(environment="production", quantity=7, userId="u2")
+    for payload in (live, test, other_user):
+        shop.post("purchase", payload)
+    product = live["productId"]
+
+    assert shop.read(ledger.net_quantity, "u1", product) == 2
+    assert shop.read(ledger.net_quantity, "u1", product, environment="sandbox") == 5
+    assert shop.read(ledger.net_quantity, "u1", product, environment=None) == 7
+    assert [p.iap_log_id for p in shop.read(ledger.purchases_of, "u1")] == [live["iapLogId"]]
+    assert [p.iap_log_id for p in shop.read(ledger.purchases_of, "u1", environment=None)] == [
+        test["iapLogId"], live["iapLogId"],  # newest first
+    ]
+    assert shop.read(ledger.get, test["iapLogId"]) is None
+    assert shop.read(ledger.get, test["iapLogId"], environment="sandbox") is not None
+    assert shop.read(ledger.get, live["iapLogId"], user_id="u2") is None
+
+    shop.post("refund", refund_payload(live))
+    assert not shop.read(ledger.owns, "u1", product)
+    assert shop.read(ledger.owns, "u1", product, environment="sandbox")
+    assert shop.read(ledger.owns, "u1", product, environment=None)
+
+
+def test_refunds_arriving_out_of_order_keep_the_latest_refund_time(shop: Shop) -> None:
+    bought = purchase_payload(quantity=2)
+    shop.post("purchase", bought)
+    shop.post("refund", refund_payload(bought, refundQuantity=1, refundedAt="2025-05-02T00:00:00.000Z"))
+    shop.post("refund", refund_payload(bought, refundQuantity=1, refundedAt="2025-05-01T00:00:00.000Z"))
+    purchase = shop.get(bought)
+    assert purchase is not None and purchase.refunded_quantity == 2
+    assert purchase.refunded_at is not None and purchase.refunded_at.isoformat() == "2025-05-02T00:00:00+00:00"
+
+
+def test_concurrent_partial_refunds_never_exceed_the_quantity(shop: Shop, database_url: str, tmp_path: Any) -> None:
+    """Eight different one-unit refunds of a five-unit purchase, posted at once to
+    three gunicorn workers: exactly five are granted, three refused."""
+    store = shop.app.extensions["nachocode"].store
+    shop.read(store.ensure_ready)  # tables in place before the workers start
+    port = free_port()
+    env = {
+        "NACHOCODE_DATABASE_URI": database_url,
+        "NACHOCODE_WEBHOOK_KEY": WEBHOOK_KEY,
+        "NACHOCODE_TEST_SHARED_DB": "1" if store.db is not None else "0",
+    }
+    args = gunicorn_args("ledger_server:create_app()", port, workers=3) + ["--chdir", "tests"]
+    bought = purchase_payload(quantity=5)
+    refunds = [
+        refund_payload(bought, refundQuantity=1, refundedAt=f"2025-06-01T00:00:0{i}.000Z") for i in range(8)
+    ]
+    headers = {"Authorization": f"Bearer {WEBHOOK_KEY}"}
+    with live_server(args, port=port, env=env, log_path=tmp_path / "gunicorn.log") as url:
+        assert requests.post(f"{url}/nachocode/webhooks/purchase", json=bought, headers=headers).ok
+        statuses: list[int] = []
+        start = threading.Barrier(len(refunds))
+
+        def send(payload: dict[str, Any]) -> None:
+            start.wait()
+            answer = requests.post(f"{url}/nachocode/webhooks/refund", json=payload, headers=headers, timeout=60)
+            statuses.append(answer.status_code)
+
+        threads = [threading.Thread(target=send, args=(payload,)) for payload in refunds]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        status = requests.get(
+            f"{url}/nachocode/purchases/{bought['iapLogId']}", params={"userId": "test-user"}
+        ).json()
+
+    assert sorted(statuses) == [200] * 5 + [422] * 3
+    assert (status["status"], status["refundedQuantity"], status["netQuantity"]) == ("refunded", 5, 0)
+    purchase = shop.get(bought)
+    assert purchase is not None and purchase.refunded_quantity == 5
