@@ -11,7 +11,8 @@ injection comes from the environment:
 ``RELIABILITY_MARKER``        while this file exists, handlers sleep after writing
                               (a window for SIGKILL or a slow-handler test).
 ``RELIABILITY_STARTED_DIR``   handlers create a file here when they start.
-``RELIABILITY_BUDGET``        overrides ``dispatch.DELIVERY_BUDGET_SECONDS``.
+``RELIABILITY_BUDGET``        overrides ``dispatch.DELIVERY_BUDGET_SECONDS`` (and the
+                              warning threshold, half of it).
 ``RELIABILITY_LOG_LEVEL``     root log level (DEBUG in the key-leak tests).
 """
 
@@ -86,7 +87,9 @@ def create_app() -> Flask:
         # statement, parameter (stored headers, bodies) and row is logged too.
         logging.getLogger("sqlalchemy").setLevel(level)
     if os.environ.get("RELIABILITY_BUDGET"):
-        nachocode_dispatch.DELIVERY_BUDGET_SECONDS = float(os.environ["RELIABILITY_BUDGET"])
+        budget = float(os.environ["RELIABILITY_BUDGET"])
+        nachocode_dispatch.DELIVERY_BUDGET_SECONDS = budget
+        nachocode_dispatch.SLOW_DELIVERY_SECONDS = budget / 2
     keys: Any = os.environ.get("NACHOCODE_WEBHOOK_KEY")
     app = Flask(__name__, instance_path=os.environ.get("RELIABILITY_INSTANCE", "/tmp"))
     app.config.update(
