@@ -42,7 +42,7 @@ FUZZ = settings.get_profile("nachocode-fuzz")
 
 PREFIX = "/nachocode"
 ROUTES = [*EVENT_PATHS.values(), "/webhooks"]
-#: Answers an invalid delivery may get; 500 never, 503 only when the store is away.
+#: Answers an invalid delivery may get.
 REFUSALS = {400, 401, 413, 415, 422}
 
 IN_APP_FIELDS = [
@@ -73,8 +73,9 @@ class Harness:
 
 
 def assert_json_verdict(response: Any) -> None:
-    assert response.status_code != 500, response.get_data(as_text=True)
-    assert response.status_code < 500 or response.status_code == 503, response.status_code
+    # Handlers here never raise and the store is up: any 5xx is an input that broke
+    # something (a 503 meant an INSERT the database refused, e.g. NUL on PostgreSQL).
+    assert response.status_code < 500, response.get_data(as_text=True)
     assert response.mimetype == "application/json", response.get_data()
     body = json.loads(response.get_data())
     assert isinstance(body, dict) and isinstance(body["success"], bool), body
@@ -132,7 +133,8 @@ def test_any_json_value_gets_a_verdict(harness: Harness, route: str, value: Any)
     count("fuzz: any JSON value")
     response, calls, _ = harness.post(route, dumps(value), auth())
     if response.status_code == 200:
-        assert len(calls) <= 1
+        # Random JSON is rarely a valid event; when it is, it is handled once (or was before).
+        assert len(calls) == (0 if response.get_json()["duplicate"] else 1)
     else:
         assert response.status_code in REFUSALS and calls == []
 
