@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import urllib.error
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import click
@@ -22,7 +23,7 @@ from .dispatch import replay as replay_delivery
 from .errors import WebhookError
 from .events import EVENT_NAMES
 from .extension import AppState
-from .store import OUTCOMES, REPLAYABLE, utcnow
+from .store import OUTCOMES, REPLAYABLE, describe_database_error, utcnow
 from .testing import payload_for, refund_payload, webhook_path
 
 
@@ -39,6 +40,19 @@ def escape_controls(text: str, keep: str = "\n\t") -> str:
     )
 
 
+def _needs_store(command: Callable[..., None]) -> Callable[..., None]:
+    """A clear one-line error instead of a traceback when the database is unreachable."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except sa.exc.SQLAlchemyError as error:
+            raise click.ClickException(f"the delivery store is unavailable: {describe_database_error(error)}") from None
+
+    return run
+
+
 @click.group("nachocode")
 def nachocode_cli() -> None:
     """Nachocode webhooks: the delivery store, replay and retention, and
@@ -47,6 +61,7 @@ def nachocode_cli() -> None:
 
 @nachocode_cli.command("init-db")
 @with_appcontext
+@_needs_store
 def init_db() -> None:
     """Create the nachocode_* tables (deliveries, claims, purchases)."""
     store = _state().store
@@ -59,6 +74,7 @@ def init_db() -> None:
 @click.option("--event", type=click.Choice(EVENT_NAMES))
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
 @with_appcontext
+@_needs_store
 def list_deliveries(outcome: str | None, event: str | None, limit: int) -> None:
     """A table of recent deliveries, newest first."""
     store = _state().store
@@ -89,6 +105,7 @@ def list_deliveries(outcome: str | None, event: str | None, limit: int) -> None:
 @nachocode_cli.command("show")
 @click.argument("delivery_id", type=int)
 @with_appcontext
+@_needs_store
 def show(delivery_id: int) -> None:
     """One delivery: headers, body pretty-printed, error and traceback."""
     row = _state().store.get_delivery(delivery_id)
@@ -126,6 +143,7 @@ def _pretty_body(body: bytes | None) -> str:
 @click.argument("delivery_id", type=int, required=False)
 @click.option("--failed", "all_failed", is_flag=True, help="Replay every failed, refused or unhandled delivery.")
 @with_appcontext
+@_needs_store
 def replay(delivery_id: int | None, all_failed: bool) -> None:
     """Run the handlers again on stored deliveries that failed or had no handler.
 
@@ -160,8 +178,6 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
             failures += 1
             click.echo(f"delivery {one}: not replayed: {escape_controls(str(getattr(error, 'message', error)))}")
             continue
-        except sa.exc.SQLAlchemyError as error:
-            raise click.ClickException(f"the delivery store is unavailable: {type(error).__name__}") from None
         failures += not result.ok
         detail = ""
         if result.error is not None:
@@ -176,6 +192,7 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
 @nachocode_cli.command("prune")
 @click.option("--older-than", "days", required=True, type=click.IntRange(0), help="Age in days.")
 @with_appcontext
+@_needs_store
 def prune(days: int) -> None:
     """Delete deliveries received more than DAYS days ago.
 
@@ -232,6 +249,8 @@ def urls(base_url: str) -> None:
     width = max(len(label) for label in DASHBOARD_FIELDS.values())
     for route, label in DASHBOARD_FIELDS.items():
         click.echo(f"{label:{width}}  {webhook_url(base_url, route)}")
+    if _state().openapi:
+        click.echo(f"OpenAPI document of these routes: {base_url.rstrip('/')}{_state().url_prefix}/openapi.json")
     count = len(_state().keys)
     if count:
         # Never the key itself: this output ends up in terminals, logs and chat.

@@ -24,7 +24,7 @@ from flask import current_app
 from . import ledger, signals
 from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookError
 from .events import Event, PurchaseEvent, RefundEvent
-from .store import REPLAYABLE, utcnow
+from .store import REPLAYABLE, describe_database_error, utcnow
 
 if TYPE_CHECKING:
     from .extension import AppState
@@ -255,13 +255,7 @@ def _store_unavailable(session: Any, error: sa.exc.SQLAlchemyError) -> StoreUnav
         session.rollback()
     except sa.exc.SQLAlchemyError:
         pass  # the connection is gone; the pool replaces it on the next checkout
-    # Not the statement or its parameters, which hold the body: only the
-    # database's own first line, which tells "unreachable" from "no such table".
-    cause = getattr(error, "orig", None) or error
-    reason = (str(cause).splitlines() or [""])[0][:200]
-    logger.error(
-        "nachocode store unavailable, delivery not recorded: %s: %s", type(cause).__name__, reason
-    )
+    logger.error("nachocode store unavailable, delivery not recorded: %s", describe_database_error(error))
     return StoreUnavailable(
         "the delivery store is unavailable; nothing was handled, re-send this delivery later"
     )

@@ -93,6 +93,14 @@ class HandlerFailed(WebhookError):
     outcome = "failed"
 
 
+class InternalError(WebhookError):
+    """Anything else that went wrong outside the handlers (a bug, or a signal
+    receiver that raised): still one JSON answer, logged by Flask with its traceback."""
+
+    status = 500
+    code = "internal_error"
+
+
 class StoreUnavailable(WebhookError):
     status = 503
     code = "store_unavailable"

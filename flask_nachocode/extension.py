@@ -38,6 +38,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "NACHOCODE_INSPECTOR": False,
     "NACHOCODE_INSPECTOR_TOKEN": None,
     "NACHOCODE_INSPECTOR_DECORATORS": [],
+    "NACHOCODE_OPENAPI": True,
 }
 
 
@@ -74,6 +75,8 @@ class AppState:
     purchase_status_decorators: list[Callable[[Any], Any]] = field(default_factory=list)
     #: The delivery inspector's protection, or None while NACHOCODE_INSPECTOR is off.
     inspector: InspectorSettings | None = None
+    #: {prefix}/openapi.json is mounted (NACHOCODE_OPENAPI).
+    openapi: bool = True
 
     def handlers(self, name: str) -> list[Handler]:
         # Decorated handlers first, then NACHOCODE_HANDLERS; read live because
@@ -141,6 +144,7 @@ class NachocodeWebhook:
             purchase_status_decorators=resolve_decorators(
                 "NACHOCODE_PURCHASE_STATUS_DECORATORS", config["NACHOCODE_PURCHASE_STATUS_DECORATORS"]
             ),
+            openapi=bool(config["NACHOCODE_OPENAPI"]),
         )
         if state.purchase_status_route and not state.ledger_enabled:
             raise RuntimeError(

@@ -54,9 +54,11 @@ class UTCDateTime(fields.Field):
         text = f"{day}T{time}.{(fraction or '').ljust(6, '0')}{'+00:00' if zone == 'Z' else zone}"
         try:
             return datetime.fromisoformat(text).astimezone(timezone.utc)
-        # ValueError: e.g. month 13; OverflowError: year 1 or 9999 shifted out of range by its offset.
-        except (ValueError, OverflowError) as error:
+        except (ValueError, OverflowError) as error:  # month 13; year 1 with a + offset
             raise self.make_error("invalid") from error
+
+
+MAX_PRICE = Decimal(10**15)
 
 
 class Price(fields.Field):
@@ -65,7 +67,7 @@ class Price(fields.Field):
     default_error_messages = {
         "invalid": "Not a number.",
         "negative": "Must be 0 or more.",
-        "too_long": "Too many digits.",
+        "too_large": f"Must be at most {10**15}.",
     }
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Decimal:
@@ -77,39 +79,42 @@ class Price(fields.Field):
         price = Decimal(value) if isinstance(value, int) else Decimal(str(value))
         if price < 0:
             raise self.make_error("negative")
-        if len(str(price)) > MAX_PRICE_TEXT:
-            # The ledger keeps the exact text in a 64-character column: a longer
-            # one failed the INSERT on PostgreSQL (503 for a body that can never pass).
-            raise self.make_error("too_long")
+        # Far above any real price; an unbounded integer would not fit the ledger's column.
+        if price > MAX_PRICE:
+            raise self.make_error("too_large")
         return price
 
 
-#: Longest store id accepted: the ledger's column and the claim key hold it, and a
-#: longer one would fail at INSERT time (a 503 and a lost delivery, not a 422).
+#: Longest store purchase id (Play ``orderId``, App Store ``transactionId``) accepted:
+#: the width of the ledger's column. Real ones are about 30 characters.
 MAX_STORE_ID = 256
 
-def _storable(value: str) -> None:
-    # PostgreSQL text cannot store NUL, and a lone surrogate (legal in JSON as
-    # "\\ud800") cannot be encoded for any database: a 500 at INSERT time before.
+# Written for both Python and ECMA 262 (JSON Schema), as the OpenAPI document copies
+# it; ``$`` may match before a final newline, but never before a NUL.
+_NO_NUL = validate.Regexp(r"^[^\x00]*$", error="Must not contain NUL characters.")
+
+
+def _encodable(value: str) -> None:
+    # A lone surrogate is legal JSON ("\\ud800") but no database driver can encode
+    # it: the INSERT raised UnicodeEncodeError, a 500, on SQLite and PostgreSQL.
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ValidationError("Must not contain unpaired surrogate characters.") from None
-    if "\x00" in value:
-        raise ValidationError("Must not contain NUL characters.")
 
 
 def _text(max_length: int | None = None) -> fields.String:
-    return fields.String(required=True, validate=[validate.Length(min=1, max=max_length), _storable])
+    return fields.String(
+        required=True, validate=[validate.Length(min=1, max=max_length), _NO_NUL, _encodable]
+    )
 
 
 #: Bounds that keep every integer inside a signed 64-bit (ids) or 32-bit (counts)
 #: database column: JSON integers are unbounded, and an overflow at INSERT time
-#: would turn a bad body into a server error instead of a 422.
+#: would turn a bad body into a server error instead of a 422. Counts stop at half
+#: the 32-bit range because the ledger adds a refund to what was already refunded.
 MAX_ID = 2**63 - 1
-MAX_COUNT = 2**31 - 1
-#: Longest exact price text the ledger's ``unit_price`` column holds.
-MAX_PRICE_TEXT = 64
+MAX_COUNT = 2**30 - 1
 
 
 def _count() -> fields.Integer:
@@ -241,8 +246,8 @@ class UnavailableUsersSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    tokenNotFoundUserIds = fields.List(fields.String(), required=True)
-    tokenInvalidUserIds = fields.List(fields.String(), required=True)
+    tokenNotFoundUserIds = fields.List(fields.String(validate=[_NO_NUL, _encodable]), required=True)
+    tokenInvalidUserIds = fields.List(fields.String(validate=[_NO_NUL, _encodable]), required=True)
 
     @post_load(pass_original=True)
     def _build(

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
 import sqlalchemy as sa
-from flask import Flask
+from flask import Flask, current_app
 from flask.globals import app_ctx
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, Engine
@@ -46,6 +46,17 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 #: pg_advisory_xact_lock key that serialises creating the tables ("nachocod").
 _CREATE_TABLES_LOCK = 0x6E6163686F636F64
+
+
+def describe_database_error(error: BaseException) -> str:
+    """``"OperationalError: <the database's first line>"``, for logs and the CLI.
+
+    Not the statement or its parameters, which hold the body: only enough to
+    tell "unreachable" from "no such table".
+    """
+    cause = getattr(error, "orig", None) or error
+    reason = (str(cause).splitlines() or [""])[0][:200]
+    return f"{type(cause).__name__}: {reason}"
 
 
 def utcnow() -> datetime:
@@ -229,6 +240,8 @@ class Store:
             engine = self.engine
             if self.db is None:
                 self.create_tables()
+                if engine.dialect.name == "sqlite":
+                    _warn_if_flask_sqlalchemy_shares_the_file(engine)
             elif engine.dialect.name == "sqlite":
                 # The app's SQLite database: the tables are the app's (create_all or
                 # migrations), but its connections must survive several workers.
@@ -292,6 +305,26 @@ class Store:
         ).first()
         self.session.rollback()  # end the read transaction: SQLite writers must not wait on it
         return row
+
+
+def _warn_if_flask_sqlalchemy_shares_the_file(engine: Engine) -> None:
+    # SQLite locks the whole file for a writer: while the delivery's transaction
+    # holds the claim, a handler committing through the app's own engine to the
+    # same file waits for it, and fails with "database is locked" every time.
+    sqlalchemy_ext = current_app.extensions.get("sqlalchemy")
+    ours = engine.url.database
+    if sqlalchemy_ext is None or not ours or ours == ":memory:":
+        return
+    for app_engine in sqlalchemy_ext.engines.values():
+        theirs = app_engine.url.database
+        if app_engine.dialect.name == "sqlite" and theirs and os.path.abspath(theirs) == os.path.abspath(ours):
+            logger.warning(
+                "flask-nachocode and Flask-SQLAlchemy use the same SQLite file %s through two "
+                "engines: a handler that writes through db.session will wait for the delivery's "
+                "lock and fail with 'database is locked'. Pass your db: NachocodeWebhook(app, db=db).",
+                ours,
+            )
+            return
 
 
 def _app_context_id() -> int:

@@ -20,6 +20,7 @@ from .auth import check_bearer
 from .dispatch import Delivery, Result, dispatch, record, storable_headers
 from .errors import (
     BadBody,
+    InternalError,
     PayloadTooLarge,
     UnsupportedMediaType,
     WebhookError,
@@ -115,6 +116,11 @@ def receive(route: str) -> Response:
     return answer(dispatch(state, delivery, event))
 
 
+def internal_error(error: Exception) -> Response:
+    """The JSON answer for an unexpected exception (Flask has logged it already)."""
+    return error_answer(InternalError("an unexpected error occurred; re-send this delivery later"))
+
+
 def refuse_method() -> Response:
     """Answer a non-POST request on a webhook URL; nothing is read or stored."""
     raise WrongMethod(request.method)
@@ -138,6 +144,7 @@ def make_blueprint(state: AppState) -> Blueprint:
     """The ``nachocode`` blueprint with the routes this app has switched on."""
     blueprint = Blueprint("nachocode", __name__)
     blueprint.register_error_handler(WebhookError, error_answer)
+    blueprint.register_error_handler(500, internal_error)
     for path in ("/webhooks/purchase", "/webhooks/refund", "/webhooks/unavailable-users", "/webhooks"):
         blueprint.add_url_rule(
             path,
@@ -168,4 +175,8 @@ def make_blueprint(state: AppState) -> Blueprint:
         from .inspector import make_inspector_blueprint
 
         blueprint.register_blueprint(make_inspector_blueprint(state))
+    if state.openapi:
+        from .openapi import make_openapi_view
+
+        blueprint.add_url_rule("/openapi.json", "openapi", make_openapi_view(state), methods=["GET"])
     return blueprint

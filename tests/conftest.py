@@ -157,12 +157,9 @@ def build_store_app(url: str, mode: str, instance_path: str, *, create_tables: b
     db = None
     if mode == "shared_db":
         db = SQLAlchemy()
-        effects_table = sa.Table(
-            "test_effects",
-            db.metadata,
-            sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("identity", sa.String(512), nullable=False),
-        )
+        from apps.counter_app import effects_table as define_effects
+
+        effects_table = define_effects(db.metadata, "test_effects")
         app.config["SQLALCHEMY_DATABASE_URI"] = url
         db.init_app(app)
         ext = NachocodeWebhook(app, db=db)

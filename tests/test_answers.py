@@ -24,6 +24,7 @@ from flask_nachocode import (
     delivery_handled,
     delivery_received,
 )
+from flask_nachocode.schemas import MAX_COUNT
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
 
 AppFactory = Callable[..., "tuple[Flask, NachocodeWebhook]"]
@@ -259,6 +260,37 @@ def test_422_when_the_all_events_url_cannot_tell_the_event(app_and_calls: Any, b
     assert [row.outcome for row in stored_deliveries(app)] == ["invalid"]
 
 
+@pytest.mark.parametrize("body", [
+    purchase_payload(user_id="nul\x00user"),
+    refund_payload(purchase_payload(os="android", data={"orderId": "9" * 300})),
+    {"userId": "nul\x00user", "fits": "no event"},
+    purchase_payload(price=10**70),
+], ids=["nul-in-user-id", "store-id-too-long", "nul-in-unknown-body", "price-too-large"])
+def test_values_the_database_cannot_hold_are_422_and_kept(make_app: AppFactory, database_url: str, body: Any) -> None:
+    app, nachocode = make_app(NACHOCODE_DATABASE_URI=database_url)
+    calls: list[Any] = []
+    nachocode.on_purchase(calls.append)
+    nachocode.on_refund(calls.append)
+    check_answer(post_delivery(app.test_client(), "any", body), 422)
+    assert calls == []
+    [row] = stored_deliveries(app)
+    assert (row.outcome, row.status, json.loads(row.body)) == ("invalid", 422, body)
+
+
+def test_refunds_of_the_largest_quantity_cannot_overflow_the_ledger(make_app: AppFactory, database_url: str) -> None:
+    app, nachocode = make_app(NACHOCODE_DATABASE_URI=database_url)
+    nachocode.on_purchase(lambda event: None)
+    nachocode.on_refund(lambda event: None)
+    purchase = purchase_payload(quantity=MAX_COUNT)
+    check_answer(post_delivery(app.test_client(), "purchase", purchase), 200)
+    refund_all = refund_payload(purchase, refund_quantity=MAX_COUNT, refunded_at="2030-01-01T00:00:00Z")
+    check_answer(post_delivery(app.test_client(), "refund", refund_all), 200)
+    one_more = refund_payload(purchase, refund_quantity=MAX_COUNT, refunded_at="2030-01-02T00:00:00Z")
+    assert check_answer(post_delivery(app.test_client(), "refund", one_more), 422)["error"] == "refund_exceeds_quantity"
+    too_many = check_answer(post_delivery(app.test_client(), "purchase", purchase_payload(quantity=MAX_COUNT + 1)), 422)
+    assert list(too_many["errors"]) == ["quantity"]
+
+
 # -- 501 and 500 ------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("fixture", "event"), FIXTURES)
@@ -297,6 +329,25 @@ def test_500_hides_the_exception_and_logs_its_traceback(
     assert "internal-detail-7f3e" in row.traceback and "def crash" not in (row.error or "")
     shown = app.test_cli_runner().invoke(args=["nachocode", "show", str(row.id)])
     assert "KeyError" in shown.output
+
+
+def test_an_unexpected_error_outside_the_handlers_is_still_a_json_500(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, nachocode = make_app(TESTING=False)  # testing mode would re-raise it into the test
+    calls: list[Any] = []
+    nachocode.on_purchase(calls.append)
+
+    def broken_metrics(sender: Flask, **extra: Any) -> None:
+        raise ZeroDivisionError("internal-detail-9b1c")
+
+    with delivery_received.connected_to(broken_metrics, app), caplog.at_level(logging.ERROR):
+        response = post_delivery(app.test_client(), "purchase", purchase_payload())
+    answer = check_answer(response, 500)
+    assert answer["error"] == "internal_error"
+    assert "internal-detail-9b1c" not in response.get_data(as_text=True)
+    assert "internal-detail-9b1c" in caplog.text  # Flask logged it with its traceback
+    assert calls == []
 
 
 # -- handlers that write, refuse or crash (with the app's own db) -----------------------
@@ -427,7 +478,7 @@ def test_signals_for_received_handled_and_failed(app_and_calls: Any) -> None:
     assert (failed["result"].status, failed["error"].status) == (422, 422)
 
 
-def test_signals_are_sent_only_for_their_app(make_app: AppFactory, app_and_calls: Any) -> None:
+def test_signals_are_sent_only_for_their_app(app_and_calls: Any) -> None:
     app, _ = app_and_calls
     seen: list[Any] = []
     with delivery_received.connected_to(lambda sender, **extra: seen.append(sender), Flask("other")):

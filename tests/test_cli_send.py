@@ -163,6 +163,9 @@ def test_wrong_key_exits_non_zero(send: Send, instance: Path) -> None:
     assert result.returncode == 1
     assert result.stdout.splitlines()[1].startswith("401 ")
     assert answer_of(result)["error"] == "unauthorized"
+    no_key = send("purchase", "--key", "")
+    assert no_key.returncode == 1
+    assert answer_of(no_key)["message"] == "missing Authorization: Bearer header"
     assert handled(instance) == before
 
 
@@ -210,6 +213,7 @@ def test_urls_labels_each_route_and_never_shows_the_key(make_app: Callable[..., 
         "Push: unavailable users webhook URL             https://shop.example/hooks/nacho/webhooks/unavailable-users",
         "All events on one URL (event told by the body)  https://shop.example/hooks/nacho/webhooks",
     ]
+    assert lines[4] == "OpenAPI document of these routes: https://shop.example/hooks/nacho/openapi.json"
     assert "webhook key: configured (1 key)" in result.output
     assert WEBHOOK_KEY not in result.output
 
@@ -220,6 +224,8 @@ def test_urls_says_when_no_key_is_configured(make_app: Callable[..., Any]) -> No
     assert result.exit_code == 0
     assert "http://127.0.0.1:5000/nachocode/webhooks/purchase" in result.output
     assert "webhook key: not configured" in result.output
+    app, _ = make_app(NACHOCODE_OPENAPI=False)
+    assert "OpenAPI" not in app.test_cli_runner().invoke(args=["nachocode", "urls"]).output
 
 
 def test_urls_refuses_a_base_url_that_is_not_http(make_app: Callable[..., Any]) -> None:

@@ -178,3 +178,12 @@ def test_init_db_creates_the_tables(make_store_app: Any) -> None:
     )
     assert run(store_app, "init-db").exit_code == 0  # again: nothing to do, no error
     engine.dispose()
+
+
+def test_an_unreachable_store_is_a_one_line_error(tmp_path: Any, store_mode: str, store_apps: Any) -> None:
+    store_app = store_apps(f"sqlite:///{tmp_path / 'missing' / 'nachocode.db'}", store_mode, create_tables=False)
+    for args in (["deliveries"], ["show", "1"], ["replay", "--failed"], ["prune", "--older-than", "1"]):
+        result = run(store_app, *args)
+        assert result.exit_code == 1
+        assert result.output.startswith("Error: the delivery store is unavailable: OperationalError: unable to open"), result.output
+        assert "Traceback" not in result.output

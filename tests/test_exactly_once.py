@@ -8,7 +8,7 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import requests
@@ -139,71 +139,74 @@ def test_one_commit_per_delivery_on_the_happy_path(make_store_app: Any) -> None:
 # --- the database unreachable ---
 
 
-def test_postgresql_unreachable_answers_503_and_the_next_delivery_after_it_works(
-    postgres_url: str, store_mode: str, store_apps: Any
-) -> None:
+@pytest.fixture
+def behind_proxy(postgres_url: str, store_mode: str, store_apps: Any) -> Iterator[tuple[Any, TcpProxy]]:
+    """A store app that reaches PostgreSQL through a :class:`TcpProxy` the test can cut."""
     direct = sa.engine.make_url(postgres_url)
     with TcpProxy(direct.host or "127.0.0.1", direct.port or 5432) as proxy:
         url = direct.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
         store_app = store_apps(url, store_mode)
-        before = purchase_payload()
-        assert post_delivery(store_app.client, "purchase", before).status_code == 200
+        yield store_app, proxy
+        store_app.close()  # while the proxy still forwards: the server sees clean goodbyes
 
-        proxy.cut()
-        during = purchase_payload()
-        answer = post_delivery(store_app.client, "purchase", during)
-        assert answer.status_code == 503
-        assert answer.get_json()["error"] == "store_unavailable"
-        assert [row.identity for row in store_app.rows("nachocode_claims", postgres_url)] == [identity_of(before)]
-        assert len(store_app.rows("nachocode_deliveries", postgres_url)) == 1
 
-        proxy.restore()
-        answer = post_delivery(store_app.client, "purchase", during)  # the dashboard's re-send
-        assert (answer.status_code, answer.get_json()["duplicate"]) == (200, False)
+def test_postgresql_unreachable_answers_503_and_the_next_delivery_after_it_works(
+    behind_proxy: tuple[Any, TcpProxy], postgres_url: str
+) -> None:
+    store_app, proxy = behind_proxy
+    before = purchase_payload()
+    assert post_delivery(store_app.client, "purchase", before).status_code == 200
 
-        # Back again with no delivery during the outage: the pool's dead
-        # connections must not cost the next delivery.
-        proxy.cut()
-        proxy.restore()
-        after = purchase_payload()
-        assert post_delivery(store_app.client, "purchase", after).status_code == 200
+    proxy.cut()
+    during = purchase_payload()
+    answer = post_delivery(store_app.client, "purchase", during)
+    assert answer.status_code == 503
+    assert answer.get_json()["error"] == "store_unavailable"
+    assert [row.identity for row in store_app.rows("nachocode_claims", postgres_url)] == [identity_of(before)]
+    assert len(store_app.rows("nachocode_deliveries", postgres_url)) == 1
 
-        assert store_app.effects() == [identity_of(before), identity_of(during), identity_of(after)]
-        rows = store_app.rows("nachocode_deliveries", postgres_url)
-        assert [(row.identity, row.outcome) for row in rows] == [
-            (identity_of(before), "handled"),
-            (identity_of(during), "handled"),
-            (identity_of(after), "handled"),
-        ]
-        store_app.close()
+    proxy.restore()
+    answer = post_delivery(store_app.client, "purchase", during)  # the dashboard's re-send
+    assert (answer.status_code, answer.get_json()["duplicate"]) == (200, False)
+
+    # Back again with no delivery during the outage: the pool's dead
+    # connections must not cost the next delivery.
+    proxy.cut()
+    proxy.restore()
+    after = purchase_payload()
+    assert post_delivery(store_app.client, "purchase", after).status_code == 200
+
+    assert store_app.effects() == [identity_of(before), identity_of(during), identity_of(after)]
+    rows = store_app.rows("nachocode_deliveries", postgres_url)
+    assert [(row.identity, row.outcome) for row in rows] == [
+        (identity_of(before), "handled"),
+        (identity_of(during), "handled"),
+        (identity_of(after), "handled"),
+    ]
 
 
 def test_postgresql_lost_during_a_delivery_leaves_nothing_half_written(
-    postgres_url: str, store_mode: str, store_apps: Any
+    behind_proxy: tuple[Any, TcpProxy], postgres_url: str
 ) -> None:
-    direct = sa.engine.make_url(postgres_url)
-    with TcpProxy(direct.host or "127.0.0.1", direct.port or 5432) as proxy:
-        url = direct.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        store_app = store_apps(url, store_mode)
-        # The claim and the ledger row are written, the handler ran; then the
-        # database goes away before the delivery commits.
-        store_app.broken = lambda event: bool(proxy.cut())
-        purchase = purchase_payload()
-        assert post_delivery(store_app.client, "purchase", purchase).status_code == 503
-        for table in ("nachocode_claims", "nachocode_deliveries", "nachocode_purchases"):
-            assert store_app.rows(table, postgres_url) == [], table
-        if store_app.db is not None:
-            assert store_app.rows("test_effects", postgres_url) == []
+    store_app, proxy = behind_proxy
+    # The claim and the ledger row are written, the handler ran; then the
+    # database goes away before the delivery commits.
+    store_app.broken = lambda event: bool(proxy.cut())
+    purchase = purchase_payload()
+    assert post_delivery(store_app.client, "purchase", purchase).status_code == 503
+    for table in ("nachocode_claims", "nachocode_deliveries", "nachocode_purchases"):
+        assert store_app.rows(table, postgres_url) == [], table
+    if store_app.db is not None:
+        assert store_app.rows("test_effects", postgres_url) == []
 
-        proxy.restore()
-        store_app.broken = False
-        answer = post_delivery(store_app.client, "purchase", purchase)
-        assert (answer.status_code, answer.get_json()["duplicate"]) == (200, False)
-        assert [row.outcome for row in store_app.rows("nachocode_deliveries", postgres_url)] == ["handled"]
-        assert len(store_app.rows("nachocode_purchases", postgres_url)) == 1
-        if store_app.db is not None:
-            assert [row.identity for row in store_app.rows("test_effects", postgres_url)] == [identity_of(purchase)]
-        store_app.close()
+    proxy.restore()
+    store_app.broken = False
+    answer = post_delivery(store_app.client, "purchase", purchase)
+    assert (answer.status_code, answer.get_json()["duplicate"]) == (200, False)
+    assert [row.outcome for row in store_app.rows("nachocode_deliveries", postgres_url)] == ["handled"]
+    assert len(store_app.rows("nachocode_purchases", postgres_url)) == 1
+    if store_app.db is not None:
+        assert [row.identity for row in store_app.rows("test_effects", postgres_url)] == [identity_of(purchase)]
 
 
 def test_sqlite_unreachable_answers_503_and_the_next_delivery_after_it_works(

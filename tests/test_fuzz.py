@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from conftest import WEBHOOK_KEY, delivery_rows
 from figures import count, count_max
+from flask_nachocode.schemas import MAX_COUNT, MAX_PRICE
 from flask_nachocode.testing import EVENT_PATHS, purchase_payload, refund_payload
 from live import rss_kib, worker_pids
 from reliability_app import serve
@@ -256,8 +257,8 @@ def timestamps(draw: Any) -> tuple[str, datetime]:
 
 
 prices = st.one_of(
-    st.sampled_from([0, 0.0, 0.01, 1, 9.99, 1000, 2**31 - 1, 2**53]),
-    st.integers(0, 10**15),
+    st.sampled_from([0, 0.0, 0.01, 1, 9.99, 1000, 2**31 - 1, int(MAX_PRICE)]),
+    st.integers(0, int(MAX_PRICE)),
     st.floats(0, 1e12, allow_nan=False, allow_infinity=False),
 )
 
@@ -270,7 +271,7 @@ def in_app_bodies(draw: Any, refund: bool) -> dict[str, Any]:
         data = {"purchaseToken": draw(plain_text()) + unique, "orderId": draw(plain_text(200)) + unique}
     else:
         data = {"originalTransactionId": draw(plain_text()) + unique, "transactionId": draw(plain_text(200)) + unique}
-    quantity = draw(st.one_of(st.sampled_from([1, 2**31 - 1]), st.integers(1, 2**31 - 1)))
+    quantity = draw(st.one_of(st.sampled_from([1, MAX_COUNT]), st.integers(1, MAX_COUNT)))
     body: dict[str, Any] = {
         "userId": draw(plain_text()),
         "iapLogId": draw(st.one_of(st.sampled_from([0, 1, 2**31, 2**63 - 1]), st.integers(0, 2**63 - 1))),
@@ -357,8 +358,8 @@ WRONG = {
     "os": st.sampled_from(["", "Android", "IOS", "web", None, 1]),
     "productId": st.sampled_from(["", 1, None]),
     "productType": st.sampled_from(["", "subscription", None, "Consumable"]),
-    "quantity": st.sampled_from([0, -1, 2**31, 1.0, "1", True, None]),
-    "price": st.sampled_from([-1, -0.01, "9.99", True, None, [], 10**70]),
+    "quantity": st.sampled_from([0, -1, MAX_COUNT + 1, 2**31, 1.0, "1", True, None]),
+    "price": st.sampled_from([-1, -0.01, "9.99", True, None, [], int(MAX_PRICE) + 1, 10**70]),
     "environment": st.sampled_from(["", "live", None, "Production"]),
     "data": st.sampled_from([None, [], "x", {}, {"orderId": "x"}, {"transactionId": "x"}]),
     "requestedAt": st.sampled_from([

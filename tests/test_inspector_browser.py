@@ -15,15 +15,9 @@ import pytest
 from inspector_app import BROKEN_MARKER, INSPECTOR_TOKEN, INSTANCE_ENV
 from live import BIN, ROOT, flask_run_args, free_port, live_server
 
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip(
-        "browser tests need Debian's chromium at /usr/bin/chromium (apt-get install chromium)",
-        allow_module_level=True,
-    )
-pytest.importorskip("playwright.sync_api", reason="browser tests need Playwright (pip install -e '.[test]')")
+from browser import chromium  # skips this module without Chromium or Playwright
 
-from playwright.sync_api import Browser, Dialog, Page, ViewportSize, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Dialog, Page, ViewportSize, expect  # noqa: E402
 
 APP = "tests/inspector_app.py"
 ARTIFACTS = ROOT / "test-artifacts" / "inspector"
@@ -57,13 +51,8 @@ def base_url(app_env: dict[str, str], instance: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture

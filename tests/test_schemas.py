@@ -18,7 +18,7 @@ from flask_nachocode import (
     UnavailableUsersEvent,
 )
 from flask_nachocode.errors import InvalidEvent
-from flask_nachocode.schemas import infer_event_name, load_event
+from flask_nachocode.schemas import MAX_COUNT, infer_event_name, load_event
 from flask_nachocode.testing import purchase_payload, refund_payload, unavailable_users_payload
 
 IN_APP_FIELDS = [
@@ -182,22 +182,24 @@ def test_values_outside_an_enum_are_refused(field: str, value: Any) -> None:
 @pytest.mark.parametrize(("field", "value"), [
     *[(field, value) for field in ("iapLogId", "quantity") for value in ["1", True, False, 1.5, 1.0, None, [1]]],
     *[(field, value) for field in ("userId", "nachoProductId", "productId") for value in [1, True, None, "", ["x"]]],
-    *[("price", value) for value in ["1000", True, None, -1, -0.01, float("nan"), float("inf")]],
-    ("quantity", 0), ("quantity", -1), ("quantity", 2**31), ("iapLogId", -1), ("iapLogId", 2**63),
+    *[("price", value) for value in ["1000", True, None, -1, -0.01, float("nan"), float("inf"), 10**15 + 1, 1e300, 10**70]],
+    ("quantity", 0), ("quantity", -1), ("quantity", MAX_COUNT + 1), ("iapLogId", -1), ("iapLogId", 2**63),
 ])
 def test_purchase_field_types_and_bounds(field: str, value: Any) -> None:
     assert list(errors_of("purchase", purchase_payload(**{field: value}))) == [field]
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("quantity", 1), ("quantity", 2**31 - 1), ("iapLogId", 0), ("iapLogId", 2**63 - 1),
+    ("quantity", 1), ("quantity", MAX_COUNT), ("iapLogId", 0), ("iapLogId", 2**63 - 1),
 ])
 def test_integer_bounds_are_inclusive(field: str, value: int) -> None:
     event = load_event("purchase", purchase_payload(**{field: value}))
     assert event.raw[field] == value
 
 
-@pytest.mark.parametrize(("price", "expected"), [(0, "0"), (1000, "1000"), (9.99, "9.99"), (0.1, "0.1")])
+@pytest.mark.parametrize(("price", "expected"), [
+    (0, "0"), (1000, "1000"), (9.99, "9.99"), (0.1, "0.1"), (10**15, "1000000000000000"),
+])
 def test_price_is_an_exact_decimal(price: float, expected: str) -> None:
     event = load_event("purchase", purchase_payload(price=price))
     assert event.price == Decimal(expected)
@@ -264,6 +266,9 @@ def test_timestamps_become_aware_utc(name: str, field: str, text: str, expected:
     "2025-13-19T02:00:31.280Z",
     "2025-02-19T25:00:31.280Z",
     "2025-02-19T02:00:31.1234567Z",
+    "2025-02-29T02:00:31Z",
+    "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
+    "9999-12-31T23:59:59-01:00",  # after year 9999 in UTC
     "yesterday",
     "",
     1739930431280,
@@ -323,3 +328,29 @@ def test_a_body_that_fits_no_event(body: dict[str, Any]) -> None:
 def test_a_body_that_fits_more_than_one_event(in_app: str) -> None:
     with pytest.raises(InvalidEvent, match="more than one event"):
         infer_event_name({in_app: 1, "tokenNotFoundUserIds": []})
+
+
+# -- what the database could not store ---------------------------------------------------
+
+@pytest.mark.parametrize(("name", "field"), [
+    *[("purchase", field) for field in ("userId", "nachoProductId", "productId")],
+    ("refund", "userId"),
+])
+def test_nul_characters_are_refused_in_text(name: str, field: str) -> None:
+    assert list(errors_of(name, BODIES[name](**{field: "user\x00id"}))) == [field]
+
+
+@pytest.mark.parametrize(("os", "field"), [(os, field) for os, fields in STORE_FIELDS.items() for field in fields])
+def test_nul_characters_are_refused_in_store_data(os: str, field: str) -> None:
+    assert list(errors_of("purchase", purchase_payload(os=os, data={field: "id\x00"}))) == [f"data.{field}"]
+
+
+@pytest.mark.parametrize("field", PUSH_FIELDS)
+def test_nul_characters_are_refused_in_user_id_lists(field: str) -> None:
+    assert list(errors_of("unavailable_users", unavailable_users_payload(**{field: ["a", "b\x00"]}))) == [f"{field}.1"]
+
+
+@pytest.mark.parametrize(("os", "field"), [("android", "orderId"), ("ios", "transactionId")])
+def test_store_purchase_ids_are_at_most_256_characters(os: str, field: str) -> None:
+    assert load_event("purchase", purchase_payload(os=os, data={field: "9" * 256})).store_purchase_id == "9" * 256
+    assert list(errors_of("purchase", purchase_payload(os=os, data={field: "9" * 257}))) == [f"data.{field}"]

@@ -34,6 +34,10 @@ def test_every_delivery_past_the_key_check_is_stored_with_every_column(make_stor
     )
     assert answer.status_code == 200, answer.get_json()
 
+    if store_app.db is not None:
+        # On the app's metadata: db.create_all() and Alembic autogenerate see them.
+        assert {"nachocode_deliveries", "nachocode_claims"} <= set(store_app.db.metadata.tables)
+
     [row] = store_app.deliveries()
     assert answer.get_json()["delivery"] == row.id
     assert (row.event, row.route, row.outcome, row.status) == ("purchase", "purchase", "handled", 200)
@@ -229,3 +233,22 @@ def test_in_memory_sqlite_is_one_database_for_every_thread(tmp_path: Path) -> No
         thread.start()
         thread.join()
     assert statuses == [200, 200]
+
+
+def test_a_warning_when_flask_sqlalchemy_uses_the_same_sqlite_file_through_another_engine(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from flask_sqlalchemy import SQLAlchemy
+
+    app = Flask("two_engines", instance_path=str(tmp_path / "instance"))
+    # The default: the extension's own engine on the app's SQLALCHEMY_DATABASE_URI.
+    app.config.update(TESTING=True, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY, SQLALCHEMY_DATABASE_URI="sqlite:///app.db")
+    db = SQLAlchemy(app)
+    ext = NachocodeWebhook(app)
+    ext.on_purchase(lambda event: None)
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        post_delivery(app.test_client(), "purchase", purchase_payload())
+    assert "Pass your db: NachocodeWebhook(app, db=db)" in caplog.text
+    with app.app_context():
+        db.engine.dispose()
+        app.extensions["nachocode"].store.engine.dispose()

@@ -1,0 +1,134 @@
+"""The pytest plugin's fixtures, used as an app's own tests use them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_nachocode import NachocodeWebhook, PurchaseEvent, RefundEvent, UnavailableUsersEvent
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "plugin-test-key"
+
+
+@pytest.fixture
+def received() -> list[Any]:
+    return []
+
+
+@pytest.fixture
+def app(tmp_path: Path, received: list[Any]) -> Flask:
+    """A user's app: the only fixture the plugin asks for."""
+    app = Flask("plugin_user_app")
+    app.config.update(
+        TESTING=True,
+        NACHOCODE_WEBHOOK_KEY=KEY,
+        NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'nachocode.db'}",
+    )
+    nachocode = NachocodeWebhook(app)
+    nachocode.on_purchase(received.append)
+    nachocode.on_refund(received.append)
+    nachocode.on_unavailable_users(received.append)
+    return app
+
+
+@pytest.mark.parametrize("event", ["purchase", "refund", "unavailable_users"])
+def test_post_without_a_body_delivers_a_fresh_valid_one(nachocode_post: Any, received: list[Any], event: str) -> None:
+    first = nachocode_post(event)
+    second = nachocode_post(event)
+    assert first.status_code == second.status_code == 200
+    assert first.json["duplicate"] is second.json["duplicate"] is False
+    assert [type(one).name for one in received] == [event, event]
+    assert received[0].raw != received[1].raw
+
+
+@pytest.mark.parametrize("platform", ["android", "ios"])
+def test_payload_overrides_reach_the_handler(
+    nachocode_payloads: Any, nachocode_post: Any, received: list[Any], platform: str
+) -> None:
+    body = nachocode_payloads.purchase(os=platform, user_id="u-1", quantity=3, price=4.99)
+    assert nachocode_post("purchase", body).status_code == 200
+    (event,) = received
+    assert isinstance(event, PurchaseEvent)
+    assert (event.os, event.user_id, event.quantity, str(event.price)) == (platform, "u-1", 3, "4.99")
+    assert event.raw == body
+
+
+def test_the_same_body_twice_is_a_duplicate_handled_once(
+    nachocode_payloads: Any, nachocode_post: Any, received: list[Any]
+) -> None:
+    body = nachocode_payloads.purchase()
+    assert nachocode_post("purchase", body).json["duplicate"] is False
+    assert nachocode_post("purchase", body).json["duplicate"] is True
+    assert len(received) == 1
+
+
+def test_a_refund_of_a_purchase_names_the_same_store_purchase(
+    nachocode_payloads: Any, nachocode_post: Any, received: list[Any]
+) -> None:
+    purchase = nachocode_payloads.purchase(os="android", quantity=2)
+    refund = nachocode_payloads.refund(purchase, refund_quantity=1)
+    nachocode_post("purchase", purchase)
+    assert nachocode_post("refund", refund).status_code == 200
+    bought, refunded = received
+    assert isinstance(refunded, RefundEvent)
+    assert refunded.store_purchase_id == bought.store_purchase_id
+    assert refunded.refund_quantity == 1
+
+
+def test_the_all_events_url_and_for_event(nachocode_payloads: Any, nachocode_post: Any, received: list[Any]) -> None:
+    body = nachocode_payloads.for_event("unavailable_users", token_invalid_user_ids=["gone"])
+    answer = nachocode_post("any", body)
+    assert answer.status_code == 200 and answer.json["event"] == "unavailable_users"
+    (event,) = received
+    assert isinstance(event, UnavailableUsersEvent) and event.token_invalid_user_ids == ["gone"]
+
+
+def test_a_wrong_key_is_refused_before_any_handler(nachocode_post: Any, received: list[Any]) -> None:
+    answer = nachocode_post("purchase", key="not-the-key")
+    assert answer.status_code == 401
+    assert answer.json["error"] == "unauthorized"
+    assert received == []
+
+
+def test_a_bad_body_answers_the_field_errors(nachocode_payloads: Any, nachocode_post: Any) -> None:
+    answer = nachocode_post("refund", nachocode_payloads.refund(quantity=1, refund_quantity=2))
+    assert answer.status_code == 422
+    assert answer.json["errors"] == {"refundQuantity": ["Must not exceed quantity."]}
+
+
+def readme_example() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Testing your handlers with pytest", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "the README's pytest example is missing"
+    return match.group(1)
+
+
+def test_the_readme_example_passes_with_the_installed_plugin(pytester: pytest.Pytester) -> None:
+    # In a subprocess with a fresh interpreter: the plugin must come from the
+    # installed entry point, and the example shop's module globals stay its own.
+    pytester.makepyfile(test_shop_coins=readme_example())
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--rootdir={pytester.path}",
+                                           "-o", f"pythonpath={ROOT}")
+    result.assert_outcomes(passed=3)
+
+
+def test_post_without_an_app_fixture_says_what_is_missing(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_it(nachocode_post):\n    pass\n")
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*nachocode_post needs an `app` fixture that returns your Flask app*"])
+
+
+def test_the_plugin_can_be_switched_off(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_it(nachocode_payloads):\n    pass\n")
+    result = pytester.runpytest("-p", "no:flask_nachocode")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'nachocode_payloads' not found*"])
