@@ -113,6 +113,11 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
     except Refuse as refusal:
         _rollback(session)
         return record(state, delivery, refusal, event)
+    except sa.exc.OperationalError as error:
+        # The database went away under a handler's own writes (connection killed,
+        # server restarting, SQLite locked too long): the store failed, not the
+        # handler, and a re-send will work, so 503 as for the claim, not 500.
+        raise _store_unavailable(session, error) from error
     except Exception as error:  # a handler bug must not lose the delivery
         _rollback(session)
         logger.exception("nachocode %s handler failed (identity %s)", event.name, identity)
@@ -263,9 +268,10 @@ def _guess_event_name(delivery: Delivery) -> str | None:
 
 
 def _storable_text(text: str) -> str:
-    # PostgreSQL text cannot hold NUL; an invalid body's userId or an exception
-    # message may. Escaped, the delivery is still recorded instead of a 503.
-    return text.replace("\x00", "\\x00")
+    # PostgreSQL text cannot hold NUL, and no database can encode a lone surrogate
+    # (JSON's "\\ud800" escape); an invalid body's userId or an exception message
+    # may hold either. Escaped, the delivery is still recorded instead of a 503 or 500.
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _is_storable_id(value: Any) -> bool:

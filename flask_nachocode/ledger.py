@@ -11,6 +11,7 @@ purchase, when it comes, completes the row and its handlers see it refunded.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -154,29 +155,28 @@ def _purchase_fields(event: PurchaseEvent | RefundEvent, now: datetime) -> dict[
     }
 
 
-def apply_purchase(session: Session, table: sa.Table, event: PurchaseEvent, now: datetime) -> None:
-    """Record the purchase; :class:`Refuse` (422) when refunds of it that came
-    first already refunded more units than it says were bought."""
-    insert = _upsert(session.get_bind().dialect.name)
-    values = _purchase_fields(event, now)
-    received = {
-        "purchase_received": True,
-        "purchased_at": event.purchased_at,
-        "verified_at": event.verified_at,
-    }
-    statement = insert(table).values(
-        **values, **received, refunded_quantity=0, state=ACTIVE, refunded_at=None
-    )
-    # A row already there was made by an early refund: complete it, keep the refund
-    # bookkeeping it holds, and derive the state again from the purchase's own
-    # quantity, which is the one that counts.
+#: Columns a purchase writes over a row that an early refund created; the refund
+#: bookkeeping (refunded_quantity, state, refunded_at) is kept.
+_SET_BY_PURCHASE = (
+    "platform", "store_purchase_id", "store_token", "user_id", "iap_log_id", "nacho_product_id",
+    "product_id", "product_type", "environment", "quantity", "unit_price", "updated_at",
+    "purchase_received", "purchased_at", "verified_at",
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _purchase_upsert(table: sa.Table, dialect_name: str) -> Any:
+    # Built once per table and run with parameters: building the statement per
+    # delivery cost more CPU than running it.
+    statement = _upsert(dialect_name)(table)
     refunded = table.c.refunded_quantity
     quantity = statement.excluded.quantity
-    statement = statement.on_conflict_do_update(
+    return statement.on_conflict_do_update(
         index_elements=["platform", "store_purchase_id"],
         set_={
-            **values,
-            **received,
+            **{name: statement.excluded[name] for name in _SET_BY_PURCHASE},
+            # The state is derived again from the purchase's own quantity, which is
+            # the one that counts over the refund's copy of it.
             "state": sa.case(
                 (refunded >= quantity, REFUNDED), (refunded > 0, PARTIALLY_REFUNDED), else_=ACTIVE
             ),
@@ -184,9 +184,23 @@ def apply_purchase(session: Session, table: sa.Table, event: PurchaseEvent, now:
         # Early refunds counted against the refund's copy of the quantity; a purchase
         # that says fewer units were bought must not leave more refunded than bought.
         where=refunded <= quantity,
-    )
-    # preserve_rowcount: psycopg 3 reports -1 for an INSERT's rowcount otherwise.
-    if session.execute(statement.execution_options(preserve_rowcount=True)).rowcount != 1:
+        # psycopg 3 reports -1 for an INSERT's rowcount unless SQLAlchemy keeps it.
+    ).execution_options(preserve_rowcount=True)
+
+
+def apply_purchase(session: Session, table: sa.Table, event: PurchaseEvent, now: datetime) -> None:
+    """Record the purchase; :class:`Refuse` (422) when refunds of it that came
+    first already refunded more units than it says were bought."""
+    values = {
+        **_purchase_fields(event, now),
+        "purchase_received": True,
+        "purchased_at": event.purchased_at,
+        "verified_at": event.verified_at,
+        "refunded_quantity": 0,
+        "state": ACTIVE,
+        "refunded_at": None,
+    }
+    if session.execute(_purchase_upsert(table, session.get_bind().dialect.name), values).rowcount != 1:
         raise Refuse(
             f"purchase {event.store_purchase_id} has {event.quantity} units but earlier "
             "refunds of it already refunded more",

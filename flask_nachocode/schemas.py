@@ -94,8 +94,19 @@ MAX_STORE_ID = 256
 _NO_NUL = validate.Regexp(r"^[^\x00]*$", error="Must not contain NUL characters.")
 
 
+def _encodable(value: str) -> None:
+    # A lone surrogate is legal JSON ("\\ud800") but no database driver can encode
+    # it: the INSERT raised UnicodeEncodeError, a 500, on SQLite and PostgreSQL.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("Must not contain unpaired surrogate characters.") from None
+
+
 def _text(max_length: int | None = None) -> fields.String:
-    return fields.String(required=True, validate=[validate.Length(min=1, max=max_length), _NO_NUL])
+    return fields.String(
+        required=True, validate=[validate.Length(min=1, max=max_length), _NO_NUL, _encodable]
+    )
 
 
 #: Bounds that keep every integer inside a signed 64-bit (ids) or 32-bit (counts)
@@ -235,8 +246,8 @@ class UnavailableUsersSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    tokenNotFoundUserIds = fields.List(fields.String(validate=_NO_NUL), required=True)
-    tokenInvalidUserIds = fields.List(fields.String(validate=_NO_NUL), required=True)
+    tokenNotFoundUserIds = fields.List(fields.String(validate=[_NO_NUL, _encodable]), required=True)
+    tokenInvalidUserIds = fields.List(fields.String(validate=[_NO_NUL, _encodable]), required=True)
 
     @post_load(pass_original=True)
     def _build(

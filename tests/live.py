@@ -75,3 +75,30 @@ def gunicorn_args(app: str, port: int, workers: int) -> list[str]:
         str(BIN / "gunicorn"), "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
         "--worker-class", "sync", "--timeout", "60", app,
     ]
+
+
+def worker_pids(port: int) -> list[int]:
+    """The gunicorn workers serving ``port``: the children of the master listening there."""
+    parents: dict[int, int] = {}
+    matching: list[int] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            status = (proc / "status").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        parents[int(proc.name)] = int(status.split("PPid:")[1].split()[0])
+        if b"gunicorn" in cmdline and f"127.0.0.1:{port}".encode() in cmdline:
+            matching.append(int(proc.name))
+    # Workers carry the master's command line too: the master is the one whose parent does not.
+    masters = {pid for pid in matching if parents[pid] not in matching}
+    return sorted(pid for pid in matching if parents[pid] in masters)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")

@@ -1,0 +1,341 @@
+"""Benchmark flask-nachocode against the floor: a bare Flask receiver (A) and
+the same plus one INSERT and one COMMIT of the raw body (B).
+
+    .venv/bin/python benchmarks/run.py --quick        # a few minutes
+    .venv/bin/python benchmarks/run.py                # full run
+
+Each variant runs under gunicorn on loopback (sync workers, same settings) and
+is loaded with wrk (8 connections), alternating A B C for several rounds so that
+noise from other work on the machine hits all three alike; the ratios are the
+medians of per-round ratios. Then a round of duplicates (the same delivery over
+and over). Done for SQLite (WAL) and, when a PostgreSQL URL is given (``--postgres``,
+or ``NACHOCODE_TEST_POSTGRES_URL``), for PostgreSQL with 1 and 4 workers. The
+PostgreSQL database's benchmark and nachocode tables are emptied: use a
+throwaway database. An in-process figure (no HTTP, no database) comes first.
+
+Not part of the test run; numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from live import free_port, gunicorn_args, live_server  # noqa: E402
+
+from benchmarks.apps import KEY, PATH, prepare_database  # noqa: E402
+
+LUA = Path(__file__).with_name("purchase.lua")
+VARIANTS = ("A", "B", "C")
+CONNECTIONS = 8
+
+
+@dataclass
+class Load:
+    """One load run of one variant."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+@dataclass
+class Scenario:
+    title: str
+    database_url: str
+    workers: int
+    unique: list[dict[str, Load]] = field(default_factory=list)
+    duplicate: list[dict[str, Load]] = field(default_factory=list)
+    load_before: str = ""
+    load_after: str = ""
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+# --- load generators -------------------------------------------------------------------
+
+
+def wrk_load(url: str, seconds: float, prefix: str, mode: str) -> Load:
+    command = [
+        "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "--timeout", "10s",
+        "-s", str(LUA), url, "--", KEY, prefix, mode,
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in output.splitlines() if line.startswith("BENCH "))
+    figures = json.loads(line[len("BENCH "):])
+    errors = sum(figures[key] for key in ("connect_errors", "read_errors", "write_errors", "timeouts", "non_2xx"))
+    return Load(
+        rps=figures["requests"] / (figures["duration_us"] / 1e6),
+        p50_ms=figures["p50_us"] / 1000,
+        p99_ms=figures["p99_us"] / 1000,
+        errors=errors,
+    )
+
+
+def _python_body(prefix: str, connection: int, n: int) -> bytes:
+    from flask_nachocode.testing import purchase_payload
+
+    ident = f"{prefix}-{connection}-{n}"
+    return json.dumps(
+        purchase_payload(os="ios", iapLogId=connection * 100_000_000 + n,
+                         data={"transactionId": ident, "originalTransactionId": ident})
+    ).encode()
+
+
+def python_load(url: str, seconds: float, prefix: str, mode: str) -> Load:
+    """The fallback when wrk is missing: 8 threads posting in a loop. It costs
+    more CPU than wrk, so its figures are lower and only comparable to each other."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    latencies: list[float] = []
+    errors = [0]
+    deadline = time.perf_counter() + seconds
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+
+    def client(connection: int) -> None:
+        n = 0
+        fixed = _python_body(prefix, 0, 0) if mode == "duplicate" else None
+        while time.perf_counter() < deadline:
+            n += 1
+            body = fixed or _python_body(prefix, connection, n)
+            started = time.perf_counter()
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            try:
+                conn.request("POST", PATH, body=body, headers=headers)
+                if conn.getresponse().status != 200:
+                    errors[0] += 1
+            except OSError:
+                errors[0] += 1
+            finally:
+                conn.close()
+            latencies.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CONNECTIONS)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return Load(
+        rps=len(latencies) / elapsed,
+        p50_ms=latencies[len(latencies) // 2] * 1000,
+        p99_ms=latencies[int(len(latencies) * 0.99)] * 1000,
+        errors=errors[0],
+    )
+
+
+# --- the HTTP benchmark ----------------------------------------------------------------
+
+
+def run_scenario(scenario: Scenario, rounds: int, seconds: float, dup_rounds: int,
+                 generate: Callable[[str, float, str, str], Load], logs: Path) -> None:
+    prepare_database(scenario.database_url)
+    ports = {variant: free_port() for variant in VARIANTS}
+    scenario.load_before = load_average()
+    run_id = f"{int(time.time())}{scenario.workers}"
+    from contextlib import ExitStack
+
+    with ExitStack() as servers:
+        urls = {}
+        for variant in VARIANTS:
+            args = gunicorn_args("benchmarks.apps:create_app()", ports[variant], scenario.workers)
+            env = {"BENCH_VARIANT": variant, "BENCH_DATABASE_URL": scenario.database_url}
+            base = servers.enter_context(live_server(
+                args, port=ports[variant], env=env, ready_path="/ping",
+                log_path=logs / f"{scenario.workers}-{variant}.log",
+            ))
+            urls[variant] = base + PATH
+        for variant in VARIANTS:  # warm up: imports, connections, statement caches
+            generate(urls[variant], 1, f"w{run_id}{variant}", "unique")
+        for round_number in range(rounds):
+            scenario.unique.append({
+                variant: generate(urls[variant], seconds, f"r{run_id}{round_number}{variant}", "unique")
+                for variant in VARIANTS
+            })
+            print(f"  round {round_number + 1}: " + _round_line(scenario.unique[-1]), flush=True)
+        for round_number in range(dup_rounds):
+            scenario.duplicate.append({
+                variant: generate(urls[variant], seconds, f"d{run_id}{round_number}{variant}", "duplicate")
+                for variant in VARIANTS
+            })
+            print(f"  duplicates {round_number + 1}: " + _round_line(scenario.duplicate[-1]), flush=True)
+    scenario.load_after = load_average()
+
+
+def _round_line(loads: dict[str, Load]) -> str:
+    parts = [f"{v} {loads[v].rps:7.0f}/s p99 {loads[v].p99_ms:6.1f} ms" for v in VARIANTS]
+    errors = sum(load.errors for load in loads.values())
+    return "  ".join(parts) + (f"  ERRORS {errors}" if errors else "")
+
+
+def _median_ratio(rounds: list[dict[str, Load]], top: str, bottom: str, attr: str = "rps") -> float:
+    return statistics.median(getattr(r[top], attr) / getattr(r[bottom], attr) for r in rounds)
+
+
+def table(scenarios: list[Scenario]) -> str:
+    header = (
+        "| database, workers | deliveries | A req/s | B req/s | C req/s "
+        "| A p50/p99 ms | B p50/p99 ms | C p50/p99 ms | C/A | C/B | C p99 / B p99 |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for scenario in scenarios:
+        for kind, rounds in (("unique", scenario.unique), ("duplicates", scenario.duplicate)):
+            if not rounds:
+                continue
+
+            def med(variant: str, attr: str) -> float:
+                return statistics.median(getattr(r[variant], attr) for r in rounds)
+
+            cells = [scenario.title, kind]
+            cells += [f"{med(v, 'rps'):.0f}" for v in VARIANTS]
+            cells += [f"{med(v, 'p50_ms'):.1f} / {med(v, 'p99_ms'):.1f}" for v in VARIANTS]
+            cells += [
+                f"{_median_ratio(rounds, 'C', 'A'):.2f}",
+                f"{_median_ratio(rounds, 'C', 'B'):.2f}",
+                f"{_median_ratio(rounds, 'C', 'B', 'p99_ms'):.2f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --- in process --------------------------------------------------------------------------
+
+
+def inprocess(count: int, repeats: int) -> dict[str, float]:
+    """Microseconds of CPU per delivery for the request path without HTTP and
+    without the database: key check, JSON parse, validation into the typed event,
+    and the handler loop with a no-op handler. Also the schema load alone, and
+    marshmallow's own floor: a schema of the same shape whose fields do nothing
+    (``fields.Raw``), i.e. what any marshmallow schema for this body costs.
+
+    CPU time (``time.process_time``), not wall time: on a shared machine the
+    wall clock also counts the time other processes held the CPU."""
+    from flask import Flask
+    from marshmallow import EXCLUDE, Schema, fields
+
+    from flask_nachocode import NachocodeWebhook
+    from flask_nachocode.auth import check_bearer
+    from flask_nachocode.schemas import SCHEMAS, load_event
+    from flask_nachocode.testing import purchase_payload
+    from flask_nachocode import views
+
+    app = Flask("bench_inprocess")
+    app.config.update(NACHOCODE_WEBHOOK_KEY=KEY, NACHOCODE_DATABASE_URI="sqlite://")
+    extension = NachocodeWebhook(app)
+
+    @extension.on_purchase
+    def noop(event: Any) -> None:
+        pass
+
+    state = app.extensions["nachocode"]
+    # The view's own JSON decoding (read_json_object needs a request).
+    decoder = getattr(views, "_JSON_DECODER", None)
+    decode = decoder.decode if decoder else lambda text: json.loads(text, parse_constant=views._reject_constant)
+    authorization = f"Bearer {KEY}"
+    bodies = [json.dumps(purchase_payload(os=("ios", "android")[i % 2])).encode() for i in range(count)]
+    payloads = [json.loads(body) for body in bodies]
+    schema = SCHEMAS["purchase"]
+    store_fields = ("originalTransactionId", "transactionId", "purchaseToken", "orderId")
+    raw_data = Schema.from_dict({name: fields.Raw() for name in store_fields})
+    raw_fields: dict[str, fields.Field] = {name: fields.Raw() for name in payloads[0]}
+    raw_fields["data"] = fields.Nested(raw_data(unknown=EXCLUDE))
+    floor = Schema.from_dict(raw_fields)(unknown=EXCLUDE)
+
+    def path() -> None:
+        for body in bodies:
+            check_bearer(authorization, state.keys)
+            payload = decode(body.decode("utf-8"))
+            event = load_event("purchase", payload)
+            event.identity  # noqa: B018 - the claim key is computed on every delivery
+            for handler in state.handlers(event.name):
+                handler(event)
+
+    def schema_only() -> None:
+        for payload in payloads:
+            schema.load(payload)
+
+    def marshmallow_floor() -> None:
+        for payload in payloads:
+            floor.load(payload)
+
+    figures = {}
+    for name, function in (("path", path), ("schema load", schema_only), ("marshmallow floor", marshmallow_floor)):
+        timings = []
+        for _ in range(repeats):
+            started = time.process_time()
+            function()
+            timings.append((time.process_time() - started) / count * 1e6)
+        figures[name] = statistics.median(timings)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter rounds (a few minutes)")
+    parser.add_argument("--rounds", type=int, help="A B C rounds of unique deliveries")
+    parser.add_argument("--seconds", type=float, help="seconds per load run")
+    parser.add_argument("--postgres", default=os.environ.get("NACHOCODE_TEST_POSTGRES_URL"),
+                        help="PostgreSQL URL of a throwaway database (default: $NACHOCODE_TEST_POSTGRES_URL)")
+    parser.add_argument("--only", choices=["inprocess", "sqlite", "postgresql"], action="append",
+                        help="run only these parts (repeatable)")
+    parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk exists")
+    args = parser.parse_args(argv)
+
+    rounds = args.rounds or (3 if args.quick else 6)
+    seconds = args.seconds or (4 if args.quick else 10)
+    dup_rounds = 1 if args.quick else 2
+    parts = set(args.only or ["inprocess", "sqlite", "postgresql"])
+    generate = wrk_load
+    if args.python_load or shutil.which("wrk") is None:
+        print("wrk not found (apt-get install wrk): using the Python load generator", file=sys.stderr)
+        generate = python_load
+
+    print(f"load average at start: {load_average()}  ({os.cpu_count()} CPUs)")
+    if "inprocess" in parts:
+        figures = inprocess(count=2000 if args.quick else 5000, repeats=7)
+        print("in-process, CPU per delivery: " + ", ".join(f"{k} {v:.0f} µs" for k, v in figures.items()))
+
+    scenarios = []
+    workdir = Path(tempfile.mkdtemp(prefix="nachocode-bench-"))
+    if "sqlite" in parts:
+        scenarios.append(Scenario("SQLite (WAL), 1", f"sqlite:///{workdir / 'bench.db'}", 1))
+    if "postgresql" in parts:
+        if args.postgres:
+            scenarios.append(Scenario("PostgreSQL, 1", args.postgres, 1))
+            scenarios.append(Scenario("PostgreSQL, 4", args.postgres, 4))
+        else:
+            print("no PostgreSQL URL (--postgres): PostgreSQL skipped", file=sys.stderr)
+    for scenario in scenarios:
+        print(f"{scenario.title} worker(s): {rounds} rounds of {seconds:g} s, {CONNECTIONS} connections", flush=True)
+        run_scenario(scenario, rounds, seconds, dup_rounds, generate, workdir)
+    if scenarios:
+        print()
+        print(table(scenarios))
+        print()
+        for scenario in scenarios:
+            print(f"load average ({scenario.title}): before {scenario.load_before}, after {scenario.load_after}")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
