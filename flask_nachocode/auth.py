@@ -8,12 +8,12 @@ sender knows the key, so it is only as safe as the HTTPS connection carrying it.
 from __future__ import annotations
 
 import hmac
-from typing import Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
 
 from .errors import Unauthorized
 
 #: What ``NACHOCODE_WEBHOOK_KEY`` may hold: one key, or several during a rotation.
-KeyConfig = Union[str, Sequence[str], None]
+KeyConfig = str | Sequence[str] | None
 
 
 def normalize_keys(configured: KeyConfig) -> tuple[bytes, ...]:

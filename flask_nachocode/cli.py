@@ -7,9 +7,10 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import click
@@ -90,11 +91,15 @@ def list_deliveries(outcome: str | None, event: str | None, limit: int) -> None:
         query = query.where(table.c.event == event)
     rows = store.session.execute(query).all()
     store.session.rollback()  # end the read: SQLite writers must not wait on it
-    click.echo(f"{'id':>6}  {'received (UTC)':19}  {'event':17}  {'outcome':9}  {'status':>6}  {'ms':>8}  user")
+    click.echo(
+        f"{'id':>6}  {'received (UTC)':19}  {'event':17}  {'outcome':9}  "
+        f"{'status':>6}  {'ms':>8}  user"
+    )
     for row in rows:
         click.echo(
-            f"{row.id:>6}  {row.received_at:%Y-%m-%d %H:%M:%S}  {row.event or '-':17}  {row.outcome:9}  "
-            f"{row.status:>6}  {row.duration_ms:>8.1f}  {escape_controls(row.user_id or '-', keep='')}"
+            f"{row.id:>6}  {row.received_at:%Y-%m-%d %H:%M:%S}  "
+            f"{row.event or '-':17}  {row.outcome:9}  {row.status:>6}  {row.duration_ms:>8.1f}  "
+            f"{escape_controls(row.user_id or '-', keep='')}"
             + (f"  (replayed {row.replay_count}x)" if row.replay_count else "")
             + (f"  (replay of {row.replay_of})" if row.replay_of is not None else "")
         )
@@ -176,15 +181,20 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
             result = replay_delivery(state, one)
         except (LookupError, ValueError, WebhookError) as error:
             failures += 1
-            click.echo(f"delivery {one}: not replayed: {escape_controls(str(getattr(error, 'message', error)))}")
+            reason = escape_controls(str(getattr(error, "message", error)))
+            click.echo(f"delivery {one}: not replayed: {reason}")
             continue
         failures += not result.ok
         detail = ""
         if result.error is not None:
             # The stored error says what the handler raised; the answer only that it failed.
             stored = state.store.get_delivery(result.delivery_id) if result.delivery_id else None
-            detail = f": {escape_controls((stored.error if stored is not None else None) or result.error.message)}"
-        click.echo(f"delivery {one}: {result.outcome} ({result.status}) as delivery {result.delivery_id}{detail}")
+            stored_error = stored.error if stored is not None else None
+            detail = f": {escape_controls(stored_error or result.error.message)}"
+        click.echo(
+            f"delivery {one}: {result.outcome} ({result.status}) "
+            f"as delivery {result.delivery_id}{detail}"
+        )
     if failures:
         raise SystemExit(1)
 
@@ -250,7 +260,8 @@ def urls(base_url: str) -> None:
     for route, label in DASHBOARD_FIELDS.items():
         click.echo(f"{label:{width}}  {webhook_url(base_url, route)}")
     if _state().openapi:
-        click.echo(f"OpenAPI document of these routes: {base_url.rstrip('/')}{_state().url_prefix}/openapi.json")
+        document = f"{base_url.rstrip('/')}{_state().url_prefix}/openapi.json"
+        click.echo(f"OpenAPI document of these routes: {document}")
     count = len(_state().keys)
     if count:
         # Never the key itself: this output ends up in terminals, logs and chat.

@@ -8,7 +8,8 @@ exceptions below and :func:`error_answer` turns it into the response.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Response, jsonify
 

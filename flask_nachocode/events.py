@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 Platform = Literal["android", "ios"]
 ProductType = Literal["consumable", "non-consumable"]
@@ -45,7 +45,7 @@ class AppStorePurchaseData:
         return self.transaction_id
 
 
-StoreData = Union[PlayStorePurchaseData, AppStorePurchaseData]
+StoreData = PlayStorePurchaseData | AppStorePurchaseData
 
 
 def _iso_ms(moment: datetime) -> str:
@@ -148,4 +148,4 @@ class UnavailableUsersEvent:
         return None
 
 
-Event = Union[PurchaseEvent, RefundEvent, UnavailableUsersEvent]
+Event = PurchaseEvent | RefundEvent | UnavailableUsersEvent

@@ -35,10 +35,11 @@ import hmac
 import json
 import logging
 import secrets
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import sqlalchemy as sa
@@ -125,7 +126,8 @@ def inspector_settings(app: Flask, url_prefix: str) -> InspectorSettings:
     token = config["NACHOCODE_INSPECTOR_TOKEN"]
     if token is not None and (not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH):
         raise RuntimeError(
-            f"NACHOCODE_INSPECTOR_TOKEN must be a string of at least {MIN_TOKEN_LENGTH} characters; "
+            "NACHOCODE_INSPECTOR_TOKEN must be a string of at least "
+            f"{MIN_TOKEN_LENGTH} characters; "
             "make one with: python -c 'import secrets; print(secrets.token_urlsafe())'"
         )
     decorators = resolve_decorators(
@@ -403,7 +405,8 @@ class _Views:
         else:
             detail = f": {result.error.message}" if result.error is not None else ""
             flash(
-                f"Replayed as delivery {result.delivery_id}: {result.outcome} ({result.status}){detail}",
+                f"Replayed as delivery {result.delivery_id}: "
+                f"{result.outcome} ({result.status}){detail}",
                 _FLASH_OK if result.ok else _FLASH_ERROR,
             )
         return redirect(url_for(".delivery", delivery_id=delivery_id), 303)

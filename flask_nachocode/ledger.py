@@ -15,7 +15,7 @@ import functools
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -82,9 +82,9 @@ class Purchase:
     store_purchase_id: str
     store_token: str
     purchase_received: bool
-    purchased_at: Optional[datetime]
-    verified_at: Optional[datetime]
-    refunded_at: Optional[datetime]
+    purchased_at: datetime | None
+    verified_at: datetime | None
+    refunded_at: datetime | None
 
     @property
     def net_quantity(self) -> int:
@@ -200,7 +200,8 @@ def apply_purchase(session: Session, table: sa.Table, event: PurchaseEvent, now:
         "state": ACTIVE,
         "refunded_at": None,
     }
-    if session.execute(_purchase_upsert(table, session.get_bind().dialect.name), values).rowcount != 1:
+    upsert = _purchase_upsert(table, session.get_bind().dialect.name)
+    if cast("sa.CursorResult[Any]", session.execute(upsert, values)).rowcount != 1:
         raise Refuse(
             f"purchase {event.store_purchase_id} has {event.quantity} units but earlier "
             "refunds of it already refunded more",
@@ -243,7 +244,7 @@ def apply_refund(session: Session, table: sa.Table, event: RefundEvent, now: dat
             updated_at=now,
         )
     )
-    if result.rowcount != 1:
+    if cast("sa.CursorResult[Any]", result).rowcount != 1:
         raise Refuse(
             f"refunding {event.refund_quantity} more would refund more units than the "
             f"{event.quantity} bought in purchase {event.store_purchase_id}",

@@ -9,7 +9,8 @@ False`` removes the route.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
@@ -29,7 +30,14 @@ from .errors import (
     WebhookError,
 )
 from .events import EVENT_NAMES
-from .schemas import SCHEMAS, AppStoreDataSchema, PlayStoreDataSchema, Price, StoreDataField, UTCDateTime
+from .schemas import (
+    SCHEMAS,
+    AppStoreDataSchema,
+    PlayStoreDataSchema,
+    Price,
+    StoreDataField,
+    UTCDateTime,
+)
 from .testing import payload_for, webhook_path
 
 if TYPE_CHECKING:
@@ -105,7 +113,7 @@ def _custom_fields(plugin: MarshmallowPlugin) -> None:
             return {"type": "object", "description": "Play Store fields when os is android, App Store fields when ios."}
         return {}
 
-    plugin.converter.add_attribute_function(properties)
+    plugin.converter.add_attribute_function(properties)  # type: ignore[no-untyped-call]
 
 
 def build_document(state: AppState) -> dict[str, Any]:

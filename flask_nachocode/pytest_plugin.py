@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 
-from .testing import payload_for, post_delivery, purchase_payload, refund_payload, unavailable_users_payload
+from .testing import (
+    payload_for,
+    post_delivery,
+    purchase_payload,
+    refund_payload,
+    unavailable_users_payload,
+)
 
 
 class NachocodePayloads:

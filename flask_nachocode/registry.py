@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from werkzeug.utils import ImportStringError, import_string
 
@@ -50,12 +51,14 @@ def registry_from_config(config: Mapping[str, Any]) -> HandlerRegistry:
     for name, targets in config.items():
         if name not in EVENT_NAMES:
             raise RuntimeError(
-                f"NACHOCODE_HANDLERS[{name!r}]: unknown event; expected one of {', '.join(EVENT_NAMES)}"
+                f"NACHOCODE_HANDLERS[{name!r}]: unknown event; "
+                f"expected one of {', '.join(EVENT_NAMES)}"
             )
         for target in [targets] if isinstance(targets, str) else list(targets):
             if not isinstance(target, str):
                 raise RuntimeError(
-                    f"NACHOCODE_HANDLERS[{name!r}]: {target!r} is not a 'package.module:function' string"
+                    f"NACHOCODE_HANDLERS[{name!r}]: {target!r} is not a "
+                    "'package.module:function' string"
                 )
             try:
                 handler = import_string(target)

@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    validate,
+    validates_schema,
+)
 
 from .errors import InvalidEvent
 from .events import (
@@ -33,7 +42,9 @@ _TIMESTAMP = re.compile(
 )
 
 
-class UTCDateTime(fields.Field):
+# Custom fields subclass the bare ``fields.Field``: it is generic only from marshmallow 4,
+# and subscripting it would fail at import on marshmallow 3, which we support too.
+class UTCDateTime(fields.Field):  # type: ignore[type-arg]
     """An ISO 8601 timestamp with an explicit zone, loaded as an aware UTC datetime.
 
     Nachocode sends ``YYYY-MM-DDTHH:mm:ss.sssZ``; seconds without a fraction and
@@ -61,7 +72,7 @@ class UTCDateTime(fields.Field):
 MAX_PRICE = Decimal(10**15)
 
 
-class Price(fields.Field):
+class Price(fields.Field):  # type: ignore[type-arg]
     """A JSON number (integer or fraction), kept exactly as a ``Decimal``."""
 
     default_error_messages = {
@@ -154,7 +165,7 @@ _STORE_DATA_SCHEMAS: dict[str, Schema] = {
 }
 
 
-class StoreDataField(fields.Field):
+class StoreDataField(fields.Field):  # type: ignore[type-arg]
     """``data``: Play Store fields for android, App Store fields for ios.
 
     The shape depends on the sibling ``os`` field, which marshmallow passes to

@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from flask import Flask, current_app
@@ -160,10 +161,15 @@ def resolve_database_uri(app: Flask) -> str:
         or "sqlite:///nachocode.db"
     )
     url = sa.engine.make_url(uri)
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        if not url.database.startswith("file:") and not os.path.isabs(url.database):
-            os.makedirs(app.instance_path, exist_ok=True)
-            url = url.set(database=os.path.join(app.instance_path, url.database))
+    if (
+        url.get_backend_name() == "sqlite"
+        and url.database
+        and url.database != ":memory:"
+        and not url.database.startswith("file:")
+        and not os.path.isabs(url.database)
+    ):
+        os.makedirs(app.instance_path, exist_ok=True)
+        url = url.set(database=os.path.join(app.instance_path, url.database))
     return url.render_as_string(hide_password=False)
 
 
@@ -297,12 +303,14 @@ class Store:
         return session.execute(self._claim_statement, values).first() is not None
 
     def insert_delivery(self, session: Session, values: dict[str, Any]) -> int:
-        result = session.execute(self._insert_delivery_statement, values)
-        return int(result.inserted_primary_key[0])
+        result = cast("sa.CursorResult[Any]", session.execute(self._insert_delivery_statement, values))
+        key = result.inserted_primary_key
+        assert key is not None  # a single-row INSERT always has one
+        return int(key[0])
 
     def get_delivery(self, delivery_id: int) -> sa.Row[Any] | None:
         self.ensure_ready()
-        row = self.session.execute(
+        row: sa.Row[Any] | None = self.session.execute(
             sa.select(self.deliveries).where(self.deliveries.c.id == delivery_id)
         ).first()
         self.session.rollback()  # end the read transaction: SQLite writers must not wait on it
@@ -323,7 +331,8 @@ def _warn_if_flask_sqlalchemy_shares_the_file(engine: Engine) -> None:
             logger.warning(
                 "flask-nachocode and Flask-SQLAlchemy use the same SQLite file %s through two "
                 "engines: a handler that writes through db.session will wait for the delivery's "
-                "lock and fail with 'database is locked'. Pass your db: NachocodeWebhook(app, db=db).",
+                "lock and fail with 'database is locked'. "
+                "Pass your db: NachocodeWebhook(app, db=db).",
                 ours,
             )
             return
@@ -331,7 +340,7 @@ def _warn_if_flask_sqlalchemy_shares_the_file(engine: Engine) -> None:
 
 def _app_context_id() -> int:
     # Same scope as Flask-SQLAlchemy's session: one session per app context.
-    return id(app_ctx._get_current_object())
+    return id(app_ctx._get_current_object())  # type: ignore[attr-defined]
 
 
 def _conflict_free_insert(dialect_name: str) -> Callable[..., Any]:
