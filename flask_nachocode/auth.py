@@ -34,6 +34,10 @@ def normalize_keys(configured: KeyConfig) -> tuple[bytes, ...]:
     for key in candidates:
         if not isinstance(key, str) or not key.strip():
             raise ValueError("NACHOCODE_WEBHOOK_KEY entries must be non-empty strings")
+        if any(ch.isspace() for ch in key):
+            # A bearer token cannot carry white space, so such a key (usually a
+            # copy-paste slip) would refuse every delivery with a 401.
+            raise ValueError("NACHOCODE_WEBHOOK_KEY entries must not contain spaces or line breaks")
         keys.append(key.encode("utf-8"))
     if not keys:
         raise ValueError("NACHOCODE_WEBHOOK_KEY is an empty list; use None to disable the check")
