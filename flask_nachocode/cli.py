@@ -36,7 +36,9 @@ def escape_controls(text: str, keep: str = "\n\t") -> str:
     """Show control characters (except those in ``keep``) as escapes, so that a
     stored body cannot drive the terminal that displays it."""
     return "".join(
-        ch if ch in keep or (ch.isprintable() and ch != "\x7f") else ch.encode("unicode_escape").decode("ascii")
+        ch
+        if ch in keep or (ch.isprintable() and ch != "\x7f")
+        else ch.encode("unicode_escape").decode("ascii")
         for ch in text
     )
 
@@ -49,7 +51,9 @@ def _needs_store(command: Callable[..., None]) -> Callable[..., None]:
         try:
             command(*args, **kwargs)
         except sa.exc.SQLAlchemyError as error:
-            raise click.ClickException(f"the delivery store is unavailable: {describe_database_error(error)}") from None
+            raise click.ClickException(
+                f"the delivery store is unavailable: {describe_database_error(error)}"
+            ) from None
 
     return run
 
@@ -67,7 +71,9 @@ def init_db() -> None:
     """Create the nachocode_* tables (deliveries, claims, purchases)."""
     store = _state().store
     store.create_tables()
-    click.echo(f"created the nachocode tables on {store.engine.url.render_as_string(hide_password=True)}")
+    click.echo(
+        f"created the nachocode tables on {store.engine.url.render_as_string(hide_password=True)}"
+    )
 
 
 @nachocode_cli.command("deliveries")
@@ -81,10 +87,21 @@ def list_deliveries(outcome: str | None, event: str | None, limit: int) -> None:
     store = _state().store
     store.ensure_ready()
     table = store.deliveries
-    query = sa.select(
-        table.c.id, table.c.received_at, table.c.event, table.c.outcome, table.c.status,
-        table.c.duration_ms, table.c.user_id, table.c.replay_count, table.c.replay_of,
-    ).order_by(table.c.id.desc()).limit(limit)
+    query = (
+        sa.select(
+            table.c.id,
+            table.c.received_at,
+            table.c.event,
+            table.c.outcome,
+            table.c.status,
+            table.c.duration_ms,
+            table.c.user_id,
+            table.c.replay_count,
+            table.c.replay_of,
+        )
+        .order_by(table.c.id.desc())
+        .limit(limit)
+    )
     if outcome:
         query = query.where(table.c.outcome == outcome)
     if event:
@@ -146,7 +163,12 @@ def _pretty_body(body: bytes | None) -> str:
 
 @nachocode_cli.command("replay")
 @click.argument("delivery_id", type=int, required=False)
-@click.option("--failed", "all_failed", is_flag=True, help="Replay every failed, refused or unhandled delivery.")
+@click.option(
+    "--failed",
+    "all_failed",
+    is_flag=True,
+    help="Replay every failed, refused or unhandled delivery.",
+)
 @with_appcontext
 @_needs_store
 def replay(delivery_id: int | None, all_failed: bool) -> None:
@@ -212,7 +234,9 @@ def prune(days: int) -> None:
     store = _state().store
     store.ensure_ready()
     table = store.deliveries
-    result: Any = store.session.execute(sa.delete(table).where(table.c.received_at < utcnow() - timedelta(days=days)))
+    result: Any = store.session.execute(
+        sa.delete(table).where(table.c.received_at < utcnow() - timedelta(days=days))
+    )
     store.session.commit()
     click.echo(f"deleted {result.rowcount} deliveries older than {days} days")
 
@@ -265,11 +289,15 @@ def urls(base_url: str) -> None:
     count = len(_state().keys)
     if count:
         # Never the key itself: this output ends up in terminals, logs and chat.
-        click.echo(f"webhook key: configured ({count} key{'s' if count > 1 else ''}); "
-                   "set the same key in the dashboard")
+        click.echo(
+            f"webhook key: configured ({count} key{'s' if count > 1 else ''}); "
+            "set the same key in the dashboard"
+        )
     else:
-        click.echo("webhook key: not configured; anyone who can reach these URLs can post "
-                   "purchases and refunds (set NACHOCODE_WEBHOOK_KEY)")
+        click.echo(
+            "webhook key: not configured; anyone who can reach these URLs can post "
+            "purchases and refunds (set NACHOCODE_WEBHOOK_KEY)"
+        )
     parts = urlsplit(base_url)
     if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         click.echo("warning: the key travels in a header; give Nachocode an https:// URL")
@@ -346,7 +374,10 @@ def deliver(url: str, body: bytes, key: str | None) -> tuple[int, str, bytes, fl
     """POST ``body`` to ``url`` as Nachocode does; return (status, reason,
     answer body, seconds taken). Raises ``click.ClickException`` when no answer
     came (unreachable, refused, timed out)."""
-    headers = {"Content-Type": "application/json", "User-Agent": f"flask-nachocode-send/{__version__}"}
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": f"flask-nachocode-send/{__version__}",
+    }
     if key:
         headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
@@ -392,19 +423,37 @@ def _show_answer(answer: bytes) -> str:
 
 @nachocode_cli.command("send")
 @click.argument("event", type=click.Choice(EVENT_NAMES))
-@click.option("--url", help=f"Where to POST. Default: this app's route for EVENT on {DEFAULT_BASE_URL}.")
-@click.option("--key", help="Webhook key sent as Bearer. Default: the first NACHOCODE_WEBHOOK_KEY, if any.")
 @click.option(
-    "--os", "platform", type=click.Choice(["android", "ios"]),
+    "--url", help=f"Where to POST. Default: this app's route for EVENT on {DEFAULT_BASE_URL}."
+)
+@click.option(
+    "--key", help="Webhook key sent as Bearer. Default: the first NACHOCODE_WEBHOOK_KEY, if any."
+)
+@click.option(
+    "--os",
+    "platform",
+    type=click.Choice(["android", "ios"]),
     help="Store platform of a built purchase or refund body (default ios).",
 )
-@click.option("--file", "body_file", type=click.File("rb"), help="Send this JSON body instead of building one.")
 @click.option(
-    "--set", "assignments", multiple=True, metavar="FIELD=VALUE",
+    "--file",
+    "body_file",
+    type=click.File("rb"),
+    help="Send this JSON body instead of building one.",
+)
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="FIELD=VALUE",
     help="Change a field of the body; dotted for nested fields (data.orderId=X). "
     "VALUE is JSON when it parses (numbers stay numbers), else a string. Repeatable.",
 )
-@click.option("--repeat", is_flag=True, help="Send the last body sent for EVENT again, as a dashboard re-send does.")
+@click.option(
+    "--repeat",
+    is_flag=True,
+    help="Send the last body sent for EVENT again, as a dashboard re-send does.",
+)
 @with_appcontext
 def send(
     event: str,
@@ -424,7 +473,9 @@ def send(
     on no answer within 10 s, or when the URL cannot be reached.
     """
     if repeat and (body_file or platform or assignments):
-        raise click.UsageError("--repeat sends the last body unchanged; it takes no --file, --os or --set")
+        raise click.UsageError(
+            "--repeat sends the last body unchanged; it takes no --file, --os or --set"
+        )
     if body_file and platform:
         raise click.UsageError("--os applies to built bodies, not to --file")
     if platform and event == "unavailable_users":
@@ -437,13 +488,17 @@ def send(
     body: Any
     if repeat:
         if event not in last_sent:
-            raise click.ClickException(f"no {event} body was sent from here yet; send one without --repeat first")
+            raise click.ClickException(
+                f"no {event} body was sent from here yet; send one without --repeat first"
+            )
         body = last_sent[event]
     elif body_file:
         try:
             body = json.load(body_file)
         except ValueError as error:
-            raise click.BadParameter(f"{body_file.name} is not JSON: {error}", param_hint="--file") from None
+            raise click.BadParameter(
+                f"{body_file.name} is not JSON: {error}", param_hint="--file"
+            ) from None
     elif event == "refund" and last_sent.get("purchase", {}).get("os") == (platform or "ios"):
         # Refund what was bought, so the ledger and the app's handlers find the purchase.
         body = refund_payload(last_sent["purchase"])
@@ -455,14 +510,22 @@ def send(
     _save_last_sent(event, body)
 
     click.echo(f"POST {url} ({event}{', Bearer key' if key else ', no key'})")
-    status, reason, answer, seconds = deliver(url, json.dumps(body, ensure_ascii=False).encode("utf-8"), key)
+    status, reason, answer, seconds = deliver(
+        url, json.dumps(body, ensure_ascii=False).encode("utf-8"), key
+    )
     click.echo(f"{status} {reason} in {seconds * 1000:.0f} ms")
     click.echo(_show_answer(answer))
     if status == 404:
-        click.echo("hint: no route at this URL; `flask nachocode urls` lists this app's webhook URLs", err=True)
+        click.echo(
+            "hint: no route at this URL; `flask nachocode urls` lists this app's webhook URLs",
+            err=True,
+        )
     if seconds > DELIVERY_BUDGET_SECONDS:
-        click.echo(f"answered after {seconds:.1f} s: Nachocode counts an answer slower than "
-                   f"{DELIVERY_BUDGET_SECONDS:g} s as failed", err=True)
+        click.echo(
+            f"answered after {seconds:.1f} s: Nachocode counts an answer slower than "
+            f"{DELIVERY_BUDGET_SECONDS:g} s as failed",
+            err=True,
+        )
         raise SystemExit(1)
     if not 200 <= status < 300:
         raise SystemExit(1)

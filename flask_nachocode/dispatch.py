@@ -89,7 +89,9 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
     try:
         store.ensure_ready()
         if not handlers:
-            return record(state, delivery, NoHandler(f"no handler is registered for {event.name}"), event)
+            return record(
+                state, delivery, NoHandler(f"no handler is registered for {event.name}"), event
+            )
         now = utcnow()
         if identity is not None and not _claim(store, session, identity, event.name, now):
             return _commit(state, delivery, event, "duplicate", 200)
@@ -122,7 +124,9 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
     except Exception as error:  # a handler bug must not lose the delivery
         _rollback(session)
         logger.exception("nachocode %s handler failed (identity %s)", event.name, identity)
-        failure = HandlerFailed("a handler raised an exception; the delivery was recorded as failed")
+        failure = HandlerFailed(
+            "a handler raised an exception; the delivery was recorded as failed"
+        )
         return record(state, delivery, failure, event, cause=error)
     return _commit(state, delivery, event, "handled", 200)
 
@@ -224,8 +228,10 @@ def _commit(
             table = store.deliveries
             # The original shows its latest outcome, except that a duplicate does
             # not hide that an earlier replay of it was the one that handled it.
-            latest = outcome if outcome != "duplicate" else sa.case(
-                (table.c.outcome == "handled", "handled"), else_="duplicate"
+            latest = (
+                outcome
+                if outcome != "duplicate"
+                else sa.case((table.c.outcome == "handled", "handled"), else_="duplicate")
             )
             session.execute(
                 sa.update(table)
@@ -240,7 +246,11 @@ def _commit(
         logger.warning(
             "nachocode delivery %s (%s) took %.1f s of Nachocode's %.0f s budget; an answer "
             "after the budget shows as failed in the dashboard even though it was %s",
-            delivery_id, event_name, elapsed, DELIVERY_BUDGET_SECONDS, outcome,
+            delivery_id,
+            event_name,
+            elapsed,
+            DELIVERY_BUDGET_SECONDS,
+            outcome,
         )
     result = Result(outcome, status, event_name, delivery_id, error)
     app = current_app._get_current_object()  # type: ignore[attr-defined]
@@ -256,7 +266,9 @@ def _store_unavailable(session: Any, error: sa.exc.SQLAlchemyError) -> StoreUnav
         session.rollback()
     except sa.exc.SQLAlchemyError:
         pass  # the connection is gone; the pool replaces it on the next checkout
-    logger.error("nachocode store unavailable, delivery not recorded: %s", describe_database_error(error))
+    logger.error(
+        "nachocode store unavailable, delivery not recorded: %s", describe_database_error(error)
+    )
     return StoreUnavailable(
         "the delivery store is unavailable; nothing was handled, re-send this delivery later"
     )
@@ -303,9 +315,13 @@ def replay(state: AppState, delivery_id: int) -> Result:
     if row.replay_of is not None:
         original = state.store.get_delivery(row.replay_of)
         if original is None:
-            raise LookupError(f"delivery {delivery_id} replays delivery {row.replay_of}, which was pruned")
+            raise LookupError(
+                f"delivery {delivery_id} replays delivery {row.replay_of}, which was pruned"
+            )
         row = original
-    if row.outcome not in REPLAYABLE and (row.outcome not in ("handled", "duplicate") or row.identity is None):
+    if row.outcome not in REPLAYABLE and (
+        row.outcome not in ("handled", "duplicate") or row.identity is None
+    ):
         raise ValueError(
             f"delivery {row.id} was {row.outcome}; only failed, refused or unhandled deliveries "
             "and handled purchases or refunds (which come back as duplicates) are replayed"

@@ -65,9 +65,7 @@ class WrongMethod(WebhookError):
     code = "method_not_allowed"
 
     def __init__(self, method: str) -> None:
-        super().__init__(
-            f"webhook URLs take POST only, not {method}", headers={"Allow": "POST"}
-        )
+        super().__init__(f"webhook URLs take POST only, not {method}", headers={"Allow": "POST"})
 
 
 class UnsupportedMediaType(WebhookError):
@@ -145,7 +143,12 @@ class Refuse(WebhookError):
 def error_answer(error: WebhookError, **extra: Any) -> Response:
     """The single place that turns a refusal into its JSON answer; ``extra``
     adds fields such as the stored delivery's id."""
-    body: dict[str, Any] = {"success": False, "error": error.code, "message": error.message, **extra}
+    body: dict[str, Any] = {
+        "success": False,
+        "error": error.code,
+        "message": error.message,
+        **extra,
+    }
     if error.errors:
         body["errors"] = error.errors
     response = jsonify(body)

@@ -143,7 +143,8 @@ class NachocodeWebhook:
             config_handlers=registry_from_config(config["NACHOCODE_HANDLERS"] or {}),
             purchase_status_route=bool(config["NACHOCODE_PURCHASE_STATUS_ROUTE"]),
             purchase_status_decorators=resolve_decorators(
-                "NACHOCODE_PURCHASE_STATUS_DECORATORS", config["NACHOCODE_PURCHASE_STATUS_DECORATORS"]
+                "NACHOCODE_PURCHASE_STATUS_DECORATORS",
+                config["NACHOCODE_PURCHASE_STATUS_DECORATORS"],
             ),
             openapi=bool(config["NACHOCODE_OPENAPI"]),
         )

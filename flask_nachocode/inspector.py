@@ -116,7 +116,9 @@ class InspectorSettings:
         """What the session keeps after a token login: a digest, since Flask's
         session cookie is signed but readable. Changing the token logs everyone out."""
         assert self.token is not None
-        return hmac.new(self.token.encode(), b"flask-nachocode inspector", hashlib.sha256).hexdigest()
+        return hmac.new(
+            self.token.encode(), b"flask-nachocode inspector", hashlib.sha256
+        ).hexdigest()
 
 
 def inspector_settings(app: Flask, url_prefix: str) -> InspectorSettings:
@@ -199,10 +201,14 @@ def _gate(settings: InspectorSettings) -> BaseResponse | None:
             if not hmac.compare_digest(given.encode(), expected):
                 abort(403, "Wrong inspector token.")
             session[_SESSION_LOGIN] = settings.session_mark
-            rest = [(name, value) for name, value in request.args.items(multi=True) if name != "token"]
+            rest = [
+                (name, value) for name, value in request.args.items(multi=True) if name != "token"
+            ]
             return redirect(request.path + (f"?{urlencode(rest)}" if rest else ""), 303)
         mark = session.get(_SESSION_LOGIN)
-        if not isinstance(mark, str) or not hmac.compare_digest(mark.encode(), settings.session_mark.encode()):
+        if not isinstance(mark, str) or not hmac.compare_digest(
+            mark.encode(), settings.session_mark.encode()
+        ):
             abort(403, "Open this page once with ?token=<NACHOCODE_INSPECTOR_TOKEN> to sign in.")
     elif not settings.decorators and not current_app.debug:
         abort(404)
@@ -236,7 +242,9 @@ def check_csrf() -> None:
     expected = session.get(_SESSION_CSRF)
     given = request.form.get(CSRF_FIELD, "")
     if not isinstance(expected, str) or not hmac.compare_digest(given.encode(), expected.encode()):
-        abort(400, "The form's CSRF token is missing or out of date: reload the page and try again.")
+        abort(
+            400, "The form's CSRF token is missing or out of date: reload the page and try again."
+        )
 
 
 @dataclass
@@ -289,8 +297,15 @@ def _int_arg(name: str) -> int | None:
 def _row_columns(table: sa.Table) -> list[sa.Column[Any]]:
     """The columns a list row shows."""
     return [
-        table.c.id, table.c.received_at, table.c.event, table.c.user_id, table.c.outcome,
-        table.c.status, table.c.duration_ms, table.c.replay_of, table.c.replay_count,
+        table.c.id,
+        table.c.received_at,
+        table.c.event,
+        table.c.user_id,
+        table.c.outcome,
+        table.c.status,
+        table.c.duration_ms,
+        table.c.replay_of,
+        table.c.replay_count,
     ]
 
 
@@ -321,7 +336,9 @@ class _Views:
         table = self.state.store.deliveries
         query = filters.apply(sa.select(*_row_columns(table)), table)
         if after is not None:
-            rows = self._rows(query.where(table.c.id > after).order_by(table.c.id.asc()).limit(per_page))
+            rows = self._rows(
+                query.where(table.c.id > after).order_by(table.c.id.asc()).limit(per_page)
+            )
             rows.reverse()
         else:
             if before is not None:
@@ -358,7 +375,9 @@ class _Views:
         after = _int_arg("after") or 0
         table = self.state.store.deliveries
         query = filters.apply(sa.select(*_row_columns(table)), table)
-        rows = self._rows(query.where(table.c.id > after).order_by(table.c.id.asc()).limit(POLL_BATCH))
+        rows = self._rows(
+            query.where(table.c.id > after).order_by(table.c.id.asc()).limit(POLL_BATCH)
+        )
         self.state.store.session.rollback()
         rows.reverse()
         html = render_template("nachocode/_rows.html", rows=rows) if rows else ""
@@ -371,7 +390,9 @@ class _Views:
             abort(404, f"No delivery {delivery_id}.")
         table = store.deliveries
         replays = self._rows(
-            sa.select(*_row_columns(table)).where(table.c.replay_of == delivery_id).order_by(table.c.id.desc())
+            sa.select(*_row_columns(table))
+            .where(table.c.replay_of == delivery_id)
+            .order_by(table.c.id.desc())
         )
         store.session.rollback()
         body, payload = pretty_body(row.body)
@@ -416,7 +437,9 @@ class _Views:
             self.state.store.session.rollback()
         except sa.exc.SQLAlchemyError:
             pass  # the connection is gone; the pool replaces it
-        logger.error("nachocode inspector: the delivery store is unavailable: %s", type(error).__name__)
+        logger.error(
+            "nachocode inspector: the delivery store is unavailable: %s", type(error).__name__
+        )
         return render_template("nachocode/unavailable.html"), 503
 
 

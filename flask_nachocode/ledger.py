@@ -60,7 +60,9 @@ def define_purchases(metadata: sa.MetaData) -> sa.Table:
         sa.Column("verified_at", UTCDateTime, nullable=True),
         sa.Column("refunded_at", UTCDateTime, nullable=True),
         sa.Column("updated_at", UTCDateTime, nullable=False),
-        sa.UniqueConstraint("platform", "store_purchase_id", name="uq_nachocode_purchases_store_id"),
+        sa.UniqueConstraint(
+            "platform", "store_purchase_id", name="uq_nachocode_purchases_store_id"
+        ),
     )
 
 
@@ -158,9 +160,21 @@ def _purchase_fields(event: PurchaseEvent | RefundEvent, now: datetime) -> dict[
 #: Columns a purchase writes over a row that an early refund created; the refund
 #: bookkeeping (refunded_quantity, state, refunded_at) is kept.
 _SET_BY_PURCHASE = (
-    "platform", "store_purchase_id", "store_token", "user_id", "iap_log_id", "nacho_product_id",
-    "product_id", "product_type", "environment", "quantity", "unit_price", "updated_at",
-    "purchase_received", "purchased_at", "verified_at",
+    "platform",
+    "store_purchase_id",
+    "store_token",
+    "user_id",
+    "iap_log_id",
+    "nacho_product_id",
+    "product_id",
+    "product_type",
+    "environment",
+    "quantity",
+    "unit_price",
+    "updated_at",
+    "purchase_received",
+    "purchased_at",
+    "verified_at",
 )
 
 
@@ -219,7 +233,9 @@ def apply_refund(session: Session, table: sa.Table, event: RefundEvent, now: dat
         refunded_quantity=0,
         state=ACTIVE,
     )
-    session.execute(placeholder.on_conflict_do_nothing(index_elements=["platform", "store_purchase_id"]))
+    session.execute(
+        placeholder.on_conflict_do_nothing(index_elements=["platform", "store_purchase_id"])
+    )
     refunded = table.c.refunded_quantity + event.refund_quantity
     # One conditional UPDATE: the bound and the sum are checked by the database,
     # so two partial refunds handled at once cannot both pass a stale check.
@@ -264,7 +280,9 @@ class Ledger:
     def __init__(self, store_for_app: Any) -> None:
         self._store_for_app = store_for_app
 
-    def _query(self, *conditions: Any, environment: str | None, newest_first: bool = False) -> list[Purchase]:
+    def _query(
+        self, *conditions: Any, environment: str | None, newest_first: bool = False
+    ) -> list[Purchase]:
         store: Store = self._store_for_app()
         store.ensure_ready()
         table = store.purchases
@@ -297,7 +315,9 @@ class Ledger:
         )
         return found[0] if found else None
 
-    def purchases_of(self, user_id: str, *, environment: str | None = "production") -> list[Purchase]:
+    def purchases_of(
+        self, user_id: str, *, environment: str | None = "production"
+    ) -> list[Purchase]:
         """Every purchase of a user, newest first, refunded ones included."""
         table = self._store_for_app().purchases
         return self._query(table.c.user_id == user_id, environment=environment, newest_first=True)
@@ -316,6 +336,8 @@ class Ledger:
         not fully refunded. ``product`` is the store's productId or the nachoProductId."""
         return any(p.net_quantity > 0 for p in self._of_product(user_id, product, environment))
 
-    def net_quantity(self, user_id: str, product: str, *, environment: str | None = "production") -> int:
+    def net_quantity(
+        self, user_id: str, product: str, *, environment: str | None = "production"
+    ) -> int:
         """Units of a consumable the user bought, minus those refunded."""
         return sum(p.net_quantity for p in self._of_product(user_id, product, environment))

@@ -47,13 +47,27 @@ if TYPE_CHECKING:
 TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})$"
 
 #: Event name -> the component name of its body schema.
-BODY_COMPONENTS = {"purchase": "Purchase", "refund": "Refund", "unavailable_users": "UnavailableUsers"}
+BODY_COMPONENTS = {
+    "purchase": "Purchase",
+    "refund": "Refund",
+    "unavailable_users": "UnavailableUsers",
+}
 
 #: Added to the purchase and refund bodies: which ``data`` goes with which ``os``.
 STORE_DATA_BY_OS = {
     "oneOf": [
-        {"properties": {"os": {"const": "android"}, "data": {"$ref": "#/components/schemas/PlayStoreData"}}},
-        {"properties": {"os": {"const": "ios"}, "data": {"$ref": "#/components/schemas/AppStoreData"}}},
+        {
+            "properties": {
+                "os": {"const": "android"},
+                "data": {"$ref": "#/components/schemas/PlayStoreData"},
+            }
+        },
+        {
+            "properties": {
+                "os": {"const": "ios"},
+                "data": {"$ref": "#/components/schemas/AppStoreData"},
+            }
+        },
     ]
 }
 
@@ -65,7 +79,10 @@ REFUSALS: list[tuple[type[WebhookError], str]] = [
     (UnsupportedMediaType, "The Content-Type is not application/json."),
     (InvalidEvent, "The body is not a valid event; `errors` maps dotted field paths to messages."),
     (HandlerFailed, "A handler raised; the delivery is stored as failed and can be replayed."),
-    (NoHandler, "No handler is registered for the event; the delivery is stored and can be replayed."),
+    (
+        NoHandler,
+        "No handler is registered for the event; the delivery is stored and can be replayed.",
+    ),
     (StoreUnavailable, "The delivery store could not be reached; nothing was handled."),
 ]
 
@@ -81,7 +98,8 @@ class HandledAnswerSchema(Schema):
     event = fields.String(required=True, validate=validate.OneOf(EVENT_NAMES))
     delivery = fields.Integer(required=True, metadata={"description": "Id of the stored delivery."})
     duplicate = fields.Boolean(
-        required=True, metadata={"description": "True when this event was handled before; handlers did not run."}
+        required=True,
+        metadata={"description": "True when this event was handled before; handlers did not run."},
     )
 
 
@@ -93,9 +111,13 @@ class ErrorAnswerSchema(Schema):
 
     success = fields.Boolean(required=True, validate=validate.OneOf([False]))
     error = fields.String(required=True, metadata={"description": "Stable machine-readable code."})
-    message = fields.String(required=True, metadata={"description": "A sentence for the webhook log's reader."})
+    message = fields.String(
+        required=True, metadata={"description": "A sentence for the webhook log's reader."}
+    )
     event = fields.String(allow_none=True, validate=validate.OneOf(EVENT_NAMES))
-    delivery = fields.Integer(allow_none=True, metadata={"description": "Id of the stored delivery, when stored."})
+    delivery = fields.Integer(
+        allow_none=True, metadata={"description": "Id of the stored delivery, when stored."}
+    )
     errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
 
 
@@ -110,7 +132,10 @@ def _custom_fields(plugin: MarshmallowPlugin) -> None:
             return {"type": "number", "minimum": 0}
         if isinstance(field, StoreDataField):
             # Its shape depends on ``os``: see STORE_DATA_BY_OS on the body schemas.
-            return {"type": "object", "description": "Play Store fields when os is android, App Store fields when ios."}
+            return {
+                "type": "object",
+                "description": "Play Store fields when os is android, App Store fields when ios.",
+            }
         return {}
 
     plugin.converter.add_attribute_function(properties)  # type: ignore[no-untyped-call]
@@ -137,7 +162,11 @@ def build_document(state: AppState) -> dict[str, Any]:
     if state.keys:
         spec.components.security_scheme(
             "webhookKey",
-            {"type": "http", "scheme": "bearer", "description": "The webhook key set in the Nachocode dashboard."},
+            {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "The webhook key set in the Nachocode dashboard.",
+            },
         )
 
     error = {"content": {"application/json": {"schema": "ErrorAnswer"}}}
@@ -150,20 +179,35 @@ def build_document(state: AppState) -> dict[str, Any]:
     for refusal, description in REFUSALS:
         if refusal is not Unauthorized or state.keys:
             responses[str(refusal.status)] = {"description": description, **error}
-    responses["4XX"] = {"description": "Refused by a handler (Refuse) with a status of its choice.", **error}
-    responses["5XX"] = {"description": "Refused by a handler (Refuse) with a status of its choice.", **error}
+    responses["4XX"] = {
+        "description": "Refused by a handler (Refuse) with a status of its choice.",
+        **error,
+    }
+    responses["5XX"] = {
+        "description": "Refused by a handler (Refuse) with a status of its choice.",
+        **error,
+    }
 
     for route in (*EVENT_NAMES, "any"):
         if route == "any":
-            body_schema: Any = {"anyOf": [{"$ref": f"#/components/schemas/{name}"} for name in BODY_COMPONENTS.values()]}
+            body_schema: Any = {
+                "anyOf": [
+                    {"$ref": f"#/components/schemas/{name}"} for name in BODY_COMPONENTS.values()
+                ]
+            }
             summary = "Receive any event; the body's shape tells which."
             examples = {}
         else:
             body_schema = BODY_COMPONENTS[route]
             summary = f"Receive the {route} webhook."
             # Built by the testing factories, like the bodies of `flask nachocode send`.
-            platforms: list[str | None] = ["android", "ios"] if route != "unavailable_users" else [None]
-            examples = {platform or route: {"value": payload_for(route, os=platform)} for platform in platforms}
+            platforms: list[str | None] = (
+                ["android", "ios"] if route != "unavailable_users" else [None]
+            )
+            examples = {
+                platform or route: {"value": payload_for(route, os=platform)}
+                for platform in platforms
+            }
         content: dict[str, Any] = {"schema": body_schema}
         if examples:
             content["examples"] = examples

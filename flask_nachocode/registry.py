@@ -14,7 +14,9 @@ Handler = Callable[[Any], Any]
 
 def check_event_name(name: str) -> str:
     if name not in EVENT_NAMES:
-        raise ValueError(f"unknown Nachocode event {name!r}; expected one of {', '.join(EVENT_NAMES)}")
+        raise ValueError(
+            f"unknown Nachocode event {name!r}; expected one of {', '.join(EVENT_NAMES)}"
+        )
     return name
 
 
@@ -63,7 +65,9 @@ def registry_from_config(config: Mapping[str, Any]) -> HandlerRegistry:
             try:
                 handler = import_string(target)
             except (ImportError, ImportStringError) as error:
-                raise RuntimeError(f"NACHOCODE_HANDLERS[{name!r}]: cannot import {target!r}: {error}") from error
+                raise RuntimeError(
+                    f"NACHOCODE_HANDLERS[{name!r}]: cannot import {target!r}: {error}"
+                ) from error
             if not callable(handler):
                 raise RuntimeError(f"NACHOCODE_HANDLERS[{name!r}]: {target!r} is not callable")
             registry.add(name, handler)

@@ -191,7 +191,9 @@ class _InAppSchema(Schema):
         unknown = EXCLUDE
 
     userId = _text()
-    iapLogId = fields.Integer(required=True, strict=True, validate=validate.Range(min=0, max=MAX_ID))
+    iapLogId = fields.Integer(
+        required=True, strict=True, validate=validate.Range(min=0, max=MAX_ID)
+    )
     nachoProductId = _text()
     os = fields.String(required=True, validate=validate.OneOf(["android", "ios"]))
     productId = _text()
@@ -224,7 +226,9 @@ class PurchaseSchema(_InAppSchema):
     verifiedAt = UTCDateTime(required=True)
 
     @post_load(pass_original=True)
-    def _build(self, data: dict[str, Any], original: dict[str, Any], **kwargs: Any) -> PurchaseEvent:
+    def _build(
+        self, data: dict[str, Any], original: dict[str, Any], **kwargs: Any
+    ) -> PurchaseEvent:
         return PurchaseEvent(
             **self._common(data),
             requested_at=data["requestedAt"],

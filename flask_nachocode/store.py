@@ -226,7 +226,10 @@ class Store:
         if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
             # As Flask-SQLAlchemy does: one in-memory database for every thread,
             # instead of an empty one per thread.
-            options = {"poolclass": sa.pool.StaticPool, "connect_args": {"check_same_thread": False}}
+            options = {
+                "poolclass": sa.pool.StaticPool,
+                "connect_args": {"check_same_thread": False},
+            }
         else:
             # A pooled connection the database dropped (restart, failover, a cut
             # network) is replaced before use instead of failing one delivery.
@@ -303,7 +306,9 @@ class Store:
         return session.execute(self._claim_statement, values).first() is not None
 
     def insert_delivery(self, session: Session, values: dict[str, Any]) -> int:
-        result = cast("sa.CursorResult[Any]", session.execute(self._insert_delivery_statement, values))
+        result = cast(
+            "sa.CursorResult[Any]", session.execute(self._insert_delivery_statement, values)
+        )
         key = result.inserted_primary_key
         assert key is not None  # a single-row INSERT always has one
         return int(key[0])
@@ -327,7 +332,11 @@ def _warn_if_flask_sqlalchemy_shares_the_file(engine: Engine) -> None:
         return
     for app_engine in sqlalchemy_ext.engines.values():
         theirs = app_engine.url.database
-        if app_engine.dialect.name == "sqlite" and theirs and os.path.abspath(theirs) == os.path.abspath(ours):
+        if (
+            app_engine.dialect.name == "sqlite"
+            and theirs
+            and os.path.abspath(theirs) == os.path.abspath(ours)
+        ):
             logger.warning(
                 "flask-nachocode and Flask-SQLAlchemy use the same SQLite file %s through two "
                 "engines: a handler that writes through db.session will wait for the delivery's "

@@ -120,7 +120,6 @@ EVENT_PATHS = {
 }
 
 
-
 def webhook_path(event: str) -> str:
     """The path below the URL prefix that receives ``event`` (``"any"``: the all-events URL)."""
     return "/webhooks" if event == "any" else EVENT_PATHS[event]

@@ -150,7 +150,12 @@ def make_blueprint(state: AppState) -> Blueprint:
     blueprint = Blueprint("nachocode", __name__)
     blueprint.register_error_handler(WebhookError, error_answer)
     blueprint.register_error_handler(500, internal_error)
-    for path in ("/webhooks/purchase", "/webhooks/refund", "/webhooks/unavailable-users", "/webhooks"):
+    for path in (
+        "/webhooks/purchase",
+        "/webhooks/refund",
+        "/webhooks/unavailable-users",
+        "/webhooks",
+    ):
         blueprint.add_url_rule(
             path,
             "wrong_method" + path.replace("/", "_").replace("-", "_"),
@@ -183,5 +188,7 @@ def make_blueprint(state: AppState) -> Blueprint:
     if state.openapi:
         from .openapi import make_openapi_view
 
-        blueprint.add_url_rule("/openapi.json", "openapi", make_openapi_view(state), methods=["GET"])
+        blueprint.add_url_rule(
+            "/openapi.json", "openapi", make_openapi_view(state), methods=["GET"]
+        )
     return blueprint
