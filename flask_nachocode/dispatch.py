@@ -15,7 +15,7 @@ import logging
 import time
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +69,6 @@ class Result:
     event_name: str | None
     delivery_id: int | None
     error: WebhookError | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def duplicate(self) -> bool:
@@ -262,10 +261,7 @@ def _commit(
 
 
 def _store_unavailable(session: Any, error: sa.exc.SQLAlchemyError) -> StoreUnavailable:
-    try:
-        session.rollback()
-    except sa.exc.SQLAlchemyError:
-        pass  # the connection is gone; the pool replaces it on the next checkout
+    _rollback(session)  # a lost connection is replaced by the pool on the next checkout
     logger.error(
         "nachocode store unavailable, delivery not recorded: %s", describe_database_error(error)
     )
