@@ -23,13 +23,9 @@ from .dispatch import DELIVERY_BUDGET_SECONDS
 from .dispatch import replay as replay_delivery
 from .errors import WebhookError
 from .events import EVENT_NAMES
-from .extension import AppState
+from .extension import current_state
 from .store import OUTCOMES, REPLAYABLE, describe_database_error, utcnow
 from .testing import payload_for, refund_payload, webhook_path
-
-
-def _state() -> AppState:
-    return current_app.extensions["nachocode"]  # type: ignore[no-any-return]
 
 
 def escape_controls(text: str, keep: str = "\n\t") -> str:
@@ -69,7 +65,7 @@ def nachocode_cli() -> None:
 @_needs_store
 def init_db() -> None:
     """Create the nachocode_* tables (deliveries, claims, purchases)."""
-    store = _state().store
+    store = current_state().store
     store.create_tables()
     click.echo(
         f"created the nachocode tables on {store.engine.url.render_as_string(hide_password=True)}"
@@ -84,7 +80,7 @@ def init_db() -> None:
 @_needs_store
 def list_deliveries(outcome: str | None, event: str | None, limit: int) -> None:
     """A table of recent deliveries, newest first."""
-    store = _state().store
+    store = current_state().store
     store.ensure_ready()
     table = store.deliveries
     query = (
@@ -130,7 +126,7 @@ def list_deliveries(outcome: str | None, event: str | None, limit: int) -> None:
 @_needs_store
 def show(delivery_id: int) -> None:
     """One delivery: headers, body pretty-printed, error and traceback."""
-    row = _state().store.get_delivery(delivery_id)
+    row = current_state().store.get_delivery(delivery_id)
     if row is None:
         raise click.ClickException(f"no delivery {delivery_id}")
     lines: list[str] = [
@@ -177,7 +173,7 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
     A delivery whose event was handled meanwhile comes back as a duplicate: the
     exactly-once rule holds for replays too. Exits non-zero if any replay fails.
     """
-    state = _state()
+    state = current_state()
     if (delivery_id is None) == (not all_failed):
         raise click.UsageError("give a delivery ID or --failed, not both")
     if all_failed:
@@ -231,7 +227,7 @@ def prune(days: int) -> None:
     Claims are kept (they hold only store ids), so a very old purchase re-sent
     from the dashboard is still recognised as a duplicate.
     """
-    store = _state().store
+    store = current_state().store
     store.ensure_ready()
     table = store.deliveries
     result: Any = store.session.execute(
@@ -258,7 +254,7 @@ LAST_SENT_FILE = "nachocode-last-sent.json"
 
 def webhook_url(base_url: str, route: str) -> str:
     """The full URL of this app's route for ``route`` (an event name or ``"any"``)."""
-    return f"{base_url.rstrip('/')}{_state().url_prefix}{webhook_path(route)}"
+    return f"{base_url.rstrip('/')}{current_state().url_prefix}{webhook_path(route)}"
 
 
 def _check_http_url(value: str, option: str) -> str:
@@ -283,10 +279,10 @@ def urls(base_url: str) -> None:
     width = max(len(label) for label in DASHBOARD_FIELDS.values())
     for route, label in DASHBOARD_FIELDS.items():
         click.echo(f"{label:{width}}  {webhook_url(base_url, route)}")
-    if _state().openapi:
-        document = f"{base_url.rstrip('/')}{_state().url_prefix}/openapi.json"
+    if current_state().openapi:
+        document = f"{base_url.rstrip('/')}{current_state().url_prefix}/openapi.json"
         click.echo(f"OpenAPI document of these routes: {document}")
-    count = len(_state().keys)
+    count = len(current_state().keys)
     if count:
         # Never the key itself: this output ends up in terminals, logs and chat.
         click.echo(
@@ -481,8 +477,8 @@ def send(
     if platform and event == "unavailable_users":
         raise click.UsageError("--os applies to purchase and refund, not unavailable_users")
     url = _check_http_url(url, "--url") if url else webhook_url(DEFAULT_BASE_URL, event)
-    if key is None and _state().keys:
-        key = _state().keys[0].decode("utf-8")
+    if key is None and current_state().keys:
+        key = current_state().keys[0].decode("utf-8")
 
     last_sent = _read_last_sent()
     body: Any

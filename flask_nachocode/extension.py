@@ -85,6 +85,16 @@ class AppState:
         return self.extension._registry.get(name) + self.config_handlers.get(name)
 
 
+def current_state() -> AppState:
+    """The current app's :class:`AppState`: the one way every module reaches it."""
+    try:
+        return current_app.extensions["nachocode"]  # type: ignore[no-any-return]
+    except KeyError:
+        raise RuntimeError(
+            "NachocodeWebhook.init_app(app) was not called on the current app"
+        ) from None
+
+
 class NachocodeWebhook:
     """Receive Nachocode webhooks in a Flask app.
 
@@ -109,7 +119,7 @@ class NachocodeWebhook:
         self.db = db
         self._registry = HandlerRegistry()
         #: The purchase ledger of the current app (see :class:`~flask_nachocode.ledger.Ledger`).
-        self.ledger = Ledger(lambda: self._state().store)
+        self.ledger = Ledger(lambda: current_state().store)
         if app is not None:
             self.init_app(app)
 
@@ -171,15 +181,6 @@ class NachocodeWebhook:
                 "purchases and refunds. Set a webhook key in the Nachocode dashboard and here.",
                 state.url_prefix,
             )
-
-    @staticmethod
-    def _state() -> AppState:
-        try:
-            return current_app.extensions["nachocode"]  # type: ignore[no-any-return]
-        except KeyError:
-            raise RuntimeError(
-                "NachocodeWebhook.init_app(app) was not called on the current app"
-            ) from None
 
     def handler(self, event_name: str) -> Callable[[H], H]:
         """Register the decorated function for ``event_name`` (``purchase``,

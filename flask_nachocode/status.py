@@ -30,10 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from .errors import BadPurchaseId, StoreUnavailable
 from .events import _iso_ms
+from .extension import current_state
 from .ledger import Purchase
 from .schemas import MAX_ID
 
@@ -81,7 +82,7 @@ def purchase_status(iap_log_id: str) -> Response:
     user_id = request.args.get("userId", "")
     purchase = None
     if user_id:
-        state = current_app.extensions["nachocode"]
+        state = current_state()
         try:
             # Both ids in the query: another user's purchase is never even loaded.
             # Every environment: app review buys in sandbox against live servers.

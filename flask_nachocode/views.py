@@ -27,6 +27,7 @@ from .errors import (
     WrongMethod,
     error_answer,
 )
+from .extension import current_state
 from .schemas import infer_event_name, load_event
 from .store import utcnow
 
@@ -46,10 +47,6 @@ _READ_CHUNK = 16384
 #: Methods answered with the JSON 405 rather than Werkzeug's HTML page: a
 #: blueprint's error handlers never see routing errors, so these get a rule.
 _OTHER_METHODS = ["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"]
-
-
-def _state() -> AppState:
-    return current_app.extensions["nachocode"]  # type: ignore[no-any-return]
 
 
 def _reject_constant(name: str) -> Any:
@@ -106,7 +103,7 @@ def read_json_object(max_bytes: int, delivery: Delivery) -> dict[str, Any]:
 
 def receive(route: str) -> Response:
     """Receive one delivery on the route named ``route`` (see ROUTE_EVENTS)."""
-    state = _state()
+    state = current_state()
     delivery = Delivery(route=route, received_at=utcnow(), started=time.perf_counter())
     # Before anything is read or stored: a delivery without the key leaves no trace.
     check_bearer(request.headers.get("Authorization"), state.keys)
