@@ -91,14 +91,8 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
             return record(
                 state, delivery, NoHandler(f"no handler is registered for {event.name}"), event
             )
-        now = utcnow()
-        if identity is not None and not _claim(store, session, identity, event.name, now):
+        if not _claim(state, session, event):
             return _commit(state, delivery, event, "duplicate", 200)
-        if state.ledger_enabled:
-            if isinstance(event, PurchaseEvent):
-                ledger.apply_purchase(session, store.purchases, event, now)
-            elif isinstance(event, RefundEvent):
-                ledger.apply_refund(session, store.purchases, event, now)
     except Refuse as refusal:
         session.rollback()
         return record(state, delivery, refusal, event)
@@ -130,21 +124,38 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
     return _commit(state, delivery, event, "handled", 200)
 
 
-def _claim(store: Any, session: Any, identity: str, event_name: str, now: datetime) -> bool:
-    """The claim, the first statement of the delivery's transaction.
+def _claim(state: AppState, session: Any, event: Event) -> bool:
+    """Claim the event and write the ledger: the start of the delivery's
+    transaction. False for a duplicate, which wrote nothing.
 
     A pooled connection the database dropped while idle fails right here, before
-    any handler ran, so trying once more on a fresh connection is safe. That is
-    what lets the first delivery after an outage succeed on an app engine
-    without ``pool_pre_ping``.
+    any handler ran and with nothing committed, so trying once more on a fresh
+    connection is safe. That is what lets the first delivery after an outage
+    succeed on an app engine without ``pool_pre_ping``.
     """
     try:
-        return bool(store.claim(session, identity, event_name, now))
+        return _claim_once(state, session, event)
     except sa.exc.DBAPIError as error:
         if not error.connection_invalidated:
             raise
         session.rollback()
-        return bool(store.claim(session, identity, event_name, now))
+        return _claim_once(state, session, event)
+
+
+def _claim_once(state: AppState, session: Any, event: Event) -> bool:
+    store = state.store
+    now = utcnow()
+    if not state.ledger_enabled or not isinstance(event, (PurchaseEvent, RefundEvent)):
+        return event.identity is None or store.claim(session, event.identity, event.name, now)
+    if isinstance(event, PurchaseEvent) and store.dialect_name == "postgresql":
+        return ledger.claim_and_apply_purchase(session, store.claims, store.purchases, event, now)
+    if not store.claim(session, event.identity, event.name, now):
+        return False
+    if isinstance(event, PurchaseEvent):
+        ledger.apply_purchase(session, store.purchases, event, now)
+    else:
+        ledger.apply_refund(session, store.purchases, event, now)
+    return True
 
 
 def _rollback(session: Any) -> None:

@@ -178,6 +178,9 @@ class Store:
 
     ``session`` is a scoped session tied to the app context, like
     Flask-SQLAlchemy's ``db.session``; with ``db=`` it *is* ``db.session``.
+    The per-delivery statements run on ``session.connection()``: the same
+    transaction as the handlers' ORM writes, without the ORM's per-statement
+    work (``Session.execute`` cost 10-35 µs more per statement, three per delivery).
     """
 
     def __init__(self, app: Flask, db: SQLAlchemy | None) -> None:
@@ -202,6 +205,8 @@ class Store:
             self._sessionmaker = sessionmaker(expire_on_commit=False)
             self.session = scoped_session(self._sessionmaker, scopefunc=_app_context_id)
             app.teardown_appcontext(self._remove_session)
+        #: The database's dialect ("sqlite", "postgresql", ...), once ready.
+        self.dialect_name: str | None = None
         self._insert_ignoring_conflict: Callable[..., Any] | None = None
         # Statements are built once and run with parameters: building them (and
         # their cache keys) per delivery cost more CPU than running them.
@@ -262,6 +267,7 @@ class Store:
                     sa.event.listen(engine, "checkout", _sqlite_pragmas)
                 with engine.connect() as connection:
                     connection.exec_driver_sql("SELECT 1")  # reachable now, and set up
+            self.dialect_name = engine.dialect.name
             self._insert_ignoring_conflict = _conflict_free_insert(engine.dialect.name)
             if self._insert_ignoring_conflict is not _savepoint_insert:
                 statement = self._insert_ignoring_conflict(self.claims)
@@ -303,12 +309,10 @@ class Store:
         values = {"identity": identity, "event": event_name, "claimed_at": now}
         if self._insert_ignoring_conflict is _savepoint_insert:
             return _savepoint_insert(session, self.claims, values)
-        return session.execute(self._claim_statement, values).first() is not None
+        return session.connection().execute(self._claim_statement, values).first() is not None
 
     def insert_delivery(self, session: Session, values: dict[str, Any]) -> int:
-        result = cast(
-            "sa.CursorResult[Any]", session.execute(self._insert_delivery_statement, values)
-        )
+        result = session.connection().execute(self._insert_delivery_statement, values)
         key = result.inserted_primary_key
         assert key is not None  # a single-row INSERT always has one
         return int(key[0])

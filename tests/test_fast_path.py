@@ -52,8 +52,10 @@ def test_purchase_handled_once_with_one_commit(make_app: Any, database_url: str,
     assert first.json["duplicate"] is False
     assert len(seen) == 2
     assert sent.count("COMMIT") == 1
-    # claim, ledger row, delivery record: no reads, no second transaction
-    assert [s for s in sent if s != "COMMIT"] == ["INSERT", "INSERT", "INSERT"]
+    # claim, ledger row, delivery record: no reads, no second transaction; on
+    # PostgreSQL the claim and the ledger row go in one statement (a CTE).
+    writes = ["WITH", "INSERT"] if database_url.startswith("postgresql") else ["INSERT"] * 3
+    assert [s for s in sent if s != "COMMIT"] == writes
 
     sent.clear()
     again = post_delivery(client, "purchase", payload)
@@ -64,6 +66,29 @@ def test_purchase_handled_once_with_one_commit(make_app: Any, database_url: str,
     with app.app_context():
         purchase = nachocode.ledger.find(seen[-1])
     assert purchase is not None and purchase.quantity == 1 and purchase.status == "granted"
+
+
+def test_duplicate_purchase_leaves_the_ledger_alone(make_app: Any, database_url: str) -> None:
+    # The claim decides whether the ledger is written, also where both are one
+    # statement: a re-send that says something else must change nothing.
+    app, nachocode = make_app(NACHOCODE_DATABASE_URI=database_url)
+    seen: list[PurchaseEvent] = []
+    nachocode.on_purchase(seen.append)
+    client = app.test_client()
+    payload = purchase_payload(os="android", quantity=2)
+    assert post_delivery(client, "purchase", payload).json["duplicate"] is False
+    with app.app_context():
+        before = nachocode.ledger.find(seen[0])
+    changed = {**payload, "quantity": 7, "userId": "someone-else", "price": 1}
+    again = post_delivery(client, "purchase", changed)
+    assert again.status_code == 200 and again.json["duplicate"] is True
+    assert len(seen) == 1
+    with app.app_context():
+        after = nachocode.ledger.find(seen[0])
+        rows = nachocode.ledger.purchases_of(payload["userId"], environment=None)
+    assert after == before
+    assert after is not None and after.quantity == 2 and after.user_id == payload["userId"]
+    assert len(rows) == 1
 
 
 def test_refund_after_purchase_updates_the_ledger(make_app: Any, database_url: str) -> None:
