@@ -88,11 +88,11 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
 
-def _table(metadata: sa.MetaData, name: str, *columns: Any) -> sa.Table:
+def _table(metadata: sa.MetaData, name: str, *columns: Any, **options: Any) -> sa.Table:
     # One extension object serving several apps that share one ``db`` must not
     # define the table twice on the same metadata.
     existing = metadata.tables.get(name)
-    return existing if existing is not None else sa.Table(name, metadata, *columns)
+    return existing if existing is not None else sa.Table(name, metadata, *columns, **options)
 
 
 def define_deliveries(metadata: sa.MetaData) -> sa.Table:
@@ -104,19 +104,30 @@ def define_deliveries(metadata: sa.MetaData) -> sa.Table:
         sa.Column("route", sa.String(32), nullable=False),
         sa.Column("outcome", sa.String(16), nullable=False),
         sa.Column("status", sa.Integer, nullable=False),
-        sa.Column("identity", sa.String(512), nullable=True, index=True),
+        # Every index is one more page written by every delivery's commit (a fifth of
+        # the database time of a purchase on SQLite, measured): only the inspector's
+        # searches have one. ``identity`` is looked up in the claims, ``received_at``
+        # only by ``prune``, which may scan.
+        sa.Column("identity", sa.String(512), nullable=True),
         sa.Column("user_id", sa.Text, nullable=True, index=True),
         sa.Column("iap_log_id", sa.BigInteger, nullable=True, index=True),
         sa.Column("body", sa.LargeBinary, nullable=True),
         sa.Column("headers", sa.JSON, nullable=True),
         sa.Column("remote_addr", sa.String(64), nullable=True),
-        sa.Column("received_at", UTCDateTime, nullable=False, index=True),
+        sa.Column("received_at", UTCDateTime, nullable=False),
         sa.Column("finished_at", UTCDateTime, nullable=False),
         sa.Column("duration_ms", sa.Float, nullable=False),
         sa.Column("error", sa.Text, nullable=True),
         sa.Column("traceback", sa.Text, nullable=True),
-        sa.Column("replay_of", sa.BigInteger, nullable=True, index=True),
+        sa.Column("replay_of", sa.BigInteger, nullable=True),
         sa.Column("replay_count", sa.Integer, nullable=False, server_default="0"),
+        # Partial: a new delivery (not a replay) writes nothing to it.
+        sa.Index(
+            "ix_nachocode_deliveries_replay_of",
+            "replay_of",
+            postgresql_where=sa.text("replay_of IS NOT NULL"),
+            sqlite_where=sa.text("replay_of IS NOT NULL"),
+        ),
     )
 
 
@@ -129,6 +140,9 @@ def define_claims(metadata: sa.MetaData) -> sa.Table:
         sa.Column("identity", sa.String(512), primary_key=True),
         sa.Column("event", sa.String(32), nullable=False),
         sa.Column("claimed_at", UTCDateTime, nullable=False),
+        # On SQLite, one B-tree keyed by the identity instead of a rowid table plus
+        # an index on it: one page fewer written per claim.
+        sqlite_with_rowid=False,
     )
 
 

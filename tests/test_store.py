@@ -252,3 +252,31 @@ def test_a_warning_when_flask_sqlalchemy_uses_the_same_sqlite_file_through_anoth
     with app.app_context():
         db.engine.dispose()
         app.extensions["nachocode"].store.engine.dispose()
+
+
+def test_replays_are_found_through_the_partial_replay_index(database_url: str) -> None:
+    # The replay_of index is partial (replay_of IS NOT NULL): empty for ordinary
+    # deliveries, and still the one the inspector's "replays of" lookup uses.
+    from flask_nachocode.store import define_deliveries
+
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    table = define_deliveries(sa.MetaData())
+    table.drop(engine, checkfirst=True)
+    table.create(engine)
+    try:
+        with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                # An empty table is scanned whatever the indexes: ask for the plan
+                # the index allows.
+                connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                plan = connection.exec_driver_sql(
+                    "EXPLAIN SELECT id FROM nachocode_deliveries WHERE replay_of = 5"
+                ).all()
+            else:
+                plan = connection.exec_driver_sql(
+                    "EXPLAIN QUERY PLAN SELECT id FROM nachocode_deliveries WHERE replay_of = ?", (5,)
+                ).all()
+            assert "ix_nachocode_deliveries_replay_of" in " ".join(str(row) for row in plan)
+    finally:
+        table.drop(engine)
+        engine.dispose()
