@@ -31,11 +31,15 @@ from .errors import (
 )
 from .events import EVENT_NAMES
 from .schemas import (
+    NO_NUL_PATTERN,
     SCHEMAS,
     AppStoreDataSchema,
+    BoundedInteger,
+    Choice,
     PlayStoreDataSchema,
     Price,
     StoreDataField,
+    Text,
     UTCDateTime,
 )
 from .testing import payload_for, webhook_path
@@ -126,6 +130,19 @@ def _custom_fields(plugin: MarshmallowPlugin) -> None:
     assert plugin.converter is not None
 
     def properties(self: Any, field: Any, **kwargs: Any) -> dict[str, Any]:
+        # apispec gives the JSON type of the three fields.String and fields.Integer
+        # subclasses; their checks are attributes, not the validators it reads.
+        if isinstance(field, Text):
+            text: dict[str, Any] = {}
+            if field.min_length:
+                text["minLength"] = field.min_length
+            if field.max_length is not None:
+                text["maxLength"] = field.max_length
+            return {**text, "pattern": NO_NUL_PATTERN}
+        if isinstance(field, Choice):
+            return {"enum": field.choices}
+        if isinstance(field, BoundedInteger):
+            return {"minimum": field.minimum, "maximum": field.maximum}
         if isinstance(field, UTCDateTime):
             return {"type": "string", "format": "date-time", "pattern": TIMESTAMP_PATTERN}
         if isinstance(field, Price):
