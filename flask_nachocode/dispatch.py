@@ -144,17 +144,20 @@ def _claim(state: AppState, session: Any, event: Event) -> bool:
 
 def _claim_once(state: AppState, session: Any, event: Event) -> bool:
     store = state.store
+    connection = session.connection()
     now = utcnow()
     if not state.ledger_enabled or not isinstance(event, (PurchaseEvent, RefundEvent)):
-        return event.identity is None or store.claim(session, event.identity, event.name, now)
+        return event.identity is None or store.claim(connection, event.identity, event.name, now)
     if isinstance(event, PurchaseEvent) and store.dialect_name == "postgresql":
-        return ledger.claim_and_apply_purchase(session, store.claims, store.purchases, event, now)
-    if not store.claim(session, event.identity, event.name, now):
+        return ledger.claim_and_apply_purchase(
+            connection, store.claims, store.purchases, event, now
+        )
+    if not store.claim(connection, event.identity, event.name, now):
         return False
     if isinstance(event, PurchaseEvent):
-        ledger.apply_purchase(session, store.purchases, event, now)
+        ledger.apply_purchase(connection, store.purchases, event, now)
     else:
-        ledger.apply_refund(session, store.purchases, event, now)
+        ledger.apply_refund(connection, store.purchases, event, now)
     return True
 
 
@@ -233,7 +236,7 @@ def _commit(
         "replay_count": 0,
     }
     try:
-        delivery_id = store.insert_delivery(session, values)
+        delivery_id = store.insert_delivery(session.connection(), values)
         if delivery.replay_of is not None:
             table = store.deliveries
             # The original shows its latest outcome, except that a duplicate does

@@ -15,7 +15,7 @@ import functools
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -24,8 +24,6 @@ from .errors import Refuse
 from .events import PurchaseEvent, RefundEvent
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from .store import Store
 
 ACTIVE, PARTIALLY_REFUNDED, REFUNDED = "active", "partially_refunded", "refunded"
@@ -215,7 +213,7 @@ def _claimed_purchase_upsert(claims: sa.Table, table: sa.Table) -> Any:
     # inserted its row, so a duplicate writes nothing, as with two statements.
     claim = (
         postgresql.insert(claims)
-        .values({name: sa.bindparam(name, type_=claims.c[name].type) for name in claims.c.keys()})
+        .values({column.key: sa.bindparam(column.key, type_=column.type) for column in claims.c})
         .on_conflict_do_nothing(index_elements=["identity"])
         .returning(claims.c.identity)
         .cte("nachocode_claim")
@@ -252,17 +250,22 @@ def _refund_exceeds(event: PurchaseEvent) -> Refuse:
     )
 
 
-def apply_purchase(session: Session, table: sa.Table, event: PurchaseEvent, now: datetime) -> None:
+def apply_purchase(
+    connection: sa.Connection, table: sa.Table, event: PurchaseEvent, now: datetime
+) -> None:
     """Record the purchase; :class:`Refuse` (422) when refunds of it that came
     first already refunded more units than it says were bought."""
-    connection = session.connection()
     upsert = _purchase_upsert(table, connection.dialect.name)
     if connection.execute(upsert, _purchase_values(event, now)).rowcount != 1:
         raise _refund_exceeds(event)
 
 
 def claim_and_apply_purchase(
-    session: Session, claims: sa.Table, table: sa.Table, event: PurchaseEvent, now: datetime
+    connection: sa.Connection,
+    claims: sa.Table,
+    table: sa.Table,
+    event: PurchaseEvent,
+    now: datetime,
 ) -> bool:
     """On PostgreSQL, the claim (see :meth:`Store.claim`) and :func:`apply_purchase`
     in one statement: False for a duplicate, which wrote nothing; :class:`Refuse`
@@ -274,30 +277,30 @@ def claim_and_apply_purchase(
         "event": event.name,
         "claimed_at": now,
     }
-    claimed, recorded = (
-        session.connection().execute(_claimed_purchase_upsert(claims, table), values).one()
-    )
+    claimed, recorded = connection.execute(_claimed_purchase_upsert(claims, table), values).one()
     if claimed and not recorded:
         raise _refund_exceeds(event)
     return bool(claimed)
 
 
-def apply_refund(session: Session, table: sa.Table, event: RefundEvent, now: datetime) -> None:
+def apply_refund(
+    connection: sa.Connection, table: sa.Table, event: RefundEvent, now: datetime
+) -> None:
     """Add the refund; :class:`Refuse` (422) when it would refund more than was bought."""
-    insert = _upsert(session.get_bind().dialect.name)
+    insert = _upsert(connection.dialect.name)
     placeholder = insert(table).values(
         **_purchase_fields(event, now),
         purchase_received=False,
         refunded_quantity=0,
         state=ACTIVE,
     )
-    session.execute(
+    connection.execute(
         placeholder.on_conflict_do_nothing(index_elements=["platform", "store_purchase_id"])
     )
     refunded = table.c.refunded_quantity + event.refund_quantity
     # One conditional UPDATE: the bound and the sum are checked by the database,
     # so two partial refunds handled at once cannot both pass a stale check.
-    result = session.execute(
+    result = connection.execute(
         sa.update(table)
         .where(
             table.c.platform == event.os,
@@ -318,7 +321,7 @@ def apply_refund(session: Session, table: sa.Table, event: RefundEvent, now: dat
             updated_at=now,
         )
     )
-    if cast("sa.CursorResult[Any]", result).rowcount != 1:
+    if result.rowcount != 1:
         raise Refuse(
             f"refunding {event.refund_quantity} more would refund more units than the "
             f"{event.quantity} bought in purchase {event.store_purchase_id}",

@@ -280,3 +280,29 @@ def test_replays_are_found_through_the_partial_replay_index(database_url: str) -
     finally:
         table.drop(engine)
         engine.dispose()
+
+
+def test_the_portable_claim_refuses_a_second_insert_and_keeps_the_transaction(
+    database_url: str,
+) -> None:
+    # The claim used on databases without ON CONFLICT: exercised here on the two
+    # the suite has, inside one outer transaction as a delivery would run it.
+    from flask_nachocode.store import _savepoint_insert, define_claims, utcnow
+
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    claims = define_claims(sa.MetaData())
+    claims.drop(engine, checkfirst=True)
+    claims.create(engine)
+    values = {"identity": "purchase:ios:portable-1", "event": "purchase", "claimed_at": utcnow()}
+    try:
+        with engine.connect() as connection:
+            with connection.begin():
+                assert _savepoint_insert(connection, claims, values) is True
+                assert _savepoint_insert(connection, claims, values) is False
+                other = {**values, "identity": "purchase:ios:portable-2"}
+                assert _savepoint_insert(connection, claims, other) is True
+            count = connection.execute(sa.select(sa.func.count()).select_from(claims)).scalar()
+        assert count == 2
+    finally:
+        claims.drop(engine)
+        engine.dispose()
