@@ -148,7 +148,7 @@ def _claim_once(state: AppState, session: Any, event: Event) -> bool:
     now = utcnow()
     if not state.ledger_enabled or not isinstance(event, (PurchaseEvent, RefundEvent)):
         return event.identity is None or store.claim(connection, event.identity, event.name, now)
-    if isinstance(event, PurchaseEvent) and store.dialect_name == "postgresql":
+    if isinstance(event, PurchaseEvent) and connection.dialect.name == "postgresql":
         return ledger.claim_and_apply_purchase(
             connection, store.claims, store.purchases, event, now
         )

@@ -219,8 +219,6 @@ class Store:
             self._sessionmaker = sessionmaker(expire_on_commit=False)
             self.session = scoped_session(self._sessionmaker, scopefunc=_app_context_id)
             app.teardown_appcontext(self._remove_session)
-        #: The database's dialect ("sqlite", "postgresql", ...), once ready.
-        self.dialect_name: str | None = None
         self._insert_ignoring_conflict: Callable[..., Any] | None = None
         # Statements are built once and run with parameters: building them (and
         # their cache keys) per delivery cost more CPU than running them.
@@ -281,7 +279,6 @@ class Store:
                     sa.event.listen(engine, "checkout", _sqlite_pragmas)
                 with engine.connect() as connection:
                     connection.exec_driver_sql("SELECT 1")  # reachable now, and set up
-            self.dialect_name = engine.dialect.name
             self._insert_ignoring_conflict = _conflict_free_insert(engine.dialect.name)
             if self._insert_ignoring_conflict is not _savepoint_insert:
                 statement = self._insert_ignoring_conflict(self.claims)
