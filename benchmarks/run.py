@@ -36,7 +36,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from live import free_port, gunicorn_args, live_server  # noqa: E402
+from live import free_port, gunicorn_args, live_server, worker_pids  # noqa: E402
 
 from benchmarks.apps import KEY, PATH, prepare_database  # noqa: E402
 
@@ -53,6 +53,11 @@ class Load:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int
+    #: CPU time per request of the gunicorn workers, and of the PostgreSQL server's
+    #: processes (0 for SQLite, which runs inside the worker), in µs; see cpu_seconds.
+    worker_cpu_us: float = 0.0
+    database_cpu_us: float = 0.0
 
 
 @dataclass
@@ -87,6 +92,7 @@ def wrk_load(url: str, seconds: float, prefix: str, mode: str) -> Load:
         p50_ms=figures["p50_us"] / 1000,
         p99_ms=figures["p99_us"] / 1000,
         errors=errors,
+        requests=figures["requests"],
     )
 
 
@@ -140,7 +146,63 @@ def python_load(url: str, seconds: float, prefix: str, mode: str) -> Load:
         p50_ms=latencies[len(latencies) // 2] * 1000,
         p99_ms=latencies[int(len(latencies) * 0.99)] * 1000,
         errors=errors[0],
+        requests=len(latencies),
     )
+
+
+# --- CPU per request ----------------------------------------------------------------------
+#
+# Requests/s on a shared 2-core machine swing by ±15% between rounds (and by 2x between
+# days), because wrk, the worker and other jobs share the cores. The CPU time the server
+# side spends per request hardly moves with that: it is what a change to the code changes.
+# Read from /proc (Linux); elsewhere the CPU columns are left out.
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of ``pids`` so far (processes that exited count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            # Fields after the command name, which may hold spaces: utime and stime
+            # are the 14th and 15th fields of the whole line.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICKS
+
+
+def postgres_pids() -> list[int]:
+    """The PostgreSQL server's processes (postmaster, backends, background workers)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (proc / "comm").read_text().strip() == "postgres":
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def measured(generate: Callable[[str, float, str, str], Load], workers: list[int],
+             database: Callable[[], list[int]]) -> Callable[[str, float, str, str], Load]:
+    """``generate`` that also records the server side's CPU time per request."""
+    if not Path("/proc/self/stat").exists():
+        return generate
+
+    def run(url: str, seconds: float, prefix: str, mode: str) -> Load:
+        database_pids = database()  # backends come and go with the pool: list them each time
+        worker_before, database_before = cpu_seconds(workers), cpu_seconds(database_pids)
+        load = generate(url, seconds, prefix, mode)
+        if load.requests:
+            load.worker_cpu_us = (cpu_seconds(workers) - worker_before) / load.requests * 1e6
+            load.database_cpu_us = (cpu_seconds(database_pids) - database_before) / load.requests * 1e6
+        return load
+
+    return run
 
 
 # --- the HTTP benchmark ----------------------------------------------------------------
@@ -166,15 +228,18 @@ def run_scenario(scenario: Scenario, rounds: int, seconds: float, dup_rounds: in
             urls[variant] = base + PATH
         for variant in VARIANTS:  # warm up: imports, connections, statement caches
             generate(urls[variant], 1, f"w{run_id}{variant}", "unique")
+        # Workers are listed after the warm-up: gunicorn has forked them all by then.
+        database = postgres_pids if scenario.database_url.startswith("postgresql") else list
+        loaders = {variant: measured(generate, worker_pids(ports[variant]), database) for variant in VARIANTS}
         for round_number in range(rounds):
             scenario.unique.append({
-                variant: generate(urls[variant], seconds, f"r{run_id}{round_number}{variant}", "unique")
+                variant: loaders[variant](urls[variant], seconds, f"r{run_id}{round_number}{variant}", "unique")
                 for variant in VARIANTS
             })
             print(f"  round {round_number + 1}: " + _round_line(scenario.unique[-1]), flush=True)
         for round_number in range(dup_rounds):
             scenario.duplicate.append({
-                variant: generate(urls[variant], seconds, f"d{run_id}{round_number}{variant}", "duplicate")
+                variant: loaders[variant](urls[variant], seconds, f"d{run_id}{round_number}{variant}", "duplicate")
                 for variant in VARIANTS
             })
             print(f"  duplicates {round_number + 1}: " + _round_line(scenario.duplicate[-1]), flush=True)
@@ -182,7 +247,11 @@ def run_scenario(scenario: Scenario, rounds: int, seconds: float, dup_rounds: in
 
 
 def _round_line(loads: dict[str, Load]) -> str:
-    parts = [f"{v} {loads[v].rps:7.0f}/s p99 {loads[v].p99_ms:6.1f} ms" for v in VARIANTS]
+    parts = [
+        f"{v} {loads[v].rps:7.0f}/s p99 {loads[v].p99_ms:6.1f} ms"
+        f" cpu {loads[v].worker_cpu_us + loads[v].database_cpu_us:5.0f} µs"
+        for v in VARIANTS
+    ]
     errors = sum(load.errors for load in loads.values())
     return "  ".join(parts) + (f"  ERRORS {errors}" if errors else "")
 
@@ -215,6 +284,32 @@ def table(scenarios: list[Scenario]) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def cpu_table(scenarios: list[Scenario]) -> str:
+    """Server CPU per delivery (worker + PostgreSQL server), medians over rounds, and
+    what C costs beyond B: the figure a change to the code moves, whatever the load."""
+    header = (
+        "| database, workers | deliveries | A CPU µs | B CPU µs | C CPU µs "
+        "| C − B µs | B/C by CPU | C worker / database µs |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for scenario in scenarios:
+        for kind, rounds in (("unique", scenario.unique), ("duplicates", scenario.duplicate)):
+            if not rounds or not any(r["C"].worker_cpu_us for r in rounds):
+                continue
+
+            def cpu(variant: str) -> float:
+                return statistics.median(r[variant].worker_cpu_us + r[variant].database_cpu_us for r in rounds)
+
+            c_worker = statistics.median(r["C"].worker_cpu_us for r in rounds)
+            c_database = statistics.median(r["C"].database_cpu_us for r in rounds)
+            lines.append("| " + " | ".join([
+                scenario.title, kind, *(f"{cpu(v):.0f}" for v in VARIANTS),
+                f"{cpu('C') - cpu('B'):.0f}", f"{cpu('B') / cpu('C'):.2f}",
+                f"{c_worker:.0f} / {c_database:.0f}",
+            ]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 # --- in process --------------------------------------------------------------------------
@@ -330,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(table(scenarios))
         print()
+        cpu = cpu_table(scenarios)
+        if cpu:
+            print(cpu)
+            print()
         for scenario in scenarios:
             print(f"load average ({scenario.title}): before {scenario.load_before}, after {scenario.load_after}")
     shutil.rmtree(workdir, ignore_errors=True)
