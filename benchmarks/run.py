@@ -152,9 +152,10 @@ def python_load(url: str, seconds: float, prefix: str, mode: str) -> Load:
 
 # --- CPU per request ----------------------------------------------------------------------
 #
-# Requests/s on a shared 2-core machine swing by ±15% between rounds (and by 2x between
-# days), because wrk, the worker and other jobs share the cores. The CPU time the server
-# side spends per request hardly moves with that: it is what a change to the code changes.
+# Requests/s say how fast, not where the time went. CPU time per request, split into the
+# gunicorn workers and the PostgreSQL server, says that, and C - B in µs is the figure a
+# change to the code moves. It leaves out waiting (disk, network) but not a CPU slowed by
+# other jobs on a shared machine, so between rounds it varies about as much as requests/s.
 # Read from /proc (Linux); elsewhere the CPU columns are left out.
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
