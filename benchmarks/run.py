@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -58,6 +58,11 @@ class Load:
     #: processes (0 for SQLite, which runs inside the worker), in µs; see cpu_seconds.
     worker_cpu_us: float = 0.0
     database_cpu_us: float = 0.0
+
+    @property
+    def cpu_us(self) -> float:
+        """The server side's CPU time per request: worker plus database."""
+        return self.worker_cpu_us + self.database_cpu_us
 
 
 @dataclass
@@ -230,7 +235,8 @@ def run_scenario(scenario: Scenario, rounds: int, seconds: float, dup_rounds: in
         for variant in VARIANTS:  # warm up: imports, connections, statement caches
             generate(urls[variant], 1, f"w{run_id}{variant}", "unique")
         # Workers are listed after the warm-up: gunicorn has forked them all by then.
-        database = postgres_pids if scenario.database_url.startswith("postgresql") else list
+        # SQLite runs inside the worker: no database processes to count.
+        database = postgres_pids if scenario.database_url.startswith("postgresql") else lambda: []
         loaders = {variant: measured(generate, worker_pids(ports[variant]), database) for variant in VARIANTS}
         for round_number in range(rounds):
             scenario.unique.append({
@@ -250,7 +256,7 @@ def run_scenario(scenario: Scenario, rounds: int, seconds: float, dup_rounds: in
 def _round_line(loads: dict[str, Load]) -> str:
     parts = [
         f"{v} {loads[v].rps:7.0f}/s p99 {loads[v].p99_ms:6.1f} ms"
-        f" cpu {loads[v].worker_cpu_us + loads[v].database_cpu_us:5.0f} µs"
+        f" cpu {loads[v].cpu_us:5.0f} µs"
         for v in VARIANTS
     ]
     errors = sum(load.errors for load in loads.values())
@@ -261,55 +267,56 @@ def _median_ratio(rounds: list[dict[str, Load]], top: str, bottom: str, attr: st
     return statistics.median(getattr(r[top], attr) / getattr(r[bottom], attr) for r in rounds)
 
 
+def _measured_rounds(scenarios: list[Scenario]) -> Iterator[tuple[str, str, list[dict[str, Load]]]]:
+    """(title, "unique" or "duplicates", rounds) for every kind of load that ran."""
+    for scenario in scenarios:
+        for kind, rounds in (("unique", scenario.unique), ("duplicates", scenario.duplicate)):
+            if rounds:
+                yield scenario.title, kind, rounds
+
+
 def table(scenarios: list[Scenario]) -> str:
     header = (
         "| database, workers | deliveries | A req/s | B req/s | C req/s "
         "| A p50/p99 ms | B p50/p99 ms | C p50/p99 ms | C/A | C/B | C p99 / B p99 |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for scenario in scenarios:
-        for kind, rounds in (("unique", scenario.unique), ("duplicates", scenario.duplicate)):
-            if not rounds:
-                continue
+    for title, kind, rounds in _measured_rounds(scenarios):
 
-            def med(variant: str, attr: str) -> float:
-                return statistics.median(getattr(r[variant], attr) for r in rounds)
+        def med(variant: str, attr: str) -> float:
+            return statistics.median(getattr(r[variant], attr) for r in rounds)
 
-            cells = [scenario.title, kind]
-            cells += [f"{med(v, 'rps'):.0f}" for v in VARIANTS]
-            cells += [f"{med(v, 'p50_ms'):.1f} / {med(v, 'p99_ms'):.1f}" for v in VARIANTS]
-            cells += [
-                f"{_median_ratio(rounds, 'C', 'A'):.2f}",
-                f"{_median_ratio(rounds, 'C', 'B'):.2f}",
-                f"{_median_ratio(rounds, 'C', 'B', 'p99_ms'):.2f}",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+        cells = [title, kind]
+        cells += [f"{med(v, 'rps'):.0f}" for v in VARIANTS]
+        cells += [f"{med(v, 'p50_ms'):.1f} / {med(v, 'p99_ms'):.1f}" for v in VARIANTS]
+        cells += [
+            f"{_median_ratio(rounds, 'C', 'A'):.2f}",
+            f"{_median_ratio(rounds, 'C', 'B'):.2f}",
+            f"{_median_ratio(rounds, 'C', 'B', 'p99_ms'):.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def cpu_table(scenarios: list[Scenario]) -> str:
     """Server CPU per delivery (worker + PostgreSQL server), medians over rounds, and
-    what C costs beyond B: the figure a change to the code moves, whatever the load."""
+    what C costs beyond B; empty where the CPU could not be read (no /proc)."""
     header = (
         "| database, workers | deliveries | A CPU µs | B CPU µs | C CPU µs "
         "| C − B µs | B/C by CPU | C worker / database µs |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for scenario in scenarios:
-        for kind, rounds in (("unique", scenario.unique), ("duplicates", scenario.duplicate)):
-            if not rounds or not any(r["C"].worker_cpu_us for r in rounds):
-                continue
-
-            def cpu(variant: str) -> float:
-                return statistics.median(r[variant].worker_cpu_us + r[variant].database_cpu_us for r in rounds)
-
-            c_worker = statistics.median(r["C"].worker_cpu_us for r in rounds)
-            c_database = statistics.median(r["C"].database_cpu_us for r in rounds)
-            lines.append("| " + " | ".join([
-                scenario.title, kind, *(f"{cpu(v):.0f}" for v in VARIANTS),
-                f"{cpu('C') - cpu('B'):.0f}", f"{cpu('B') / cpu('C'):.2f}",
-                f"{c_worker:.0f} / {c_database:.0f}",
-            ]) + " |")
+    for title, kind, rounds in _measured_rounds(scenarios):
+        if not any(r["C"].cpu_us for r in rounds):
+            continue
+        cpu = {v: statistics.median(r[v].cpu_us for r in rounds) for v in VARIANTS}
+        c_worker = statistics.median(r["C"].worker_cpu_us for r in rounds)
+        c_database = statistics.median(r["C"].database_cpu_us for r in rounds)
+        lines.append("| " + " | ".join([
+            title, kind, *(f"{cpu[v]:.0f}" for v in VARIANTS),
+            f"{cpu['C'] - cpu['B']:.0f}", f"{cpu['B'] / cpu['C']:.2f}",
+            f"{c_worker:.0f} / {c_database:.0f}",
+        ]) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
