@@ -8,7 +8,8 @@
 - ``C``: flask-nachocode on the same ``db`` (store and ledger on) with a no-op
   purchase handler.
 
-``BENCH_VARIANT`` (A, B or C) and ``BENCH_DATABASE_URL`` choose; the key is
+``BENCH_VARIANT`` (A, B or C) and ``BENCH_DATABASE_URL`` choose; ``BENCH_LEDGER=off``
+runs C with ``NACHOCODE_LEDGER = False``, to show what the ledger row costs; the key is
 :data:`KEY`. B and C share one database and one ``db`` setup, so the only
 difference between them is what the extension does.
 """
@@ -47,14 +48,18 @@ def _check_key() -> None:
         abort(401)
 
 
-def create_app(variant: str | None = None, database_url: str | None = None) -> Flask:
+def create_app(
+    variant: str | None = None, database_url: str | None = None, ledger: bool | None = None
+) -> Flask:
     variant = (variant or os.environ.get("BENCH_VARIANT", "A")).upper()
     database_url = database_url or os.environ.get("BENCH_DATABASE_URL", "sqlite:///bench.db")
+    if ledger is None:
+        ledger = os.environ.get("BENCH_LEDGER", "on") != "off"
     app = Flask(__name__)
     app.config.update(
         SQLALCHEMY_DATABASE_URI=database_url,
         NACHOCODE_WEBHOOK_KEY=KEY,
-        NACHOCODE_LEDGER=True,
+        NACHOCODE_LEDGER=ledger,
         NACHOCODE_KEEP_BODIES=True,
     )
     db = SQLAlchemy(app)

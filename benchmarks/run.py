@@ -215,7 +215,7 @@ def measured(generate: Callable[[str, float, str, str], Load], workers: list[int
 
 
 def run_scenario(scenario: Scenario, rounds: int, seconds: float, dup_rounds: int,
-                 generate: Callable[[str, float, str, str], Load], logs: Path) -> None:
+                 generate: Callable[[str, float, str, str], Load], logs: Path, ledger: str) -> None:
     prepare_database(scenario.database_url)
     ports = {variant: free_port() for variant in VARIANTS}
     scenario.load_before = load_average()
@@ -226,7 +226,8 @@ def run_scenario(scenario: Scenario, rounds: int, seconds: float, dup_rounds: in
         urls = {}
         for variant in VARIANTS:
             args = gunicorn_args("benchmarks.apps:create_app()", ports[variant], scenario.workers)
-            env = {"BENCH_VARIANT": variant, "BENCH_DATABASE_URL": scenario.database_url}
+            env = {"BENCH_VARIANT": variant, "BENCH_DATABASE_URL": scenario.database_url,
+                   "BENCH_LEDGER": ledger}
             base = servers.enter_context(live_server(
                 args, port=ports[variant], env=env, ready_path="/ping",
                 log_path=logs / f"{scenario.workers}-{variant}.log",
@@ -399,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="PostgreSQL URL of a throwaway database (default: $NACHOCODE_TEST_POSTGRES_URL)")
     parser.add_argument("--only", choices=["inprocess", "sqlite", "postgresql"], action="append",
                         help="run only these parts (repeatable)")
+    parser.add_argument("--ledger", choices=["on", "off"], default="on",
+                        help="C with the ledger (default) or with NACHOCODE_LEDGER = False")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk exists")
     args = parser.parse_args(argv)
 
@@ -412,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         generate = python_load
 
     print(f"load average at start: {load_average()}  ({os.cpu_count()} CPUs)")
+    print(f"C's ledger: {args.ledger}")
     if "inprocess" in parts:
         figures = inprocess(count=2000 if args.quick else 5000, repeats=7)
         print("in-process, CPU per delivery: " + ", ".join(f"{k} {v:.0f} µs" for k, v in figures.items()))
@@ -428,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             print("no PostgreSQL URL (--postgres): PostgreSQL skipped", file=sys.stderr)
     for scenario in scenarios:
         print(f"{scenario.title} worker(s): {rounds} rounds of {seconds:g} s, {CONNECTIONS} connections", flush=True)
-        run_scenario(scenario, rounds, seconds, dup_rounds, generate, workdir)
+        run_scenario(scenario, rounds, seconds, dup_rounds, generate, workdir, args.ledger)
     if scenarios:
         print()
         print(table(scenarios))

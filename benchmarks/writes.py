@@ -1,7 +1,7 @@
 """What one delivery writes, counted rather than timed: statements sent per
 delivery (SQLite and, with a URL, PostgreSQL) and SQLite pages written per
 commit, for B (one INSERT of the raw body) and C (flask-nachocode), the same
-variants as ``run.py``.
+variants as ``run.py``, and C again with ``NACHOCODE_LEDGER = False``.
 
     .venv/bin/python benchmarks/writes.py [--postgres URL]
 
@@ -46,10 +46,16 @@ def _engine(app: Any) -> sa.Engine:
     return engine
 
 
-def statements_per_delivery(variant: str, url: str, count: int = 50) -> dict[str, float]:
+#: (label, variant, ledger on) of each app counted.
+APPS = (("B", "B", True), ("C", "C", True), ("C, ledger off", "C", False))
+
+
+def statements_per_delivery(
+    variant: str, url: str, ledger: bool, count: int = 50
+) -> dict[str, float]:
     """Statements by first keyword, and COMMITs, per unique purchase and per duplicate."""
     prepare_database(url)
-    app = create_app(variant, url)
+    app = create_app(variant, url, ledger)
     client = app.test_client()
     _post(client, purchase_payload())  # connects, and on first use sets the store up
     sent: collections.Counter[str] = collections.Counter()
@@ -73,11 +79,13 @@ def statements_per_delivery(variant: str, url: str, count: int = 50) -> dict[str
     return figures
 
 
-def sqlite_pages_per_delivery(variant: str, workdir: Path, warm: int, count: int) -> float:
-    path = workdir / f"pages-{variant}.db"
+def sqlite_pages_per_delivery(
+    variant: str, ledger: bool, workdir: Path, warm: int, count: int
+) -> float:
+    path = workdir / f"pages-{variant}-{'ledger' if ledger else 'no-ledger'}.db"
     url = f"sqlite:///{path}"
     prepare_database(url)
-    app = create_app(variant, url)
+    app = create_app(variant, url, ledger)
     engine = _engine(app)
     # Checkpoints would move pages from the log into the database file mid-count.
     sa.event.listen(
@@ -113,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.postgres:
             urls["PostgreSQL"] = args.postgres
         for name, url in urls.items():
-            for variant in ("B", "C"):
-                figures = statements_per_delivery(variant, url)
+            for label, variant, ledger in APPS:
+                figures = statements_per_delivery(variant, url, ledger)
                 text = ", ".join(f"{kind} {n:g}" for kind, n in figures.items())
-                print(f"{name} {variant}: statements per delivery: {text}")
-        for variant in ("B", "C"):
-            pages = sqlite_pages_per_delivery(variant, workdir, args.warm, args.count)
-            print(f"SQLite {variant}: pages written per unique purchase: {pages:.1f}")
+                print(f"{name} {label}: statements per delivery: {text}")
+        for label, variant, ledger in APPS:
+            pages = sqlite_pages_per_delivery(variant, ledger, workdir, args.warm, args.count)
+            print(f"SQLite {label}: pages written per unique purchase: {pages:.1f}")
     return 0
 
 
