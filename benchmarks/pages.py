@@ -80,6 +80,8 @@ def slope(points: list[tuple[int, float]]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--warm", type=int, default=2000, help="commits before measuring")
+    # Enough commits that every size sees several checkpoints (one per 1,000 pages of log):
+    # a short run catches them unevenly and its slope means nothing (300 gave 4 µs).
     parser.add_argument("--count", type=int, default=3000, help="commits measured")
     parser.add_argument(
         "--repeats", type=int, default=5, help="runs of each size; medians are shown"
