@@ -25,11 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from flask_nachocode.store import SQLITE_BUSY_TIMEOUT_MS  # noqa: E402
+from flask_nachocode.store import _sqlite_pragmas  # noqa: E402
 
 #: B-trees changed per commit: 2 is B's delivery, 8 is C's new purchase.
 TREES = (1, 2, 4, 8)
@@ -40,8 +41,9 @@ def per_commit(trees: int, workdir: Path, warm: int, count: int) -> tuple[float,
     each of ``trees`` tables, on a fresh database file."""
     path = Path(tempfile.mkstemp(dir=workdir, suffix=".db")[1])
     connection = sqlite3.connect(path, isolation_level=None)
-    connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    connection.execute("PRAGMA journal_mode=WAL")
+    # The extension's own set-up (its pool listener, given a bare record), so the floor
+    # follows it if it ever changes.
+    _sqlite_pragmas(connection, SimpleNamespace(info={}))
     for tree in range(trees):
         # One B-tree each: a WITHOUT ROWID table is its primary key's tree.
         connection.execute(f"CREATE TABLE t{tree} (k TEXT PRIMARY KEY, v BLOB) WITHOUT ROWID")
