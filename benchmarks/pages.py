@@ -72,11 +72,7 @@ def per_commit(trees: int, workdir: Path, warm: int, count: int) -> tuple[float,
 
 def slope(points: list[tuple[int, float]]) -> float:
     """Least-squares µs per added B-tree."""
-    mean_x = statistics.fmean(x for x, _ in points)
-    mean_y = statistics.fmean(y for _, y in points)
-    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sum(
-        (x - mean_x) ** 2 for x, _ in points
-    )
+    return statistics.linear_regression([x for x, _ in points], [y for _, y in points]).slope
 
 
 def main(argv: list[str] | None = None) -> int:
