@@ -3,6 +3,7 @@ validated, typed, stored and handled exactly once."""
 
 from __future__ import annotations
 
+from ._version import __version__
 from .errors import Refuse
 from .events import (
     AppStorePurchaseData,
@@ -14,8 +15,6 @@ from .events import (
 from .extension import NachocodeWebhook
 from .ledger import Purchase
 from .signals import delivery_failed, delivery_handled, delivery_received
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AppStorePurchaseData",

@@ -1,4 +1,4 @@
-"""Dispatch: claim -> ledger -> handlers -> record, in one transaction.
+"""The delivery lifecycle: claim -> ledger -> handlers -> record, in one transaction.
 
 Used by the webhook view for new deliveries and by ``replay`` for stored ones,
 so both follow the same exactly-once rule. On the happy path the claim, the
@@ -17,18 +17,18 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from flask import current_app
 
-from . import ledger, signals
+from . import signals
 from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookError
-from .events import Event, PurchaseEvent, RefundEvent
-from .store import REPLAYABLE, describe_database_error, utcnow
-
-if TYPE_CHECKING:
-    from .extension import AppState
+from .events import ROUTES_BY_NAME, Event, utcnow
+from .schemas import load_event
+from .state import AppState
+from .store import describe_database_error
+from .tables import REPLAYABLE
 
 logger = logging.getLogger("flask_nachocode")
 
@@ -97,7 +97,7 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
         session.rollback()
         return record(state, delivery, refusal, event)
     except sa.exc.SQLAlchemyError as error:
-        raise _store_unavailable(session, error) from error
+        raise _store_unavailable(state, error) from error
 
     try:
         for handler in handlers:
@@ -107,15 +107,15 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
         # the store being unavailable when the delivery commits.
         session.flush()
     except Refuse as refusal:
-        _rollback(session)
+        store.rollback_quietly()
         return record(state, delivery, refusal, event)
     except sa.exc.OperationalError as error:
         # The database went away under a handler's own writes (connection killed,
         # server restarting, SQLite locked too long): the store failed, not the
         # handler, and a re-send will work, so 503 as for the claim, not 500.
-        raise _store_unavailable(session, error) from error
+        raise _store_unavailable(state, error) from error
     except Exception as error:  # a handler bug must not lose the delivery
-        _rollback(session)
+        store.rollback_quietly()
         logger.exception("nachocode %s handler failed (identity %s)", event.name, identity)
         failure = HandlerFailed(
             "a handler raised an exception; the delivery was recorded as failed"
@@ -125,8 +125,7 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
 
 
 def _claim(state: AppState, session: Any, event: Event) -> bool:
-    """Claim the event and write the ledger: the start of the delivery's
-    transaction. False for a duplicate, which wrote nothing.
+    """Claim the event and write the ledger (:meth:`Store.claim`): False for a duplicate.
 
     A pooled connection the database dropped while idle fails right here, before
     any handler ran and with nothing committed, so trying once more on a fresh
@@ -134,38 +133,12 @@ def _claim(state: AppState, session: Any, event: Event) -> bool:
     succeed on an app engine without ``pool_pre_ping``.
     """
     try:
-        return _claim_once(state, session, event)
+        return state.store.claim(session.connection(), event, utcnow())
     except sa.exc.DBAPIError as error:
         if not error.connection_invalidated:
             raise
         session.rollback()
-        return _claim_once(state, session, event)
-
-
-def _claim_once(state: AppState, session: Any, event: Event) -> bool:
-    store = state.store
-    connection = session.connection()
-    now = utcnow()
-    if not state.ledger_enabled or not isinstance(event, (PurchaseEvent, RefundEvent)):
-        return event.identity is None or store.claim(connection, event.identity, event.name, now)
-    if isinstance(event, PurchaseEvent) and connection.dialect.name == "postgresql":
-        return ledger.claim_and_apply_purchase(
-            connection, store.claims, store.purchases, event, now
-        )
-    if not store.claim(connection, event.identity, event.name, now):
-        return False
-    if isinstance(event, PurchaseEvent):
-        ledger.apply_purchase(connection, store.purchases, event, now)
-    else:
-        ledger.apply_refund(connection, store.purchases, event, now)
-    return True
-
-
-def _rollback(session: Any) -> None:
-    try:
-        session.rollback()
-    except sa.exc.SQLAlchemyError:
-        pass  # the connection is gone; recording the failure will say so with a 503
+        return state.store.claim(session.connection(), event, utcnow())
 
 
 def record(
@@ -177,7 +150,6 @@ def record(
     cause: BaseException | None = None,
 ) -> Result:
     """Store a delivery that was not handled (invalid, unhandled, refused, failed)."""
-    session = state.store.session
     try:
         state.store.ensure_ready()
         result = _commit(
@@ -193,7 +165,7 @@ def record(
             trace="".join(traceback.format_exception(cause)) if cause is not None else None,
         )
     except sa.exc.SQLAlchemyError as db_error:
-        raise _store_unavailable(session, db_error) from db_error
+        raise _store_unavailable(state, db_error) from db_error
     return result
 
 
@@ -236,24 +208,10 @@ def _commit(
         "replay_count": 0,
     }
     try:
-        delivery_id = store.insert_delivery(session.connection(), values)
-        if delivery.replay_of is not None:
-            table = store.deliveries
-            # The original shows its latest outcome, except that a duplicate does
-            # not hide that an earlier replay of it was the one that handled it.
-            latest = (
-                outcome
-                if outcome != "duplicate"
-                else sa.case((table.c.outcome == "handled", "handled"), else_="duplicate")
-            )
-            session.execute(
-                sa.update(table)
-                .where(table.c.id == delivery.replay_of)
-                .values(replay_count=table.c.replay_count + 1, outcome=latest, status=status)
-            )
+        delivery_id = store.record_delivery(session.connection(), values)
         session.commit()
     except sa.exc.SQLAlchemyError as db_error:
-        raise _store_unavailable(session, db_error) from db_error
+        raise _store_unavailable(state, db_error) from db_error
 
     if elapsed > SLOW_DELIVERY_SECONDS:
         logger.warning(
@@ -274,8 +232,8 @@ def _commit(
     return result
 
 
-def _store_unavailable(session: Any, error: sa.exc.SQLAlchemyError) -> StoreUnavailable:
-    _rollback(session)  # a lost connection is replaced by the pool on the next checkout
+def _store_unavailable(state: AppState, error: sa.exc.SQLAlchemyError) -> StoreUnavailable:
+    state.store.rollback_quietly()
     logger.error(
         "nachocode store unavailable, delivery not recorded: %s", describe_database_error(error)
     )
@@ -285,9 +243,8 @@ def _store_unavailable(session: Any, error: sa.exc.SQLAlchemyError) -> StoreUnav
 
 
 def _guess_event_name(delivery: Delivery) -> str | None:
-    from .views import ROUTE_EVENTS
-
-    return ROUTE_EVENTS.get(delivery.route)
+    route = ROUTES_BY_NAME.get(delivery.route)
+    return route.event if route is not None else None
 
 
 def _storable_text(text: str) -> str:
@@ -317,8 +274,6 @@ def replay(state: AppState, delivery_id: int) -> Result:
     ``unavailable_users`` delivery that was handled already (those are never
     deduplicated, so a replay would run its handlers twice).
     """
-    from .schemas import load_event
-
     row = state.store.get_delivery(delivery_id)
     if row is None:
         raise LookupError(f"no delivery {delivery_id}")

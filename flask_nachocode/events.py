@@ -8,7 +8,7 @@ original JSON object, including fields Nachocode may add later, stays on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, ClassVar, Literal
 
@@ -18,6 +18,49 @@ Environment = Literal["sandbox", "production"]
 
 #: The event names handlers are registered under.
 EVENT_NAMES = ("purchase", "refund", "unavailable_users")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One webhook URL: what it is called in a stored delivery, where it is mounted
+    below the prefix, which event it receives, and where it goes in Nachocode's dashboard."""
+
+    #: Stored in ``nachocode_deliveries.route``; also the endpoint's name.
+    name: str
+    #: Below ``NACHOCODE_URL_PREFIX``.
+    path: str
+    #: The event the URL receives; None for the all-events URL, which tells it by the body.
+    event: str | None
+    #: The field of the Nachocode dashboard the URL is pasted into.
+    dashboard_field: str
+
+
+#: The webhook routes: the one table of event <-> URL path, the all-events URL last.
+ROUTES = (
+    Route("purchase", "/webhooks/purchase", "purchase", "In-app purchase: purchase webhook URL"),
+    Route("refund", "/webhooks/refund", "refund", "In-app purchase: refund webhook URL"),
+    Route(
+        "unavailable-users",
+        "/webhooks/unavailable-users",
+        "unavailable_users",
+        "Push: unavailable users webhook URL",
+    ),
+    Route("any", "/webhooks", None, "All events on one URL (event told by the body)"),
+)
+#: Route name -> route.
+ROUTES_BY_NAME = {route.name: route for route in ROUTES}
+#: Event name (and ``"any"``) -> the route that receives it.
+ROUTES_BY_EVENT = {route.event or "any": route for route in ROUTES}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso_ms(moment: datetime) -> str:
+    """``2025-02-19T02:00:31.280Z``: a UTC time as Nachocode writes it (``moment``
+    must be in UTC already: a refund's identity is built from it and must not move)."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 @dataclass(frozen=True)
@@ -46,10 +89,6 @@ class AppStorePurchaseData:
 
 
 StoreData = PlayStorePurchaseData | AppStorePurchaseData
-
-
-def _iso_ms(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 @dataclass(frozen=True)
@@ -123,7 +162,7 @@ class RefundEvent(_InAppEvent):
     @property
     def identity(self) -> str:
         # Two partial refunds of one purchase are two events: the time tells them apart.
-        return f"refund:{self.os}:{self.store_purchase_id}:{_iso_ms(self.refunded_at)}"
+        return f"refund:{self.os}:{self.store_purchase_id}:{iso_ms(self.refunded_at)}"
 
 
 @dataclass(frozen=True)

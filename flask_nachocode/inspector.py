@@ -30,22 +30,18 @@ pages send a Content-Security-Policy without inline scripts as a second line.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import hmac
-import json
 import logging
 import secrets
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode
 
 import sqlalchemy as sa
 from flask import (
     Blueprint,
-    Flask,
     Response,
     abort,
     current_app,
@@ -59,15 +55,14 @@ from flask import (
 )
 from werkzeug.wrappers import Response as BaseResponse
 
-from .dispatch import replay
+from .delivery import replay
+from .display import NOT_JSON, pretty_json
 from .errors import InvalidEvent, WebhookError
 from .events import EVENT_NAMES
-from .extension import resolve_decorators
 from .schemas import MAX_ID, SCHEMAS, load_event
-from .store import OUTCOMES, REPLAYABLE
-
-if TYPE_CHECKING:
-    from .extension import AppState
+from .state import AppState, InspectorSettings, decorate
+from .store import DeliveryFilter
+from .tables import OUTCOMES, REPLAYABLE
 
 logger = logging.getLogger("flask_nachocode")
 
@@ -76,7 +71,6 @@ PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 #: Most rows one poll returns; a bigger burst arrives over the next polls.
 POLL_BATCH = 100
-MIN_TOKEN_LENGTH = 16
 MAX_SEARCH_LENGTH = 512
 
 _SESSION_LOGIN = "nachocode_inspector"
@@ -100,65 +94,6 @@ _SECURITY_HEADERS = {
 }
 
 
-@dataclass(frozen=True)
-class InspectorSettings:
-    """How the inspector of one app is protected (see the module docstring)."""
-
-    token: str | None
-    decorators: tuple[Callable[[Any], Any], ...]
-
-    @property
-    def protected(self) -> bool:
-        return bool(self.token or self.decorators)
-
-    @property
-    def session_mark(self) -> str:
-        """What the session keeps after a token login: a digest, since Flask's
-        session cookie is signed but readable. Changing the token logs everyone out."""
-        assert self.token is not None
-        return hmac.new(
-            self.token.encode(), b"flask-nachocode inspector", hashlib.sha256
-        ).hexdigest()
-
-
-def inspector_settings(app: Flask, url_prefix: str) -> InspectorSettings:
-    """Read the inspector's protection from ``app.config``; refuse a config that
-    cannot work and warn when the inspector is on without protection."""
-    config = app.config
-    token = config["NACHOCODE_INSPECTOR_TOKEN"]
-    if token is not None and (not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH):
-        raise RuntimeError(
-            "NACHOCODE_INSPECTOR_TOKEN must be a string of at least "
-            f"{MIN_TOKEN_LENGTH} characters; "
-            "make one with: python -c 'import secrets; print(secrets.token_urlsafe())'"
-        )
-    decorators = resolve_decorators(
-        "NACHOCODE_INSPECTOR_DECORATORS", config["NACHOCODE_INSPECTOR_DECORATORS"]
-    )
-    if not app.secret_key:
-        raise RuntimeError(
-            "NACHOCODE_INSPECTOR needs the app's SECRET_KEY: the inspector keeps its CSRF "
-            "token (and a token login) in the session cookie"
-        )
-    settings = InspectorSettings(token=token, decorators=tuple(decorators))
-    if not settings.protected:
-        if app.debug:
-            logger.warning(
-                "The delivery inspector at %s/deliveries is on without protection: in debug mode "
-                "anyone who can reach this server can read deliveries and replay them. Set "
-                "NACHOCODE_INSPECTOR_DECORATORS or NACHOCODE_INSPECTOR_TOKEN.",
-                url_prefix,
-            )
-        else:
-            logger.warning(
-                "The delivery inspector at %s/deliveries is on without protection and the app is "
-                "not in debug mode, so its pages answer 404. Set NACHOCODE_INSPECTOR_DECORATORS "
-                "(your login decorator) or NACHOCODE_INSPECTOR_TOKEN.",
-                url_prefix,
-            )
-    return settings
-
-
 def make_inspector_blueprint(state: AppState) -> Blueprint:
     """The ``inspector`` blueprint, nested in the ``nachocode`` one (endpoints
     ``nachocode.inspector.*``). Its templates live in ``templates/nachocode/``
@@ -175,9 +110,7 @@ def make_inspector_blueprint(state: AppState) -> Blueprint:
     views = _Views(state)
 
     def protect(view: Callable[..., Any]) -> Callable[..., Any]:
-        for decorator in reversed(settings.decorators):
-            view = decorator(view)
-        return view
+        return decorate(view, settings.decorators)
 
     blueprint.before_request(lambda: _gate(settings))
     blueprint.after_request(_add_security_headers)
@@ -247,42 +180,26 @@ def check_csrf() -> None:
         )
 
 
-@dataclass
-class Filters:
-    outcome: str = ""
-    event: str = ""
-    q: str = ""
+def filter_from_request() -> DeliveryFilter:
+    """The list's filters from the query string; 400 for values no delivery can have."""
+    outcome = request.args.get("outcome", "")
+    event = request.args.get("event", "")
+    q = request.args.get("q", "").strip()
+    if outcome and outcome not in OUTCOMES:
+        abort(400, f"outcome must be one of {', '.join(OUTCOMES)}")
+    if event and event not in EVENT_NAMES:
+        abort(400, f"event must be one of {', '.join(EVENT_NAMES)}")
+    if len(q) > MAX_SEARCH_LENGTH:
+        abort(400, f"the search is longer than {MAX_SEARCH_LENGTH} characters")
+    return DeliveryFilter(outcome, event, q, replays=request.args.get("replays") == "1")
 
-    @classmethod
-    def from_request(cls) -> Filters:
-        outcome = request.args.get("outcome", "")
-        event = request.args.get("event", "")
-        q = request.args.get("q", "").strip()
-        if outcome and outcome not in OUTCOMES:
-            abort(400, f"outcome must be one of {', '.join(OUTCOMES)}")
-        if event and event not in EVENT_NAMES:
-            abort(400, f"event must be one of {', '.join(EVENT_NAMES)}")
-        if len(q) > MAX_SEARCH_LENGTH:
-            abort(400, f"the search is longer than {MAX_SEARCH_LENGTH} characters")
-        return cls(outcome, event, q)
 
-    @property
-    def args(self) -> dict[str, Any]:
-        """The filters that are set, as query arguments for links."""
-        return {name: value for name, value in dataclasses.asdict(self).items() if value}
-
-    def apply(self, query: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
-        if self.outcome:
-            query = query.where(table.c.outcome == self.outcome)
-        if self.event:
-            query = query.where(table.c.event == self.event)
-        if self.q:
-            # Exact matches, so that both columns' indexes serve the search.
-            match = table.c.user_id == self.q
-            if self.q.isdigit() and int(self.q) <= MAX_ID:
-                match = match | (table.c.iap_log_id == int(self.q))
-            query = query.where(match)
-        return query
+def filter_args(where: DeliveryFilter) -> dict[str, Any]:
+    """The filters that are set, as query arguments for links."""
+    args = {name: value for name, value in dataclasses.asdict(where).items() if value}
+    if where.replays:
+        args["replays"] = "1"
+    return args
 
 
 def _int_arg(name: str) -> int | None:
@@ -294,108 +211,62 @@ def _int_arg(name: str) -> int | None:
     return int(value)
 
 
-def _row_columns(table: sa.Table) -> list[sa.Column[Any]]:
-    """The columns a list row shows."""
-    return [
-        table.c.id,
-        table.c.received_at,
-        table.c.event,
-        table.c.user_id,
-        table.c.outcome,
-        table.c.status,
-        table.c.duration_ms,
-        table.c.replay_of,
-        table.c.replay_count,
-    ]
-
-
 class _Views:
     """The inspector's views, bound to one app's state."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
 
-    def _rows(self, query: sa.Select[Any]) -> list[sa.Row[Any]]:
-        store = self.state.store
-        store.ensure_ready()
-        return list(store.session.execute(query).all())
-
-    def _exists(self, filters: Filters, condition: sa.ColumnElement[bool]) -> bool:
-        table = self.state.store.deliveries
-        query = filters.apply(sa.select(table.c.id), table).where(condition).limit(1)
-        return bool(self._rows(query))
-
     def deliveries(self) -> str:
         """Newest first, filtered, a page at a time; the first page polls for new ones."""
-        filters = Filters.from_request()
+        where = filter_from_request()
         before, after = _int_arg("before"), _int_arg("after")
         per_page = _int_arg("per_page")
         per_page = PAGE_SIZE if per_page is None else per_page
         if not 1 <= per_page <= MAX_PAGE_SIZE:
             abort(400, f"per_page must be between 1 and {MAX_PAGE_SIZE}")
-        table = self.state.store.deliveries
-        query = filters.apply(sa.select(*_row_columns(table)), table)
-        if after is not None:
-            rows = self._rows(
-                query.where(table.c.id > after).order_by(table.c.id.asc()).limit(per_page)
-            )
-            rows.reverse()
-        else:
-            if before is not None:
-                query = query.where(table.c.id < before)
-            rows = self._rows(query.order_by(table.c.id.desc()).limit(per_page))
+        store = self.state.store
+        rows = store.list_deliveries(where, limit=per_page, before=before, after=after)
         live = before is None and after is None
         older = newer = None
-        if rows and self._exists(filters, table.c.id < rows[-1].id):
-            older = url_for(".deliveries", before=rows[-1].id, **self._page_args(filters, per_page))
-        if not live and rows and self._exists(filters, table.c.id > rows[0].id):
-            newer = url_for(".deliveries", after=rows[0].id, **self._page_args(filters, per_page))
-        self.state.store.session.rollback()  # end the read: SQLite writers must not wait on it
+        if rows and store.has_deliveries(where, before=rows[-1].id):
+            older = url_for(".deliveries", before=rows[-1].id, **self._page_args(where, per_page))
+        if not live and rows and store.has_deliveries(where, after=rows[0].id):
+            newer = url_for(".deliveries", after=rows[0].id, **self._page_args(where, per_page))
         return render_template(
             "nachocode/deliveries.html",
             rows=rows,
-            filters=filters,
+            filters=where,
+            filter_args=filter_args(where),
             outcomes=OUTCOMES,
             events=EVENT_NAMES,
             live=live,
             latest=rows[0].id if rows else 0,
-            poll_url=url_for(".poll", **filters.args),
-            newest_url=url_for(".deliveries", **self._page_args(filters, per_page)),
+            poll_url=url_for(".poll", **filter_args(where)),
+            newest_url=url_for(".deliveries", **self._page_args(where, per_page)),
             older_url=older,
             newer_url=newer,
         )
 
     @staticmethod
-    def _page_args(filters: Filters, per_page: int) -> dict[str, Any]:
-        return {**filters.args, **({"per_page": per_page} if per_page != PAGE_SIZE else {})}
+    def _page_args(where: DeliveryFilter, per_page: int) -> dict[str, Any]:
+        return {**filter_args(where), **({"per_page": per_page} if per_page != PAGE_SIZE else {})}
 
     def poll(self) -> Response:
         """Rows newer than ``?after=``, rendered by the same template as the page."""
-        filters = Filters.from_request()
         after = _int_arg("after") or 0
-        table = self.state.store.deliveries
-        query = filters.apply(sa.select(*_row_columns(table)), table)
-        rows = self._rows(
-            query.where(table.c.id > after).order_by(table.c.id.asc()).limit(POLL_BATCH)
+        rows = self.state.store.list_deliveries(
+            filter_from_request(), limit=POLL_BATCH, after=after
         )
-        self.state.store.session.rollback()
-        rows.reverse()
         html = render_template("nachocode/_rows.html", rows=rows) if rows else ""
         return jsonify(latest=rows[0].id if rows else after, count=len(rows), html=html)
 
     def delivery(self, delivery_id: int) -> str:
         store = self.state.store
-        row = store.get_delivery(delivery_id) if delivery_id <= MAX_ID else None
+        row = store.get_delivery(delivery_id)
         if row is None:
             abort(404, f"No delivery {delivery_id}.")
-        table = store.deliveries
-        replays = self._rows(
-            sa.select(*_row_columns(table))
-            .where(table.c.replay_of == delivery_id)
-            .order_by(table.c.id.desc())
-        )
-        store.session.rollback()
-        body, payload = pretty_body(row.body)
+        body, payload = pretty_json(row.body) if row.body is not None else (None, NOT_JSON)
         event_type, event_fields, event_errors = parse_stored_event(row.event, payload)
         return render_template(
             "nachocode/delivery.html",
@@ -404,18 +275,16 @@ class _Views:
             event_type=event_type,
             event_fields=event_fields,
             event_errors=event_errors,
-            replays=replays,
+            replays=store.replays_of(delivery_id),
             replayable=row.outcome in REPLAYABLE and row.body is not None,
             replayable_outcomes=REPLAYABLE,
         )
 
     def replay(self, delivery_id: int) -> BaseResponse:
-        """Run the handlers again (:func:`flask_nachocode.dispatch.replay`), then
+        """Run the handlers again (:func:`flask_nachocode.delivery.replay`), then
         show the original delivery with its new outcome and replay history."""
         check_csrf()
         try:
-            if delivery_id > MAX_ID:  # no such row, and too large for the id column
-                raise LookupError(delivery_id)
             result = replay(self.state, delivery_id)
         except LookupError:
             abort(404, f"No delivery {delivery_id}.")
@@ -433,27 +302,11 @@ class _Views:
         return redirect(url_for(".delivery", delivery_id=delivery_id), 303)
 
     def store_error(self, error: sa.exc.SQLAlchemyError) -> tuple[str, int]:
-        try:
-            self.state.store.session.rollback()
-        except sa.exc.SQLAlchemyError:
-            pass  # the connection is gone; the pool replaces it
+        self.state.store.rollback_quietly()
         logger.error(
             "nachocode inspector: the delivery store is unavailable: %s", type(error).__name__
         )
         return render_template("nachocode/unavailable.html"), 503
-
-
-def pretty_body(body: bytes | None) -> tuple[str | None, Any]:
-    """The stored body as indented JSON when it parses (else as text), and the
-    parsed value. ``(None, None)`` when bodies are not kept."""
-    if body is None:
-        return None, None
-    text = bytes(body).decode("utf-8", "replace")
-    try:
-        payload = json.loads(text)
-        return json.dumps(payload, indent=2, ensure_ascii=False), payload
-    except (ValueError, RecursionError):
-        return text, None
 
 
 def parse_stored_event(

@@ -12,56 +12,21 @@ purchase, when it comes, completes the row and its handlers see it refunded.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 
 from .errors import Refuse
 from .events import PurchaseEvent, RefundEvent
+from .tables import ACTIVE, PARTIALLY_REFUNDED, REFUNDED, conflict_insert
 
 if TYPE_CHECKING:
     from .store import Store
-
-ACTIVE, PARTIALLY_REFUNDED, REFUNDED = "active", "partially_refunded", "refunded"
-
-
-def define_purchases(metadata: sa.MetaData) -> sa.Table:
-    from .store import UTCDateTime, _table
-
-    return _table(
-        metadata,
-        "nachocode_purchases",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
-        sa.Column("platform", sa.String(16), nullable=False),
-        # Play orderId / App Store transactionId: what a refund shares with its purchase.
-        sa.Column("store_purchase_id", sa.String(256), nullable=False),
-        # Play purchaseToken / App Store originalTransactionId.
-        sa.Column("store_token", sa.Text, nullable=False),
-        sa.Column("user_id", sa.Text, nullable=False, index=True),
-        sa.Column("iap_log_id", sa.BigInteger, nullable=False, index=True),
-        sa.Column("nacho_product_id", sa.Text, nullable=False),
-        sa.Column("product_id", sa.Text, nullable=False),
-        sa.Column("product_type", sa.String(16), nullable=False),
-        sa.Column("environment", sa.String(16), nullable=False),
-        sa.Column("quantity", sa.Integer, nullable=False),
-        # Exact decimal text: SQLite has no exact decimal type.
-        sa.Column("unit_price", sa.String(64), nullable=False),
-        sa.Column("refunded_quantity", sa.Integer, nullable=False),
-        sa.Column("state", sa.String(24), nullable=False),
-        # False while only a refund has arrived; True once the purchase was handled.
-        sa.Column("purchase_received", sa.Boolean, nullable=False),
-        sa.Column("purchased_at", UTCDateTime, nullable=True),
-        sa.Column("verified_at", UTCDateTime, nullable=True),
-        sa.Column("refunded_at", UTCDateTime, nullable=True),
-        sa.Column("updated_at", UTCDateTime, nullable=False),
-        sa.UniqueConstraint(
-            "platform", "store_purchase_id", name="uq_nachocode_purchases_store_id"
-        ),
-    )
 
 
 @dataclass(frozen=True)
@@ -123,14 +88,13 @@ class Purchase:
 
 
 def _upsert(dialect_name: str) -> Any:
-    if dialect_name == "postgresql":
-        return postgresql.insert
-    if dialect_name == "sqlite":
-        return sqlite.insert
-    raise RuntimeError(
-        f"the purchase ledger needs PostgreSQL or SQLite (this database is {dialect_name}); "
-        "set NACHOCODE_LEDGER = False to run without it"
-    )
+    insert = conflict_insert(dialect_name)
+    if insert is None:
+        raise RuntimeError(
+            f"the purchase ledger needs PostgreSQL or SQLite (this database is {dialect_name}); "
+            "set NACHOCODE_LEDGER = False to run without it"
+        )
+    return insert
 
 
 def _store_token(event: PurchaseEvent | RefundEvent) -> str:
@@ -178,8 +142,8 @@ _SET_BY_PURCHASE = (
 
 @functools.lru_cache(maxsize=64)
 def _purchase_upsert(table: sa.Table, dialect_name: str) -> Any:
-    # Built once per table and run with parameters: building the statement per
-    # delivery cost more CPU than running it.
+    # Built once per table and run with parameters: building a statement costs more
+    # CPU than running it.
     return _on_purchase_conflict(_upsert(dialect_name)(table), table).execution_options(
         # psycopg 3 reports -1 for an INSERT's rowcount unless SQLAlchemy keeps it.
         preserve_rowcount=True
@@ -338,13 +302,13 @@ class Ledger:
     Inside a webhook handler, queries see the delivery's own uncommitted writes.
     """
 
-    def __init__(self, store_for_app: Any) -> None:
+    def __init__(self, store_for_app: Callable[[], Store]) -> None:
         self._store_for_app = store_for_app
 
     def _query(
         self, *conditions: Any, environment: str | None, newest_first: bool = False
     ) -> list[Purchase]:
-        store: Store = self._store_for_app()
+        store = self._store_for_app()
         store.ensure_ready()
         table = store.purchases
         statement = sa.select(table).where(*conditions)

@@ -10,14 +10,14 @@ False`` removes the route.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Response, jsonify
 from marshmallow import EXCLUDE, Schema, fields, validate
 
-from . import __version__
+from ._version import __version__
 from .errors import (
     BadBody,
     HandlerFailed,
@@ -29,7 +29,7 @@ from .errors import (
     UnsupportedMediaType,
     WebhookError,
 )
-from .events import EVENT_NAMES
+from .events import EVENT_NAMES, ROUTES_BY_EVENT
 from .schemas import (
     NO_NUL_PATTERN,
     SCHEMAS,
@@ -42,10 +42,8 @@ from .schemas import (
     Text,
     UTCDateTime,
 )
-from .testing import payload_for, webhook_path
-
-if TYPE_CHECKING:
-    from .extension import AppState
+from .state import AppState
+from .testing import payload_for
 
 #: What the timestamps must look like; a stricter form of JSON Schema's date-time.
 TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})$"
@@ -205,7 +203,7 @@ def build_document(state: AppState) -> dict[str, Any]:
         **error,
     }
 
-    for route in (*EVENT_NAMES, "any"):
+    for route in ROUTES_BY_EVENT:
         if route == "any":
             body_schema: Any = {
                 "anyOf": [
@@ -236,7 +234,9 @@ def build_document(state: AppState) -> dict[str, Any]:
         }
         if state.keys:
             operation["security"] = [{"webhookKey": []}]
-        spec.path(path=f"{state.url_prefix}{webhook_path(route)}", operations={"post": operation})
+        spec.path(
+            path=f"{state.url_prefix}{ROUTES_BY_EVENT[route].path}", operations={"post": operation}
+        )
     return spec.to_dict()
 
 

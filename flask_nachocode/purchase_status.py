@@ -26,17 +26,17 @@ the route with the app's own login decorator.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from flask import Blueprint, Response, jsonify, request
 
 from .errors import BadPurchaseId, StoreUnavailable
-from .events import _iso_ms
-from .extension import current_state
+from .events import iso_ms
 from .ledger import Purchase
 from .schemas import MAX_ID
+from .state import ViewDecorator, current_ledger, current_state, decorate
 
 #: The route's endpoint name, for ``url_for("nachocode.purchase_status", ...)``.
 ENDPOINT = "purchase_status"
@@ -52,7 +52,7 @@ def _parse_iap_log_id(text: str) -> int:
 
 
 def _moment(value: Any) -> str | None:
-    return _iso_ms(value) if value is not None else None
+    return iso_ms(value) if value is not None else None
 
 
 def status_body(purchase: Purchase) -> dict[str, Any]:
@@ -86,12 +86,9 @@ def purchase_status(iap_log_id: str) -> Response:
         try:
             # Both ids in the query: another user's purchase is never even loaded.
             # Every environment: app review buys in sandbox against live servers.
-            purchase = state.extension.ledger.get(log_id, environment=None, user_id=user_id)
+            purchase = current_ledger.get(log_id, environment=None, user_id=user_id)
         except sa.exc.SQLAlchemyError:
-            try:
-                state.store.session.rollback()
-            except sa.exc.SQLAlchemyError:
-                pass  # the connection is gone; the pool replaces it on the next checkout
+            state.store.rollback_quietly()
             raise StoreUnavailable("the purchase ledger is unavailable; ask again later") from None
     if purchase is None or purchase.status == "pending":
         response = jsonify(success=False, status="pending")
@@ -108,11 +105,9 @@ def _no_store(response: Response) -> Response:
     return response
 
 
-def add_purchase_status_route(blueprint: Blueprint, decorators: list[Callable[[Any], Any]]) -> None:
-    """Mount the route on ``blueprint``, wrapped in ``decorators`` in list order
-    (as Flask's ``View.decorators``: the first is innermost, the last runs first)."""
-    view: Callable[..., Any] = purchase_status
-    for decorator in decorators:
-        view = decorator(view)
+def add_purchase_status_route(blueprint: Blueprint, decorators: Sequence[ViewDecorator]) -> None:
+    """Mount the route on ``blueprint``, wrapped in ``decorators`` (the first one
+    outermost, see :func:`~flask_nachocode.state.decorate`)."""
+    view = decorate(purchase_status, decorators)
     blueprint.add_url_rule("/purchases/<iap_log_id>", ENDPOINT, view, methods=["GET"])
     blueprint.after_request(_no_store)

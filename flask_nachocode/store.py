@@ -1,10 +1,5 @@
-"""The delivery store: every delivery that passed the key check, and the claims
-that make handling exactly-once.
-
-Tables are SQLAlchemy Core tables on a ``MetaData``: the app's own
-``db.metadata`` when the extension is given ``db=`` (so Flask-Migrate and
-Alembic autogenerate see them and the claim commits together with the
-handlers' writes), otherwise a private one on the extension's own engine.
+"""The delivery store: where one app's deliveries, claims and ledger live, and the
+statements every other part runs on them.
 
 Exactly once rests on one thing only: the primary key of ``nachocode_claims``.
 A delivery inserts its identity there *before* any handler runs, with
@@ -13,6 +8,10 @@ event, and every other process, host or re-send finds the row and answers
 "duplicate". On PostgreSQL a concurrent insert of the same key waits for the
 first transaction: if that one rolls back (a handler crashed), the waiting one
 takes over, so a failure never blocks the next attempt.
+
+The reads (:meth:`Store.list_deliveries`, :meth:`Store.get_delivery`, ...) are
+shared by the CLI and the inspector, and end their transaction when done, so that
+an SQLite writer never waits on a reader.
 """
 
 from __future__ import annotations
@@ -20,26 +19,27 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from flask import Flask, current_app
 from flask.globals import app_ctx
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import scoped_session, sessionmaker
+
+from . import ledger
+from .events import Event, PurchaseEvent, RefundEvent, utcnow
+from .schemas import MAX_ID
+from .tables import REPLAYABLE, conflict_insert, define_tables
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
 
 logger = logging.getLogger("flask_nachocode")
-
-#: Outcomes a stored delivery can have.
-OUTCOMES = ("handled", "duplicate", "failed", "refused", "invalid", "unhandled")
-#: Outcomes whose handlers can be run again by ``replay``.
-REPLAYABLE = ("failed", "refused", "unhandled")
 
 #: How long an SQLite connection waits for another process's write to finish
 #: before giving up with "database is locked"; longer than Nachocode's 10 s.
@@ -58,92 +58,6 @@ def describe_database_error(error: BaseException) -> str:
     cause = getattr(error, "orig", None) or error
     reason = (str(cause).splitlines() or [""])[0][:200]
     return f"{type(cause).__name__}: {reason}"
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class UTCDateTime(sa.types.TypeDecorator[datetime]):
-    """Aware UTC datetimes in, aware UTC datetimes out, on every database.
-
-    SQLite keeps no zone, so values are stored as naive UTC there and given
-    their zone back when read.
-    """
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        value = value.astimezone(timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
-
-
-def _table(metadata: sa.MetaData, name: str, *columns: Any, **options: Any) -> sa.Table:
-    # One extension object serving several apps that share one ``db`` must not
-    # define the table twice on the same metadata.
-    existing = metadata.tables.get(name)
-    return existing if existing is not None else sa.Table(name, metadata, *columns, **options)
-
-
-def define_deliveries(metadata: sa.MetaData) -> sa.Table:
-    return _table(
-        metadata,
-        "nachocode_deliveries",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
-        sa.Column("event", sa.String(32), nullable=True),
-        sa.Column("route", sa.String(32), nullable=False),
-        sa.Column("outcome", sa.String(16), nullable=False),
-        sa.Column("status", sa.Integer, nullable=False),
-        # Every index is one more page written by every delivery's commit (a fifth of
-        # the database time of a purchase on SQLite, measured): only the inspector's
-        # searches have one. ``identity`` is looked up in the claims, ``received_at``
-        # only by ``prune``, which may scan.
-        sa.Column("identity", sa.String(512), nullable=True),
-        sa.Column("user_id", sa.Text, nullable=True, index=True),
-        sa.Column("iap_log_id", sa.BigInteger, nullable=True, index=True),
-        sa.Column("body", sa.LargeBinary, nullable=True),
-        sa.Column("headers", sa.JSON, nullable=True),
-        sa.Column("remote_addr", sa.String(64), nullable=True),
-        sa.Column("received_at", UTCDateTime, nullable=False),
-        sa.Column("finished_at", UTCDateTime, nullable=False),
-        sa.Column("duration_ms", sa.Float, nullable=False),
-        sa.Column("error", sa.Text, nullable=True),
-        sa.Column("traceback", sa.Text, nullable=True),
-        sa.Column("replay_of", sa.BigInteger, nullable=True),
-        sa.Column("replay_count", sa.Integer, nullable=False, server_default="0"),
-        # Partial: a new delivery (not a replay) writes nothing to it.
-        sa.Index(
-            "ix_nachocode_deliveries_replay_of",
-            "replay_of",
-            postgresql_where=sa.text("replay_of IS NOT NULL"),
-            sqlite_where=sa.text("replay_of IS NOT NULL"),
-        ),
-    )
-
-
-def define_claims(metadata: sa.MetaData) -> sa.Table:
-    # Kept when old deliveries are pruned: forgetting a claim would let an old
-    # purchase, re-sent from the dashboard, be granted a second time.
-    return _table(
-        metadata,
-        "nachocode_claims",
-        sa.Column("identity", sa.String(512), primary_key=True),
-        sa.Column("event", sa.String(32), nullable=False),
-        sa.Column("claimed_at", UTCDateTime, nullable=False),
-        # On SQLite, one B-tree keyed by the identity instead of a rowid table plus
-        # an index on it: one page fewer written per claim.
-        sqlite_with_rowid=False,
-    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any, *args: Any) -> None:
@@ -193,20 +107,15 @@ class Store:
     ``session`` is a scoped session tied to the app context, like
     Flask-SQLAlchemy's ``db.session``; with ``db=`` it *is* ``db.session``.
     The per-delivery statements run on ``session.connection()``, fetched once: the
-    same transaction as the handlers' ORM writes, without the ORM's per-statement
-    work (``Session.execute`` cost 10-35 µs more per statement, three per delivery).
+    same transaction as the handlers' ORM writes, without the ORM's per-statement work.
     """
 
-    def __init__(self, app: Flask, db: SQLAlchemy | None) -> None:
+    def __init__(self, app: Flask, db: SQLAlchemy | None, *, ledger_enabled: bool = True) -> None:
         self.db = db
+        self.ledger_enabled = ledger_enabled
         self.metadata: sa.MetaData = db.metadata if db is not None else sa.MetaData()
-        self.deliveries = define_deliveries(self.metadata)
-        self.claims = define_claims(self.metadata)
-        # The ledger table is defined here too so that ``create_all`` and the
-        # shared metadata always hold the complete set.
-        from .ledger import define_purchases
-
-        self.purchases = define_purchases(self.metadata)
+        # All three always, so that ``create_all`` and the shared metadata hold the complete set.
+        self.deliveries, self.claims, self.purchases = define_tables(self.metadata)
         self._lock = threading.Lock()
         self._ready = False
         self._engine: Engine | None = None
@@ -219,9 +128,8 @@ class Store:
             self._sessionmaker = sessionmaker(expire_on_commit=False)
             self.session = scoped_session(self._sessionmaker, scopefunc=_app_context_id)
             app.teardown_appcontext(self._remove_session)
-        self._insert_ignoring_conflict: Callable[..., Any] | None = None
-        # Statements are built once and run with parameters: building them (and
-        # their cache keys) per delivery cost more CPU than running them.
+        # Statements are built once and run with parameters: building a statement (and
+        # its cache key) costs more CPU than running it. None: claim through a savepoint.
         self._claim_statement: Any = None
         self._insert_delivery_statement = sa.insert(self.deliveries)
 
@@ -279,10 +187,9 @@ class Store:
                     sa.event.listen(engine, "checkout", _sqlite_pragmas)
                 with engine.connect() as connection:
                     connection.exec_driver_sql("SELECT 1")  # reachable now, and set up
-            self._insert_ignoring_conflict = _conflict_free_insert(engine.dialect.name)
-            if self._insert_ignoring_conflict is not _savepoint_insert:
-                statement = self._insert_ignoring_conflict(self.claims)
-                statement = statement.on_conflict_do_nothing(index_elements=["identity"])
+            insert = conflict_insert(engine.dialect.name)
+            if insert is not None:
+                statement = insert(self.claims).on_conflict_do_nothing(index_elements=["identity"])
                 # The returned row says who inserted: an INSERT's rowcount cannot be
                 # relied on (SQLAlchemy 2.1 with psycopg reports -1 unless told to keep it).
                 self._claim_statement = statement.returning(self.claims.c.identity)
@@ -311,33 +218,208 @@ class Store:
                 if attempt == 4:
                     raise
 
-    def claim(
+    def claim(self, connection: sa.Connection, event: Event, now: datetime) -> bool:
+        """Claim ``event`` and write its ledger row: the start of the delivery's
+        transaction, before any handler runs, on its connection (``session.connection()``).
+        False for a duplicate, which wrote nothing. An event without an identity
+        (``unavailable_users``) is never a duplicate.
+        """
+        if event.identity is None:
+            return True
+        if not self.ledger_enabled or not isinstance(event, (PurchaseEvent, RefundEvent)):
+            return self._claim_identity(connection, event.identity, event.name, now)
+        if isinstance(event, PurchaseEvent) and connection.dialect.name == "postgresql":
+            # One statement, one network round trip fewer than the claim and the row apart.
+            return ledger.claim_and_apply_purchase(
+                connection, self.claims, self.purchases, event, now
+            )
+        if not self._claim_identity(connection, event.identity, event.name, now):
+            return False
+        if isinstance(event, PurchaseEvent):
+            ledger.apply_purchase(connection, self.purchases, event, now)
+        else:
+            ledger.apply_refund(connection, self.purchases, event, now)
+        return True
+
+    def _claim_identity(
         self, connection: sa.Connection, identity: str, event_name: str, now: datetime
     ) -> bool:
-        """Insert the claim row for ``identity``; False when someone already holds it.
-
-        This must run before any handler, on the connection of the delivery's
-        transaction (``session.connection()``).
-        """
-        assert self._insert_ignoring_conflict is not None
         values = {"identity": identity, "event": event_name, "claimed_at": now}
-        if self._insert_ignoring_conflict is _savepoint_insert:
+        if self._claim_statement is None:
             return _savepoint_insert(connection, self.claims, values)
         return connection.execute(self._claim_statement, values).first() is not None
 
-    def insert_delivery(self, connection: sa.Connection, values: dict[str, Any]) -> int:
+    def record_delivery(self, connection: sa.Connection, values: dict[str, Any]) -> int:
+        """Insert the delivery record (the values of every column); a replay also
+        updates its original. Returns the new delivery's id."""
         result = connection.execute(self._insert_delivery_statement, values)
         key = result.inserted_primary_key
         assert key is not None  # a single-row INSERT always has one
+        original = values["replay_of"]
+        if original is not None:
+            table = self.deliveries
+            outcome = values["outcome"]
+            # The original shows its latest outcome, except that a duplicate does
+            # not hide that an earlier replay of it was the one that handled it.
+            latest = (
+                outcome
+                if outcome != "duplicate"
+                else sa.case((table.c.outcome == "handled", "handled"), else_="duplicate")
+            )
+            connection.execute(
+                sa.update(table)
+                .where(table.c.id == original)
+                .values(
+                    replay_count=table.c.replay_count + 1, outcome=latest, status=values["status"]
+                )
+            )
         return int(key[0])
 
-    def get_delivery(self, delivery_id: int) -> sa.Row[Any] | None:
+    def rollback_quietly(self) -> None:
+        """Roll the session back, ignoring a connection that is already gone (the
+        pool replaces it on the next checkout): for paths that are failing anyway."""
+        try:
+            self.session.rollback()
+        except sa.exc.SQLAlchemyError:
+            pass
+
+    @contextmanager
+    def reading(self) -> Iterator[Any]:
+        """The session, for reads; the read transaction ends on the way out, so that
+        SQLite writers never wait on it."""
         self.ensure_ready()
-        row: sa.Row[Any] | None = self.session.execute(
-            sa.select(self.deliveries).where(self.deliveries.c.id == delivery_id)
-        ).first()
-        self.session.rollback()  # end the read transaction: SQLite writers must not wait on it
+        try:
+            yield self.session
+        finally:
+            self.rollback_quietly()
+
+    def get_delivery(self, delivery_id: int) -> sa.Row[Any] | None:
+        """The stored delivery ``delivery_id``, or None (also for ids no column can hold)."""
+        if not 0 <= delivery_id <= MAX_ID:
+            return None
+        with self.reading() as session:
+            row: sa.Row[Any] | None = session.execute(
+                sa.select(self.deliveries).where(self.deliveries.c.id == delivery_id)
+            ).first()
         return row
+
+    def list_deliveries(
+        self,
+        where: DeliveryFilter,
+        *,
+        limit: int,
+        before: int | None = None,
+        after: int | None = None,
+    ) -> list[sa.Row[Any]]:
+        """Up to ``limit`` deliveries matching ``where``, newest first, with the
+        :data:`LIST_COLUMNS`. With ``before``, those older than that id; with ``after``,
+        the ``limit`` oldest of those newer than that id (the next page up, or a poll)."""
+        table = self.deliveries
+        query = sa.select(*[table.c[name] for name in LIST_COLUMNS]).where(*where.conditions(table))
+        if after is not None:
+            query = query.where(table.c.id > after).order_by(table.c.id.asc())
+        else:
+            if before is not None:
+                query = query.where(table.c.id < before)
+            query = query.order_by(table.c.id.desc())
+        with self.reading() as session:
+            rows = list(session.execute(query.limit(limit)).all())
+        if after is not None:
+            rows.reverse()
+        return rows
+
+    def has_deliveries(
+        self, where: DeliveryFilter, *, before: int | None = None, after: int | None = None
+    ) -> bool:
+        """Whether any delivery matching ``where`` is older than ``before`` or newer
+        than ``after``: is there a next page?"""
+        table = self.deliveries
+        query = sa.select(table.c.id).where(*where.conditions(table))
+        if before is not None:
+            query = query.where(table.c.id < before)
+        if after is not None:
+            query = query.where(table.c.id > after)
+        with self.reading() as session:
+            return session.execute(query.limit(1)).first() is not None
+
+    def replays_of(self, delivery_id: int) -> list[sa.Row[Any]]:
+        """The replays of delivery ``delivery_id``, newest first, with the :data:`LIST_COLUMNS`."""
+        table = self.deliveries
+        query = (
+            sa.select(*[table.c[name] for name in LIST_COLUMNS])
+            .where(table.c.replay_of == delivery_id)
+            .order_by(table.c.id.desc())
+        )
+        with self.reading() as session:
+            return list(session.execute(query).all())
+
+    def replayable_ids(self) -> list[int]:
+        """Every original delivery whose latest outcome is replayable, oldest first."""
+        table = self.deliveries
+        query = (
+            sa.select(table.c.id)
+            .where(table.c.outcome.in_(REPLAYABLE), table.c.replay_of.is_(None))
+            .order_by(table.c.id)
+        )
+        with self.reading() as session:
+            return list(session.execute(query).scalars())
+
+    def prune(self, older_than: timedelta) -> int:
+        """Delete the deliveries received longer ago than ``older_than``; returns how many.
+
+        Claims are kept (they hold only store ids), so a very old purchase re-sent
+        from the dashboard is still recognised as a duplicate.
+        """
+        self.ensure_ready()
+        table = self.deliveries
+        result: Any = self.session.execute(
+            sa.delete(table).where(table.c.received_at < utcnow() - older_than)
+        )
+        self.session.commit()
+        return int(result.rowcount)
+
+
+#: The columns of a delivery list (the CLI's table, the inspector's rows).
+LIST_COLUMNS = (
+    "id",
+    "received_at",
+    "event",
+    "user_id",
+    "outcome",
+    "status",
+    "duration_ms",
+    "replay_of",
+    "replay_count",
+)
+
+
+@dataclass(frozen=True)
+class DeliveryFilter:
+    """Which deliveries a list shows; every field left empty matches all."""
+
+    #: The latest outcome (an original shows its last replay's).
+    outcome: str = ""
+    event: str = ""
+    #: An exact user id, or an ``iapLogId``.
+    q: str = ""
+    #: Replays too; by default each delivery is listed once, as its original.
+    replays: bool = False
+
+    def conditions(self, table: sa.Table) -> list[sa.ColumnElement[bool]]:
+        conditions: list[sa.ColumnElement[bool]] = []
+        if not self.replays:
+            conditions.append(table.c.replay_of.is_(None))
+        if self.outcome:
+            conditions.append(table.c.outcome == self.outcome)
+        if self.event:
+            conditions.append(table.c.event == self.event)
+        if self.q:
+            # Exact matches, so that both columns' indexes serve the search.
+            match = table.c.user_id == self.q
+            if self.q.isdigit() and int(self.q) <= MAX_ID:
+                match = match | (table.c.iap_log_id == int(self.q))
+            conditions.append(match)
+        return conditions
 
 
 def _warn_if_flask_sqlalchemy_shares_the_file(engine: Engine) -> None:
@@ -368,14 +450,6 @@ def _warn_if_flask_sqlalchemy_shares_the_file(engine: Engine) -> None:
 def _app_context_id() -> int:
     # Same scope as Flask-SQLAlchemy's session: one session per app context.
     return id(app_ctx._get_current_object())  # type: ignore[attr-defined]
-
-
-def _conflict_free_insert(dialect_name: str) -> Callable[..., Any]:
-    if dialect_name == "postgresql":
-        return postgresql.insert
-    if dialect_name == "sqlite":
-        return sqlite.insert
-    return _savepoint_insert
 
 
 def _savepoint_insert(connection: sa.Connection, table: sa.Table, values: dict[str, Any]) -> bool:

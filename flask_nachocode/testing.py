@@ -13,8 +13,9 @@ import itertools
 import json
 import random
 import re
-from datetime import datetime, timezone
 from typing import Any
+
+from .events import ROUTES_BY_EVENT, iso_ms, utcnow
 
 _counter = itertools.count(1)
 _random = random.SystemRandom()
@@ -24,9 +25,8 @@ def _camel(name: str) -> str:
     return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
 
 
-def _timestamp(moment: datetime | None = None) -> str:
-    moment = (moment or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+def _timestamp() -> str:
+    return iso_ms(utcnow())
 
 
 def _apply(payload: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -112,17 +112,9 @@ def payload_for(event: str, *, os: str | None = None, **overrides: Any) -> dict[
     raise ValueError(f"unknown event {event!r}; expected purchase, refund or unavailable_users")
 
 
-#: Event name -> the URL path below the prefix that receives it.
-EVENT_PATHS = {
-    "purchase": "/webhooks/purchase",
-    "refund": "/webhooks/refund",
-    "unavailable_users": "/webhooks/unavailable-users",
-}
-
-
 def webhook_path(event: str) -> str:
     """The path below the URL prefix that receives ``event`` (``"any"``: the all-events URL)."""
-    return "/webhooks" if event == "any" else EVENT_PATHS[event]
+    return ROUTES_BY_EVENT[event].path
 
 
 def post_delivery(

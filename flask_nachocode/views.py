@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import signals
 from .auth import check_bearer
-from .dispatch import Delivery, Result, dispatch, record, storable_headers
+from .delivery import Delivery, Result, dispatch, record, storable_headers
 from .errors import (
     BadBody,
     InternalError,
@@ -27,20 +27,9 @@ from .errors import (
     WrongMethod,
     error_answer,
 )
-from .extension import current_state
+from .events import ROUTES, ROUTES_BY_NAME, utcnow
 from .schemas import infer_event_name, load_event
-from .store import utcnow
-
-if TYPE_CHECKING:
-    from .extension import AppState
-
-#: Route name (as stored in a delivery) -> the event its URL receives.
-ROUTE_EVENTS: dict[str, str | None] = {
-    "purchase": "purchase",
-    "refund": "refund",
-    "unavailable-users": "unavailable_users",
-    "any": None,
-}
+from .state import current_state
 
 _READ_CHUNK = 16384
 
@@ -53,8 +42,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-# One decoder for all requests: json.loads(text, parse_constant=...) builds a new
-# one per call, which cost a third of the parse.
+# One decoder for all requests: json.loads(text, parse_constant=...) builds a new one per call.
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
@@ -102,7 +90,7 @@ def read_json_object(max_bytes: int, delivery: Delivery) -> dict[str, Any]:
 
 
 def receive(route: str) -> Response:
-    """Receive one delivery on the route named ``route`` (see ROUTE_EVENTS)."""
+    """Receive one delivery on the route named ``route`` (one of ``events.ROUTES``)."""
     state = current_state()
     delivery = Delivery(route=route, received_at=utcnow(), started=time.perf_counter())
     # Before anything is read or stored: a delivery without the key leaves no trace.
@@ -112,7 +100,7 @@ def receive(route: str) -> Response:
     signals.delivery_received.send(current_app._get_current_object(), delivery=delivery)  # type: ignore[attr-defined]
     try:
         payload = read_json_object(state.max_body_bytes, delivery)
-        event = load_event(ROUTE_EVENTS[route] or infer_event_name(payload), payload)
+        event = load_event(ROUTES_BY_NAME[route].event or infer_event_name(payload), payload)
     except WebhookError as refusal:
         return answer(record(state, delivery, refusal))
     return answer(dispatch(state, delivery, event))
@@ -142,50 +130,25 @@ def answer(result: Result) -> Response:
     return response
 
 
-def make_blueprint(state: AppState) -> Blueprint:
-    """The ``nachocode`` blueprint with the routes this app has switched on."""
+def make_blueprint() -> Blueprint:
+    """The ``nachocode`` blueprint with the webhook routes; the extension adds the
+    optional routes the app switched on."""
     blueprint = Blueprint("nachocode", __name__)
     blueprint.register_error_handler(WebhookError, error_answer)
     blueprint.register_error_handler(500, internal_error)
-    for path in (
-        "/webhooks/purchase",
-        "/webhooks/refund",
-        "/webhooks/unavailable-users",
-        "/webhooks",
-    ):
+    for route in ROUTES:
         blueprint.add_url_rule(
-            path,
-            "wrong_method" + path.replace("/", "_").replace("-", "_"),
+            route.path,
+            "wrong_method" + route.path.replace("/", "_").replace("-", "_"),
             refuse_method,
             methods=_OTHER_METHODS,
             provide_automatic_options=False,
         )
-    blueprint.add_url_rule(
-        "/webhooks/purchase", "purchase", receive, methods=["POST"], defaults={"route": "purchase"}
-    )
-    blueprint.add_url_rule(
-        "/webhooks/refund", "refund", receive, methods=["POST"], defaults={"route": "refund"}
-    )
-    blueprint.add_url_rule(
-        "/webhooks/unavailable-users",
-        "unavailable_users",
-        receive,
-        methods=["POST"],
-        defaults={"route": "unavailable-users"},
-    )
-    blueprint.add_url_rule("/webhooks", "any", receive, methods=["POST"], defaults={"route": "any"})
-    if state.purchase_status_route:
-        from .status import add_purchase_status_route
-
-        add_purchase_status_route(blueprint, state.purchase_status_decorators)
-    if state.inspector is not None:
-        from .inspector import make_inspector_blueprint
-
-        blueprint.register_blueprint(make_inspector_blueprint(state))
-    if state.openapi:
-        from .openapi import make_openapi_view
-
         blueprint.add_url_rule(
-            "/openapi.json", "openapi", make_openapi_view(state), methods=["GET"]
+            route.path,
+            route.name.replace("-", "_"),
+            receive,
+            methods=["POST"],
+            defaults={"route": route.name},
         )
     return blueprint

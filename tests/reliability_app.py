@@ -30,7 +30,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_nachocode import NachocodeWebhook, PurchaseEvent, RefundEvent, UnavailableUsersEvent
-from flask_nachocode import dispatch as nachocode_dispatch
+from flask_nachocode import delivery as nachocode_dispatch
 
 
 class Base(DeclarativeBase):

@@ -16,7 +16,7 @@ from conftest import WEBHOOK_KEY, load_fixture, stored_deliveries
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-import flask_nachocode.dispatch
+import flask_nachocode.delivery
 from flask_nachocode import (
     NachocodeWebhook,
     Refuse,
@@ -496,9 +496,9 @@ def test_a_slow_delivery_is_warned_about(
     app, nachocode_calls = app_and_calls
     if threshold is not None:
         # The real threshold is half of Nachocode's 10 s budget; a lower one keeps the test short.
-        monkeypatch.setattr(flask_nachocode.dispatch, "SLOW_DELIVERY_SECONDS", threshold)
-    assert flask_nachocode.dispatch.SLOW_DELIVERY_SECONDS == (threshold or 5.0)
-    app.extensions["nachocode"].extension.on_unavailable_users(lambda event: time.sleep(sleep))
+        monkeypatch.setattr(flask_nachocode.delivery, "SLOW_DELIVERY_SECONDS", threshold)
+    assert flask_nachocode.delivery.SLOW_DELIVERY_SECONDS == (threshold or 5.0)
+    app.extensions["nachocode"].decorated_handlers.add("unavailable_users", lambda event: time.sleep(sleep))
     with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
         check_answer(post_delivery(app.test_client(), "unavailable_users", load_fixture("unavailable-users")), 200)
     slow = [record for record in caplog.records if "budget" in record.getMessage()]

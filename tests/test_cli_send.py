@@ -14,7 +14,7 @@ import pytest
 from conftest import FIXTURES, WEBHOOK_KEY
 from live import BIN, ROOT, flask_run_args, free_port, live_server
 
-from flask_nachocode.cli import LAST_SENT_FILE
+from flask_nachocode.sender import LAST_SENT_FILE
 from recording_app import INSTANCE_ENV, KEY_ENV
 
 APP = "tests/recording_app.py"

@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from flask_nachocode.store import utcnow
+from flask_nachocode.events import utcnow
 from flask_nachocode.testing import post_delivery, purchase_payload, unavailable_users_payload
 
 

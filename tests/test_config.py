@@ -10,7 +10,7 @@ import pytest
 from flask import Flask
 
 from flask_nachocode import NachocodeWebhook
-from flask_nachocode.extension import CONFIG_DEFAULTS
+from flask_nachocode.state import CONFIG_DEFAULTS
 from flask_nachocode.testing import post_delivery, purchase_payload
 
 AppFactory = Callable[..., "tuple[Flask, NachocodeWebhook]"]

@@ -25,9 +25,12 @@ from hypothesis import strategies as st
 from conftest import WEBHOOK_KEY, delivery_rows
 from figures import count, count_max
 from flask_nachocode.schemas import MAX_COUNT, MAX_PRICE
-from flask_nachocode.testing import EVENT_PATHS, purchase_payload, refund_payload
+from flask_nachocode.events import ROUTES_BY_EVENT
+from flask_nachocode.testing import purchase_payload, refund_payload
 from live import rss_kib, worker_pids
 from reliability_app import serve
+
+EVENT_PATHS = {event: route.path for event, route in ROUTES_BY_EVENT.items() if event != "any"}
 
 EXAMPLES = int(os.environ.get("NACHOCODE_FUZZ_EXAMPLES", "100"))
 settings.register_profile(

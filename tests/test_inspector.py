@@ -14,7 +14,7 @@ from flask import Flask, abort, request
 from flask.testing import FlaskClient
 
 from flask_nachocode import NachocodeWebhook
-from flask_nachocode.extension import CONFIG_DEFAULTS
+from flask_nachocode.state import CONFIG_DEFAULTS
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
 
 from conftest import WEBHOOK_KEY

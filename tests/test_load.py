@@ -27,9 +27,12 @@ import sqlalchemy as sa
 
 from conftest import WEBHOOK_KEY
 from figures import count
-from flask_nachocode.testing import EVENT_PATHS, purchase_payload, refund_payload
+from flask_nachocode.events import ROUTES_BY_EVENT
+from flask_nachocode.testing import purchase_payload, refund_payload
 from live import worker_pids
 from reliability_app import serve
+
+EVENT_PATHS = {event: route.path for event, route in ROUTES_BY_EVENT.items() if event != "any"}
 
 pytestmark = pytest.mark.load
 

@@ -168,7 +168,7 @@ def test_the_apps_decorator_guards_the_route(
     assert allowed.status_code == 200 and allowed.get_json()["status"] == "granted"
 
 
-def test_decorators_wrap_in_list_order(make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
+def test_decorators_wrap_outermost_first(make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
     calls: list[str] = []
 
     def tracing(name: str) -> Callable[..., Any]:
@@ -181,7 +181,7 @@ def test_decorators_wrap_in_list_order(make_status_app: Callable[..., tuple[Flas
 
         return decorator
 
-    app, _ = make_status_app(NACHOCODE_PURCHASE_STATUS_DECORATORS=[tracing("inner"), tracing("outer")])
+    app, _ = make_status_app(NACHOCODE_PURCHASE_STATUS_DECORATORS=[tracing("outer"), tracing("inner")])
     status(app, 1)
     assert calls == ["outer", "inner"]
 

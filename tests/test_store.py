@@ -257,7 +257,7 @@ def test_a_warning_when_flask_sqlalchemy_uses_the_same_sqlite_file_through_anoth
 def test_replays_are_found_through_the_partial_replay_index(database_url: str) -> None:
     # The replay_of index is partial (replay_of IS NOT NULL): empty for ordinary
     # deliveries, and still the one the inspector's "replays of" lookup uses.
-    from flask_nachocode.store import define_deliveries
+    from flask_nachocode.tables import define_deliveries
 
     engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
     table = define_deliveries(sa.MetaData())
@@ -287,7 +287,9 @@ def test_the_portable_claim_refuses_a_second_insert_and_keeps_the_transaction(
 ) -> None:
     # The claim used on databases without ON CONFLICT: exercised here on the two
     # the suite has, inside one outer transaction as a delivery would run it.
-    from flask_nachocode.store import _savepoint_insert, define_claims, utcnow
+    from flask_nachocode.events import utcnow
+    from flask_nachocode.store import _savepoint_insert
+    from flask_nachocode.tables import define_claims
 
     engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
     claims = define_claims(sa.MetaData())
