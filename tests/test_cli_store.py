@@ -187,3 +187,23 @@ def test_an_unreachable_store_is_a_one_line_error(tmp_path: Any, store_mode: str
         assert result.exit_code == 1
         assert result.output.startswith("Error: the delivery store is unavailable: OperationalError: unable to open"), result.output
         assert "Traceback" not in result.output
+
+
+def test_deliveries_lists_each_delivery_once_with_its_latest_outcome(make_store_app: Any) -> None:
+    store_app = make_store_app()
+    store_app.broken = True
+    post_delivery(store_app.client, "purchase", purchase_payload(userId="stuck"))
+    for _ in range(2):
+        assert run(store_app, "replay", "1").exit_code == 1  # deliveries 2 and 3 replay 1
+
+    listed = run(store_app, "deliveries", "--status", "failed")
+    assert listed_ids(listed.output) == [1]
+    assert "(replayed 2x)" in listed.output
+
+    store_app.broken = False
+    assert run(store_app, "replay", "1").exit_code == 0  # delivery 4 handles it
+    assert listed_ids(run(store_app, "deliveries", "--status", "failed").output) == []
+    assert listed_ids(run(store_app, "deliveries", "--status", "handled").output) == [1]
+    with_replays = run(store_app, "deliveries", "--replays")
+    assert listed_ids(with_replays.output) == [4, 3, 2, 1]
+    assert with_replays.output.count("(replay of 1)") == 3

@@ -259,6 +259,22 @@ def test_list_filters_and_search(inspector: Callable[..., Any], database_url: st
     assert "No deliveries match" in client.get("/nachocode/deliveries?q=nobody").text
 
 
+def test_replays_are_listed_only_on_request(inspector: Callable[..., Any]) -> None:
+    app, handlers, client = inspector()
+    handlers.failing = True
+    failed = send(client)
+    replay_url = f"/nachocode/deliveries/{failed}/replay"
+    csrf = csrf_of(client.get(f"/nachocode/deliveries/{failed}").text)
+    assert client.post(replay_url, data={"nachocode_csrf": csrf}).status_code == 303
+    replay = failed + 1
+
+    page = client.get("/nachocode/deliveries?outcome=failed").text
+    assert ids_on(page) == [failed]
+    assert ids_on(client.get("/nachocode/deliveries?outcome=failed&replays=1").text) == [replay, failed]
+    assert ids_on(client.get("/nachocode/deliveries/poll?after=0&replays=1").json["html"]) == [replay, failed]
+    assert 'name="replays" value="1" checked' in client.get("/nachocode/deliveries?replays=1").text
+
+
 @pytest.mark.parametrize(
     "query", ["outcome=lost", "event=payment", "before=abc", "after=-1", "per_page=0", "per_page=999", "q=" + "x" * 600]
 )
