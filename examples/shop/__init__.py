@@ -1,6 +1,7 @@
 """A small coin shop that sells coins through Nachocode in-app purchases.
 
-Run it with ``flask --app examples/shop run``. It keeps everything in one
+Run it with ``flask --app examples/shop run --debug`` (debug mode also switches on the
+delivery inspector at ``/nachocode/deliveries``). It keeps everything in one
 SQLite file in its instance folder, created on first start (or where
 ``FLASK_SQLALCHEMY_DATABASE_URI`` points), and shares its
 Flask-SQLAlchemy ``db`` with flask-nachocode, so a grant and the record of the
@@ -189,6 +190,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # Any other key from the environment, Flask's way: FLASK_SQLALCHEMY_DATABASE_URI=...
     app.config.from_prefixed_env()
     app.config.update(config or {})
+    if app.debug:
+        # `flask run --debug` on a developer's machine: watch deliveries arrive at
+        # /nachocode/deliveries. The inspector keeps its CSRF token in the session, so
+        # it needs a SECRET_KEY; this one is for development only. In production set
+        # your own SECRET_KEY and protect the inspector (NACHOCODE_INSPECTOR_TOKEN or
+        # NACHOCODE_INSPECTOR_DECORATORS), or leave it off.
+        app.config.setdefault("NACHOCODE_INSPECTOR", True)
+        if not app.secret_key:
+            app.secret_key = "dev-only-not-secret"
     db.init_app(app)
     nachocode.init_app(app)
     with app.app_context():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flask.testing import FlaskClient
+from shop import create_app
 
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload, unavailable_users_payload
 
@@ -68,3 +71,10 @@ def test_deliveries_without_the_key_are_refused(client: FlaskClient) -> None:
     response = post_delivery(client, "purchase", purchase_payload(product_id=COINS), key="not-the-key")
     assert response.status_code == 401
     assert balances(client) == {}
+
+
+def test_debug_mode_switches_the_inspector_on(tmp_path: Path) -> None:
+    config = {"SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'shop.db'}"}
+    debug = create_app({**config, "DEBUG": True}).test_client()
+    assert debug.get("/nachocode/deliveries").status_code == 200
+    assert create_app(config).test_client().get("/nachocode/deliveries").status_code == 404
