@@ -9,16 +9,11 @@ import os
 
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
 from flask_nachocode import NachocodeWebhook, PurchaseEvent, RefundEvent
 
-
-class Base(DeclarativeBase):
-    pass
-
-
-db = SQLAlchemy(model_class=Base)
+db = SQLAlchemy()
 nachocode = NachocodeWebhook(db=db)  # the deliveries share your database and transaction
 
 COINS_PER_UNIT = 100

@@ -7,6 +7,7 @@ commands the quickstart prints are run as a user runs them, from the repository 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,27 @@ def test_the_quickstart_commands_run_from_the_repository_root(app: Flask, databa
     assert "purchase" in listed.stdout
     assert "handled" in listed.stdout
     assert "carol" in listed.stdout
+
+
+def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The README's example is a trimmed copy of examples/minimal.py: saved as a file and
+    # loaded as `flask --app coins.py` would, it must run as printed.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (source,) = re.findall(r"^```python\n(.*?)^```", readme, flags=re.M | re.S)
+    (tmp_path / "coins.py").write_text(source, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NACHOCODE_WEBHOOK_KEY", "readme-key")
+    monkeypatch.delenv("FLASK_SQLALCHEMY_DATABASE_URI", raising=False)
+    monkeypatch.delitem(sys.modules, "coins", raising=False)
+    app = ScriptInfo(app_import_path="coins.py").load_app()
+
+    client = app.test_client()
+    body = purchase_payload(user_id="dana", quantity=3)
+    assert post_delivery(client, "purchase", body).json["duplicate"] is False
+    assert post_delivery(client, "purchase", body).json["duplicate"] is True
+    refund = refund_payload(body, refund_quantity=1)
+    assert post_delivery(client, "refund", refund).status_code == 200
+    assert (tmp_path / "instance" / "coins.db").exists()
+    with app.app_context():
+        module = sys.modules["coins"]
+        assert module.db.session.get(module.Wallet, "dana").coins == 200
