@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -103,18 +104,19 @@ def test_a_bad_body_answers_the_field_errors(nachocode_payloads: Any, nachocode_
     assert answer.json["errors"] == {"refundQuantity": ["Must not exceed quantity."]}
 
 
-def readme_example() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Testing your handlers with pytest", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "the README's pytest example is missing"
-    return match.group(1)
+def manual_example() -> str:
+    """The complete test shown on the manual's Testing page, as a reader copies it."""
+    page = (ROOT / "docs" / "testing.rst").read_text()
+    section = page.split("A complete test of the example shop's handlers:", 1)[1]
+    match = re.search(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", section)
+    assert match, "the manual's pytest example is missing"
+    return textwrap.dedent(match.group(1))
 
 
-def test_the_readme_example_passes_with_the_installed_plugin(pytester: pytest.Pytester) -> None:
+def test_the_manual_example_passes_with_the_installed_plugin(pytester: pytest.Pytester) -> None:
     # In a subprocess with a fresh interpreter: the plugin must come from the
     # installed entry point, and the example shop's module globals stay its own.
-    pytester.makepyfile(test_shop_coins=readme_example())
+    pytester.makepyfile(test_shop_coins=manual_example())
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--rootdir={pytester.path}",
                                            "-o", f"pythonpath={ROOT}")
     result.assert_outcomes(passed=3)
