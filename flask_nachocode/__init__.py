@@ -15,9 +15,11 @@ from .events import (
 from .extension import NachocodeWebhook
 from .ledger import Purchase
 from .signals import delivery_failed, delivery_handled, delivery_received
+from .tables import ExactText
 
 __all__ = [
     "AppStorePurchaseData",
+    "ExactText",
     "NachocodeWebhook",
     "PlayStorePurchaseData",
     "Purchase",

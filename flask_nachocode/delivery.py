@@ -27,7 +27,7 @@ from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookE
 from .events import ROUTES_BY_NAME, Event, utcnow
 from .schemas import load_event
 from .state import AppState
-from .store import describe_database_error
+from .store import describe_database_error, is_worth_retrying
 from .tables import REPLAYABLE
 
 logger = logging.getLogger("flask_nachocode")
@@ -124,21 +124,29 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
     return _commit(state, delivery, event, "handled", 200)
 
 
+#: How often the claim is tried when the database asks for it (see :func:`_claim`).
+CLAIM_ATTEMPTS = 3
+
+
 def _claim(state: AppState, session: Any, event: Event) -> bool:
     """Claim the event and write the ledger (:meth:`Store.claim`): False for a duplicate.
 
-    A pooled connection the database dropped while idle fails right here, before
-    any handler ran and with nothing committed, so trying once more on a fresh
-    connection is safe. That is what lets the first delivery after an outage
-    succeed on an app engine without ``pool_pre_ping``.
+    A pooled connection the database dropped while idle, or a deadlock or lock
+    wait the database broke (:func:`~flask_nachocode.store.is_worth_retrying`),
+    fails right here, before any handler ran and with nothing committed, so trying
+    again after a rollback is safe. That is what lets the first delivery after an
+    outage succeed on an app engine without ``pool_pre_ping``, and a delivery that
+    InnoDB chose as a deadlock's victim be handled instead of answered 503.
     """
-    try:
-        return state.store.claim(session.connection(), event, utcnow())
-    except sa.exc.DBAPIError as error:
-        if not error.connection_invalidated:
-            raise
-        session.rollback()
-        return state.store.claim(session.connection(), event, utcnow())
+    for attempt in range(1, CLAIM_ATTEMPTS + 1):
+        try:
+            return state.store.claim(session.connection(), event, utcnow())
+        except sa.exc.DBAPIError as error:
+            if attempt == CLAIM_ATTEMPTS or not is_worth_retrying(error):
+                raise
+            logger.info("nachocode claim tried again after %s", describe_database_error(error))
+            session.rollback()
+    raise AssertionError("unreachable")  # the last attempt returned or raised
 
 
 def record(

@@ -23,7 +23,14 @@ from sqlalchemy.dialects import postgresql
 
 from .errors import Refuse
 from .events import PurchaseEvent, RefundEvent
-from .tables import ACTIVE, PARTIALLY_REFUNDED, REFUNDED, conflict_insert
+from .tables import (
+    ACTIVE,
+    MYSQL_DIALECTS,
+    PARTIALLY_REFUNDED,
+    REFUNDED,
+    conflict_insert,
+    insert_if_new,
+)
 
 if TYPE_CHECKING:
     from .store import Store
@@ -87,14 +94,8 @@ class Purchase:
         )
 
 
-def _upsert(dialect_name: str) -> Any:
-    insert = conflict_insert(dialect_name)
-    if insert is None:
-        raise RuntimeError(
-            f"the purchase ledger needs PostgreSQL or SQLite (this database is {dialect_name}); "
-            "set NACHOCODE_LEDGER = False to run without it"
-        )
-    return insert
+#: The ledger's unique key: a refund shares its purchase's store id.
+_STORE_ID = ("platform", "store_purchase_id")
 
 
 def _store_token(event: PurchaseEvent | RefundEvent) -> str:
@@ -140,13 +141,47 @@ _SET_BY_PURCHASE = (
 )
 
 
+def _state_for(quantity: Any, refunded: Any) -> Any:
+    return sa.case(
+        (refunded >= quantity, REFUNDED), (refunded > 0, PARTIALLY_REFUNDED), else_=ACTIVE
+    )
+
+
 @functools.lru_cache(maxsize=64)
 def _purchase_upsert(table: sa.Table, dialect_name: str) -> Any:
     # Built once per table and run with parameters: building a statement costs more
     # CPU than running it.
-    return _on_purchase_conflict(_upsert(dialect_name)(table), table).execution_options(
+    insert = conflict_insert(dialect_name)
+    assert insert is not None  # MySQL takes _purchase_over_refund instead
+    return _on_purchase_conflict(insert(table), table).execution_options(
         # psycopg 3 reports -1 for an INSERT's rowcount unless SQLAlchemy keeps it.
         preserve_rowcount=True
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _purchase_over_refund(table: sa.Table) -> Any:
+    # MySQL's ON DUPLICATE KEY UPDATE has no WHERE, and its affected-rows count cannot
+    # tell an inserted row from one left alone: there a purchase whose row an early
+    # refund created completes it with this UPDATE, under the same condition as
+    # _on_purchase_conflict's. No SET expression reads a column another one assigns:
+    # MySQL evaluates them left to right on the new values.
+    quantity = sa.bindparam("quantity", type_=table.c.quantity.type)
+    return (
+        sa.update(table)
+        .where(
+            table.c.platform == sa.bindparam("key_platform", type_=table.c.platform.type),
+            table.c.store_purchase_id
+            == sa.bindparam("key_store_purchase_id", type_=table.c.store_purchase_id.type),
+            table.c.refunded_quantity <= quantity,
+        )
+        .values(
+            {
+                **{name: sa.bindparam(name, type_=table.c[name].type) for name in _SET_BY_PURCHASE},
+                "state": _state_for(quantity, table.c.refunded_quantity),
+            }
+        )
+        .execution_options(preserve_rowcount=True)
     )
 
 
@@ -159,9 +194,7 @@ def _on_purchase_conflict(statement: Any, table: sa.Table) -> Any:
             **{name: statement.excluded[name] for name in _SET_BY_PURCHASE},
             # The state is derived again from the purchase's own quantity, which is
             # the one that counts over the refund's copy of it.
-            "state": sa.case(
-                (refunded >= quantity, REFUNDED), (refunded > 0, PARTIALLY_REFUNDED), else_=ACTIVE
-            ),
+            "state": _state_for(quantity, refunded),
         },
         # Early refunds counted against the refund's copy of the quantity; a purchase
         # that says fewer units were bought must not leave more refunded than bought.
@@ -219,8 +252,17 @@ def apply_purchase(
 ) -> None:
     """Record the purchase; :class:`Refuse` (422) when refunds of it that came
     first already refunded more units than it says were bought."""
-    upsert = _purchase_upsert(table, connection.dialect.name)
-    if connection.execute(upsert, _purchase_values(event, now)).rowcount != 1:
+    values = _purchase_values(event, now)
+    dialect_name = connection.dialect.name
+    if dialect_name in MYSQL_DIALECTS:
+        if insert_if_new(connection, table, _STORE_ID, values):
+            return
+        over_refund = {name: values[name] for name in _SET_BY_PURCHASE}
+        over_refund.update(key_platform=event.os, key_store_purchase_id=event.store_purchase_id)
+        recorded = connection.execute(_purchase_over_refund(table), over_refund).rowcount == 1
+    else:
+        recorded = connection.execute(_purchase_upsert(table, dialect_name), values).rowcount == 1
+    if not recorded:
         raise _refund_exceeds(event)
 
 
@@ -251,19 +293,18 @@ def apply_refund(
     connection: sa.Connection, table: sa.Table, event: RefundEvent, now: datetime
 ) -> None:
     """Add the refund; :class:`Refuse` (422) when it would refund more than was bought."""
-    insert = _upsert(connection.dialect.name)
-    placeholder = insert(table).values(
+    placeholder = {
         **_purchase_fields(event, now),
-        purchase_received=False,
-        refunded_quantity=0,
-        state=ACTIVE,
-    )
-    connection.execute(
-        placeholder.on_conflict_do_nothing(index_elements=["platform", "store_purchase_id"])
-    )
+        "purchase_received": False,
+        "refunded_quantity": 0,
+        "state": ACTIVE,
+    }
+    insert_if_new(connection, table, _STORE_ID, placeholder)
     refunded = table.c.refunded_quantity + event.refund_quantity
     # One conditional UPDATE: the bound and the sum are checked by the database,
     # so two partial refunds handled at once cannot both pass a stale check.
+    # refunded_quantity is set last: MySQL evaluates SET expressions left to right
+    # on the values already assigned, the other databases on the old row.
     result = connection.execute(
         sa.update(table)
         .where(
@@ -271,18 +312,26 @@ def apply_refund(
             table.c.store_purchase_id == event.store_purchase_id,
             refunded <= table.c.quantity,
         )
-        .values(
-            refunded_quantity=refunded,
-            state=sa.case((refunded >= table.c.quantity, REFUNDED), else_=PARTIALLY_REFUNDED),
-            # Refunds re-sent from the dashboard arrive in any order: keep the latest time.
-            refunded_at=sa.case(
-                (
-                    sa.or_(table.c.refunded_at.is_(None), table.c.refunded_at < event.refunded_at),
-                    event.refunded_at,
-                ),
-                else_=table.c.refunded_at,
+        .ordered_values(
+            (
+                table.c.state,
+                sa.case((refunded >= table.c.quantity, REFUNDED), else_=PARTIALLY_REFUNDED),
             ),
-            updated_at=now,
+            # Refunds re-sent from the dashboard arrive in any order: keep the latest time.
+            (
+                table.c.refunded_at,
+                sa.case(
+                    (
+                        sa.or_(
+                            table.c.refunded_at.is_(None), table.c.refunded_at < event.refunded_at
+                        ),
+                        event.refunded_at,
+                    ),
+                    else_=table.c.refunded_at,
+                ),
+            ),
+            (table.c.updated_at, now),
+            (table.c.refunded_quantity, refunded),
         )
     )
     if result.rowcount != 1:

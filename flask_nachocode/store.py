@@ -34,7 +34,16 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 from . import ledger
 from .events import Event, PurchaseEvent, RefundEvent, utcnow
 from .schemas import MAX_ID
-from .tables import REPLAYABLE, conflict_insert, define_tables
+from .tables import (
+    MYSQL_DEADLOCK,
+    MYSQL_DIALECTS,
+    MYSQL_LOCK_WAIT_TIMEOUT,
+    REPLAYABLE,
+    SUPPORTED_DIALECTS,
+    define_tables,
+    insert_if_new,
+    mysql_error_code,
+)
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
@@ -58,6 +67,52 @@ def describe_database_error(error: BaseException) -> str:
     cause = getattr(error, "orig", None) or error
     reason = (str(cause).splitlines() or [""])[0][:200]
     return f"{type(cause).__name__}: {reason}"
+
+
+def check_supported(uri: str, setting: str) -> None:
+    """Refuse, at ``init_app``, a database the store does not run on, and a MySQL
+    connection character set that cannot hold every character (Korean text and
+    emoji need ``utf8mb4``). ``setting`` names the config key the URI came from."""
+    url = sa.engine.make_url(uri)
+    backend = url.get_backend_name()
+    if backend not in SUPPORTED_DIALECTS:
+        raise RuntimeError(
+            f"{setting} points at a {backend} database; flask-nachocode's delivery store runs "
+            "on SQLite, PostgreSQL, and MySQL or MariaDB only"
+        )
+    charset = url.query.get("charset")
+    if backend in MYSQL_DIALECTS and charset is not None and charset != "utf8mb4":
+        raise RuntimeError(
+            f"{setting} connects to MySQL with charset={charset}, which cannot hold every "
+            "character a delivery may carry; use charset=utf8mb4"
+        )
+
+
+def _check_mysql_charset(connection: sa.Connection) -> None:
+    # A server can override what the client asked for (skip-character-set-client-handshake,
+    # an init_command): check what the session really uses, once per engine.
+    names = connection.exec_driver_sql(
+        "SELECT @@character_set_client, @@character_set_connection, @@character_set_results"
+    ).one()
+    if any(name != "utf8mb4" for name in names):
+        raise RuntimeError(
+            "the MySQL connection's character set is "
+            f"{'/'.join(str(name) for name in names)} (client/connection/results), which cannot "
+            "hold every character a delivery may carry; connect with charset=utf8mb4"
+        )
+
+
+def is_worth_retrying(error: sa.exc.DBAPIError) -> bool:
+    """Whether a statement that failed before any handler ran may just be run again
+    after a rollback: its connection was dropped and replaced, or the database broke
+    a deadlock or a lock wait (MySQL's InnoDB deadlocks on concurrent inserts of
+    one key when the first inserter rolls back)."""
+    if error.connection_invalidated:
+        return True
+    if mysql_error_code(error) in (MYSQL_DEADLOCK, MYSQL_LOCK_WAIT_TIMEOUT):
+        return True
+    # PostgreSQL's deadlock_detected and serialization_failure.
+    return getattr(error.orig, "sqlstate", None) in ("40P01", "40001")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any, *args: Any) -> None:
@@ -123,14 +178,23 @@ class Store:
         if db is not None:
             self.session = db.session
             self._uri = None
+            # Flask-SQLAlchemy may also take its engines from elsewhere
+            # (SQLALCHEMY_ENGINES); ensure_ready checks the engine it made.
+            if app.config.get("SQLALCHEMY_DATABASE_URI"):
+                check_supported(app.config["SQLALCHEMY_DATABASE_URI"], "SQLALCHEMY_DATABASE_URI")
         else:
             self._uri = resolve_database_uri(app)
+            check_supported(
+                self._uri,
+                "NACHOCODE_DATABASE_URI"
+                if app.config.get("NACHOCODE_DATABASE_URI")
+                else "SQLALCHEMY_DATABASE_URI",
+            )
             self._sessionmaker = sessionmaker(expire_on_commit=False)
             self.session = scoped_session(self._sessionmaker, scopefunc=_app_context_id)
             app.teardown_appcontext(self._remove_session)
-        # Statements are built once and run with parameters: building a statement (and
-        # its cache key) costs more CPU than running it. None: claim through a savepoint.
-        self._claim_statement: Any = None
+        # Built once and run with parameters: building a statement (and its cache
+        # key) costs more CPU than running it.
         self._insert_delivery_statement = sa.insert(self.deliveries)
 
     def _remove_session(self, exc: BaseException | None) -> None:
@@ -176,6 +240,8 @@ class Store:
             if self._ready:
                 return
             engine = self.engine
+            if self.db is not None:
+                check_supported(engine.url.render_as_string(), "The app's database")
             if self.db is None:
                 self.create_tables()
                 if engine.dialect.name == "sqlite":
@@ -187,12 +253,9 @@ class Store:
                     sa.event.listen(engine, "checkout", _sqlite_pragmas)
                 with engine.connect() as connection:
                     connection.exec_driver_sql("SELECT 1")  # reachable now, and set up
-            insert = conflict_insert(engine.dialect.name)
-            if insert is not None:
-                statement = insert(self.claims).on_conflict_do_nothing(index_elements=["identity"])
-                # The returned row says who inserted: an INSERT's rowcount cannot be
-                # relied on (SQLAlchemy 2.1 with psycopg reports -1 unless told to keep it).
-                self._claim_statement = statement.returning(self.claims.c.identity)
+            if engine.dialect.name in MYSQL_DIALECTS:
+                with engine.connect() as connection:
+                    _check_mysql_charset(connection)
             self._ready = True
 
     def create_tables(self) -> None:
@@ -245,9 +308,7 @@ class Store:
         self, connection: sa.Connection, identity: str, event_name: str, now: datetime
     ) -> bool:
         values = {"identity": identity, "event": event_name, "claimed_at": now}
-        if self._claim_statement is None:
-            return _savepoint_insert(connection, self.claims, values)
-        return connection.execute(self._claim_statement, values).first() is not None
+        return insert_if_new(connection, self.claims, ("identity",), values)
 
     def record_delivery(self, connection: sa.Connection, values: dict[str, Any]) -> int:
         """Insert the delivery record (the values of every column); a replay also
@@ -450,14 +511,3 @@ def _warn_if_flask_sqlalchemy_shares_the_file(engine: Engine) -> None:
 def _app_context_id() -> int:
     # Same scope as Flask-SQLAlchemy's session: one session per app context.
     return id(app_ctx._get_current_object())  # type: ignore[attr-defined]
-
-
-def _savepoint_insert(connection: sa.Connection, table: sa.Table, values: dict[str, Any]) -> bool:
-    """Portable claim for databases without ``ON CONFLICT``: the unique key
-    still decides, a savepoint keeps the outer transaction usable."""
-    try:
-        with connection.begin_nested():
-            connection.execute(sa.insert(table).values(values))
-    except sa.exc.IntegrityError:
-        return False
-    return True

@@ -10,12 +10,13 @@ contract: an existing database must keep working without a migration.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
 #: Outcomes a stored delivery can have.
@@ -26,7 +27,21 @@ REPLAYABLE = ("failed", "refused", "unhandled")
 #: A ledger row's ``state``.
 ACTIVE, PARTIALLY_REFUNDED, REFUNDED = "active", "partially_refunded", "refunded"
 
-#: The INSERT with ``ON CONFLICT`` of each database that has one.
+#: SQLAlchemy's names for the MySQL family: a ``mariadb://`` URL gets its own dialect
+#: name, a ``mysql://`` URL pointing at a MariaDB server does not.
+MYSQL_DIALECTS = ("mysql", "mariadb")
+#: The databases the store runs on, by SQLAlchemy dialect name.
+SUPPORTED_DIALECTS = ("sqlite", "postgresql", *MYSQL_DIALECTS)
+#: MySQL's error codes for "duplicate key", and for the two lock failures after
+#: which the statement (lock wait timeout) or the transaction (deadlock) can be run again.
+MYSQL_DUPLICATE_KEY, MYSQL_LOCK_WAIT_TIMEOUT, MYSQL_DEADLOCK = 1062, 1205, 1213
+
+#: The INSERT with ``ON CONFLICT`` of each database that has one. MySQL has none:
+#: there a duplicate key fails the statement alone, never the transaction (unlike
+#: PostgreSQL), so a plain INSERT whose duplicate-key error is caught does the same job
+#: (:func:`insert_if_new`). ``INSERT IGNORE`` would also turn a too-long value into a
+#: silently truncated one, and ``ON DUPLICATE KEY UPDATE`` counts an unchanged row
+#: as one affected row, like an inserted one, under SQLAlchemy's ``FOUND_ROWS``.
 _CONFLICT_INSERTS: dict[str, Callable[[sa.Table], Any]] = {
     "postgresql": postgresql.insert,
     "sqlite": sqlite.insert,
@@ -34,25 +49,133 @@ _CONFLICT_INSERTS: dict[str, Callable[[sa.Table], Any]] = {
 
 
 def conflict_insert(dialect_name: str) -> Callable[[sa.Table], Any] | None:
-    """The dialect's ``INSERT ... ON CONFLICT`` constructor, or None when it has none."""
+    """The dialect's ``INSERT ... ON CONFLICT`` constructor, or None (MySQL and
+    MariaDB), where :func:`insert_if_new` catches the duplicate key instead."""
     return _CONFLICT_INSERTS.get(dialect_name)
+
+
+def mysql_error_code(error: BaseException) -> int | None:
+    """The MySQL server's error number behind an SQLAlchemy error, for PyMySQL and
+    mysqlclient alike (both put it first in the driver exception's ``args``)."""
+    args = getattr(getattr(error, "orig", None), "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_if_new_statement(table: sa.Table, dialect_name: str, key: tuple[str, ...]) -> Any:
+    # Built once per table and run with parameters: building a statement (and its
+    # cache key) costs more CPU than running it.
+    insert = conflict_insert(dialect_name)
+    if insert is None:
+        return sa.insert(table)
+    # The returned row says who inserted: an INSERT's rowcount cannot be relied on
+    # (SQLAlchemy 2.1 with psycopg reports -1 unless told to keep it).
+    return insert(table).on_conflict_do_nothing(index_elements=list(key)).returning(table.c[key[0]])
+
+
+def insert_if_new(
+    connection: sa.Connection, table: sa.Table, key: tuple[str, ...], values: dict[str, Any]
+) -> bool:
+    """Insert a row unless one with the same unique ``key`` exists: True when this
+    call inserted it. A row another transaction inserted and has not committed yet
+    is waited for; if that transaction rolls back, this one inserts."""
+    dialect_name = connection.dialect.name
+    statement = _insert_if_new_statement(table, dialect_name, key)
+    if dialect_name not in MYSQL_DIALECTS:
+        return connection.execute(statement, values).first() is not None
+    try:
+        connection.execute(statement, values)
+    except sa.exc.IntegrityError as error:
+        if mysql_error_code(error) != MYSQL_DUPLICATE_KEY:
+            raise
+        return False
+    return True
+
+
+class ExactText(sa.types.TypeDecorator[str]):
+    """Text compared byte for byte on every database: identities, store ids, user ids
+    and product ids.
+
+    MySQL's default collations compare case- and accent-insensitively, and even its
+    ``_bin`` collations ignore trailing spaces, so that ``testUser`` and ``TESTUSER``
+    (or ``x`` and ``x ``) would be one claim, one user. There the text is kept as
+    UTF-8 bytes (``VARBINARY``, or ``MEDIUMBLOB`` without a length), which compare
+    exactly whatever the server's defaults. SQLite and PostgreSQL already compare
+    text exactly and keep their plain text columns.
+    """
+
+    impl = sa.Text
+    cache_ok = True
+
+    def __init__(self, length: int | None = None) -> None:
+        super().__init__()
+        self.length = length
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in MYSQL_DIALECTS:
+            # Four bytes per character is UTF-8's longest.
+            binary = mysql.VARBINARY(self.length * 4) if self.length else mysql.MEDIUMBLOB()
+            return dialect.type_descriptor(binary)
+        text = sa.String(self.length) if self.length else sa.Text()
+        return dialect.type_descriptor(text)
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> Any:
+        if value is not None and dialect.name in MYSQL_DIALECTS:
+            return value.encode("utf-8")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value).decode("utf-8")
+        return value  # type: ignore[no-any-return]
+
+
+def _long(type_: sa.types.TypeEngine[Any], mysql_type: sa.types.TypeEngine[Any]) -> Any:
+    # MySQL's TEXT and BLOB stop at 64 KiB, less than a body NACHOCODE_MAX_BODY_BYTES
+    # may allow or a traceback may take.
+    return type_.with_variant(mysql_type, *MYSQL_DIALECTS)
+
+
+_LONG_TEXT = _long(sa.Text(), mysql.MEDIUMTEXT())
+_LONG_BINARY = _long(sa.LargeBinary(), mysql.LONGBLOB())
+# MySQL's FLOAT is single precision; the other databases' is double.
+_DOUBLE = _long(sa.Float(), sa.Double())
+
+#: Every table is utf8mb4 with a binary collation on MySQL, whatever the server's
+#: default: Korean and every other character round-trips, and the columns that are
+#: not :class:`ExactText` (event names, outcomes, states) compare case-sensitively too.
+_MYSQL_TABLE = {
+    f"{prefix}_{option}": value
+    for prefix in MYSQL_DIALECTS
+    for option, value in (("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
+}
+#: Index prefix length for :class:`ExactText` without a length on MySQL, which
+#: cannot index a whole BLOB; equal values still compare in full.
+_MYSQL_PREFIX = {f"{prefix}_length": 255 for prefix in MYSQL_DIALECTS}
 
 
 class UTCTimestamp(sa.types.TypeDecorator[datetime]):
     """Aware UTC datetimes in, aware UTC datetimes out, on every database.
 
-    SQLite keeps no zone, so values are stored as naive UTC there and given
-    their zone back when read.
+    SQLite and MySQL keep no zone, so values are stored as naive UTC there and
+    given their zone back when read. MySQL's ``DATETIME`` drops fractions of a
+    second unless told to keep them: ``DATETIME(6)`` keeps microseconds, as the
+    other two do.
     """
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
 
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in MYSQL_DIALECTS:
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(self.impl_instance)
+
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         value = value.astimezone(timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        return value.replace(tzinfo=None) if dialect.name != "postgresql" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -81,19 +204,21 @@ def define_deliveries(metadata: sa.MetaData) -> sa.Table:
         # Every index is one more page written by every delivery's commit, so only the
         # inspector's searches have one: ``identity`` is looked up in the claims, and
         # ``received_at`` only by ``prune``, which may scan.
-        sa.Column("identity", sa.String(512), nullable=True),
-        sa.Column("user_id", sa.Text, nullable=True, index=True),
+        sa.Column("identity", ExactText(512), nullable=True),
+        sa.Column("user_id", ExactText(), nullable=True),
         sa.Column("iap_log_id", sa.BigInteger, nullable=True, index=True),
-        sa.Column("body", sa.LargeBinary, nullable=True),
+        sa.Column("body", _LONG_BINARY, nullable=True),
         sa.Column("headers", sa.JSON, nullable=True),
         sa.Column("remote_addr", sa.String(64), nullable=True),
         sa.Column("received_at", UTCTimestamp, nullable=False),
         sa.Column("finished_at", UTCTimestamp, nullable=False),
-        sa.Column("duration_ms", sa.Float, nullable=False),
-        sa.Column("error", sa.Text, nullable=True),
-        sa.Column("traceback", sa.Text, nullable=True),
+        sa.Column("duration_ms", _DOUBLE, nullable=False),
+        sa.Column("error", _LONG_TEXT, nullable=True),
+        sa.Column("traceback", _LONG_TEXT, nullable=True),
         sa.Column("replay_of", sa.BigInteger, nullable=True),
         sa.Column("replay_count", sa.Integer, nullable=False, server_default="0"),
+        # The name ``index=True`` would give it; spelled out for MySQL's prefix length.
+        sa.Index("ix_nachocode_deliveries_user_id", "user_id", **_MYSQL_PREFIX),
         # Partial: a new delivery (not a replay) writes nothing to it.
         sa.Index(
             "ix_nachocode_deliveries_replay_of",
@@ -101,6 +226,7 @@ def define_deliveries(metadata: sa.MetaData) -> sa.Table:
             postgresql_where=sa.text("replay_of IS NOT NULL"),
             sqlite_where=sa.text("replay_of IS NOT NULL"),
         ),
+        **_MYSQL_TABLE,
     )
 
 
@@ -110,12 +236,13 @@ def define_claims(metadata: sa.MetaData) -> sa.Table:
     return _table(
         metadata,
         "nachocode_claims",
-        sa.Column("identity", sa.String(512), primary_key=True),
+        sa.Column("identity", ExactText(512), primary_key=True),
         sa.Column("event", sa.String(32), nullable=False),
         sa.Column("claimed_at", UTCTimestamp, nullable=False),
         # On SQLite, one B-tree keyed by the identity instead of a rowid table plus
         # an index on it: one page fewer written per claim.
         sqlite_with_rowid=False,
+        **_MYSQL_TABLE,
     )
 
 
@@ -126,13 +253,13 @@ def define_purchases(metadata: sa.MetaData) -> sa.Table:
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
         sa.Column("platform", sa.String(16), nullable=False),
         # Play orderId / App Store transactionId: what a refund shares with its purchase.
-        sa.Column("store_purchase_id", sa.String(256), nullable=False),
+        sa.Column("store_purchase_id", ExactText(256), nullable=False),
         # Play purchaseToken / App Store originalTransactionId.
-        sa.Column("store_token", sa.Text, nullable=False),
-        sa.Column("user_id", sa.Text, nullable=False, index=True),
+        sa.Column("store_token", ExactText(), nullable=False),
+        sa.Column("user_id", ExactText(), nullable=False),
         sa.Column("iap_log_id", sa.BigInteger, nullable=False, index=True),
-        sa.Column("nacho_product_id", sa.Text, nullable=False),
-        sa.Column("product_id", sa.Text, nullable=False),
+        sa.Column("nacho_product_id", ExactText(), nullable=False),
+        sa.Column("product_id", ExactText(), nullable=False),
         sa.Column("product_type", sa.String(16), nullable=False),
         sa.Column("environment", sa.String(16), nullable=False),
         sa.Column("quantity", sa.Integer, nullable=False),
@@ -149,6 +276,8 @@ def define_purchases(metadata: sa.MetaData) -> sa.Table:
         sa.UniqueConstraint(
             "platform", "store_purchase_id", name="uq_nachocode_purchases_store_id"
         ),
+        sa.Index("ix_nachocode_purchases_user_id", "user_id", **_MYSQL_PREFIX),
+        **_MYSQL_TABLE,
     )
 
 

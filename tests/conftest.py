@@ -21,6 +21,10 @@ WEBHOOK_KEY = "test-key-7d4c"
 #: postgresql+psycopg://postgres@127.0.0.1:5432/test. Its public schema is
 #: wiped before each test that uses it: point it at a throwaway database.
 POSTGRES_URL = os.environ.get("NACHOCODE_TEST_POSTGRES_URL")
+#: A MySQL or MariaDB URL for the same tests, e.g.
+#: mysql+pymysql://root@127.0.0.1:3306/test. Every table in its database is
+#: dropped before each test that uses it: point it at a throwaway database.
+MYSQL_URL = os.environ.get("NACHOCODE_TEST_MYSQL_URL")
 
 
 def load_fixture(name: str) -> dict[str, Any]:
@@ -46,6 +50,19 @@ def reset_postgres(url: str) -> None:
     engine.dispose()
 
 
+def reset_mysql(url: str) -> None:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        tables = connection.exec_driver_sql(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()"
+        ).scalars().all()
+        connection.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 0")
+        for table in tables:
+            connection.exec_driver_sql(f"DROP TABLE IF EXISTS `{table}`")
+        connection.exec_driver_sql("SET FOREIGN_KEY_CHECKS = 1")
+    engine.dispose()
+
+
 @pytest.fixture
 def postgres_url() -> str:
     if not POSTGRES_URL:
@@ -54,12 +71,24 @@ def postgres_url() -> str:
     return POSTGRES_URL
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture
+def mysql_url() -> str:
+    if not MYSQL_URL:
+        pytest.skip("NACHOCODE_TEST_MYSQL_URL is not set; MySQL/MariaDB tests skipped")
+    reset_mysql(MYSQL_URL)
+    return MYSQL_URL
+
+
+#: The server databases, by ``database_url`` parameter: the fixture giving each one's URL.
+SERVER_URL_FIXTURES = {"postgresql": "postgres_url", "mysql": "mysql_url"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each test using this runs on an SQLite file and on PostgreSQL."""
+    """Each test using this runs on an SQLite file, on PostgreSQL and on MySQL/MariaDB."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'nachocode.db'}"
-    return str(request.getfixturevalue("postgres_url"))
+    return str(request.getfixturevalue(SERVER_URL_FIXTURES[request.param]))
 
 
 @pytest.fixture
@@ -126,9 +155,13 @@ class StoreApp:
         """Every row of ``table``, read on a connection of its own (to ``url``
         instead of the app's database URL when given)."""
         engine = sa.create_engine(url or self.url, poolclass=sa.pool.NullPool)
+        # The store's own tables through their column types: on MySQL the exact-text
+        # columns hold UTF-8 bytes that the types read back as text.
+        known = self.store.metadata.tables.get(table)
+        query = sa.select(known).order_by(*known.primary_key) if known is not None else sa.text(f"SELECT * FROM {table} ORDER BY 1")
         try:
             with engine.connect() as connection:
-                return list(connection.execute(sa.text(f"SELECT * FROM {table} ORDER BY 1")))
+                return list(connection.execute(query))
         finally:
             engine.dispose()
 

@@ -93,3 +93,24 @@ def test_a_missing_key_is_warned_about_once_at_start_up(
     if warned:
         assert warnings[0].levelno == logging.WARNING
         assert "/nachocode/webhooks" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("uri", "named"),
+    [
+        ("mssql+pyodbc://user:secret@db.example/shop", "mssql"),
+        ("oracle+oracledb://user:secret@db.example/shop", "oracle"),
+    ],
+)
+def test_a_database_the_store_does_not_run_on_is_refused_at_start_up(make_app: AppFactory, uri: str, named: str) -> None:
+    with pytest.raises(RuntimeError, match=f"a {named} database") as refused:
+        make_app(NACHOCODE_DATABASE_URI=uri)
+    assert "SQLite, PostgreSQL, and MySQL or MariaDB" in str(refused.value)
+    assert "secret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("charset", ["latin1", "utf8", "utf8mb3"])
+def test_a_mysql_charset_that_cannot_hold_korean_is_refused_at_start_up(make_app: AppFactory, charset: str) -> None:
+    with pytest.raises(RuntimeError, match=f"charset={charset}.*use charset=utf8mb4"):
+        make_app(NACHOCODE_DATABASE_URI=f"mysql+pymysql://root@127.0.0.1/shop?charset={charset}")
+    make_app(NACHOCODE_DATABASE_URI="mysql+pymysql://root@127.0.0.1/shop?charset=utf8mb4")

@@ -5,8 +5,10 @@ concurrent identical deliveries across gunicorn workers handled once."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,7 +23,7 @@ from flask_nachocode.testing import (
     unavailable_users_payload,
 )
 
-from conftest import WEBHOOK_KEY
+from conftest import SERVER_URL_FIXTURES, WEBHOOK_KEY
 from live import free_port, gunicorn_args, live_server
 from tcp_proxy import TcpProxy
 
@@ -67,6 +69,51 @@ def test_two_partial_refunds_are_two_events_and_each_is_handled_once(make_store_
     assert store_app.effects() == [identity_of(purchase), identity_of(first_refund), identity_of(second_refund)]
     [ledger_row] = store_app.rows("nachocode_purchases")
     assert ledger_row.refunded_quantity == 2
+
+
+def test_resends_waiting_on_a_failing_first_delivery_are_handled_once(
+    make_store_app: Any, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two re-sends wait on the first delivery's claim; its handler fails and rolls
+    # back. On MySQL/MariaDB, InnoDB then deadlocks the two waiting inserts of the
+    # one key: the victim's claim must be tried again, not answered 503.
+    caplog.set_level(logging.INFO, logger="flask_nachocode")
+    store_app = make_store_app()
+    purchase = purchase_payload()
+    first_started = threading.Event()
+    calls: list[int] = []
+
+    def fail_the_first_slowly(event: Any) -> bool:
+        calls.append(1)
+        if len(calls) > 1:
+            return False
+        first_started.set()
+        time.sleep(1.5)  # while the re-sends queue behind the claim
+        return True
+
+    store_app.broken = fail_the_first_slowly
+    statuses: list[int] = []
+
+    def send() -> None:
+        statuses.append(post_delivery(store_app.client, "purchase", purchase).status_code)
+
+    first = threading.Thread(target=send)
+    first.start()
+    assert first_started.wait(30)
+    resends = [threading.Thread(target=send) for _ in range(2)]
+    for thread in resends:
+        thread.start()
+    for thread in [first, *resends]:
+        thread.join()
+
+    assert sorted(statuses) == [200, 200, 500]
+    assert sorted(row.outcome for row in store_app.deliveries()) == ["duplicate", "failed", "handled"]
+    assert [row.identity for row in store_app.rows("nachocode_claims")] == [identity_of(purchase)]
+    assert len(store_app.rows("nachocode_purchases")) == 1
+    if store_app.db is not None:
+        assert store_app.effects() == [identity_of(purchase)]
+    if database_url.startswith("mysql"):
+        assert "claim tried again after OperationalError: (1213" in caplog.text
 
 
 def test_unavailable_users_are_never_deduplicated(make_store_app: Any) -> None:
@@ -139,10 +186,16 @@ def test_one_commit_per_delivery_on_the_happy_path(make_store_app: Any) -> None:
 # --- the database unreachable ---
 
 
+@pytest.fixture(params=sorted(SERVER_URL_FIXTURES))
+def server_url(request: pytest.FixtureRequest) -> str:
+    """The database servers (PostgreSQL, MySQL/MariaDB), each when configured."""
+    return str(request.getfixturevalue(SERVER_URL_FIXTURES[request.param]))
+
+
 @pytest.fixture
-def behind_proxy(postgres_url: str, store_mode: str, store_apps: Any) -> Iterator[tuple[Any, TcpProxy]]:
-    """A store app that reaches PostgreSQL through a :class:`TcpProxy` the test can cut."""
-    direct = sa.engine.make_url(postgres_url)
+def behind_proxy(server_url: str, store_mode: str, store_apps: Any) -> Iterator[tuple[Any, TcpProxy]]:
+    """A store app that reaches its database server through a :class:`TcpProxy` the test can cut."""
+    direct = sa.engine.make_url(server_url)
     with TcpProxy(direct.host or "127.0.0.1", direct.port or 5432) as proxy:
         url = direct.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
         store_app = store_apps(url, store_mode)
@@ -150,8 +203,8 @@ def behind_proxy(postgres_url: str, store_mode: str, store_apps: Any) -> Iterato
         store_app.close()  # while the proxy still forwards: the server sees clean goodbyes
 
 
-def test_postgresql_unreachable_answers_503_and_the_next_delivery_after_it_works(
-    behind_proxy: tuple[Any, TcpProxy], postgres_url: str
+def test_server_unreachable_answers_503_and_the_next_delivery_after_it_works(
+    behind_proxy: tuple[Any, TcpProxy], server_url: str
 ) -> None:
     store_app, proxy = behind_proxy
     before = purchase_payload()
@@ -162,8 +215,8 @@ def test_postgresql_unreachable_answers_503_and_the_next_delivery_after_it_works
     answer = post_delivery(store_app.client, "purchase", during)
     assert answer.status_code == 503
     assert answer.get_json()["error"] == "store_unavailable"
-    assert [row.identity for row in store_app.rows("nachocode_claims", postgres_url)] == [identity_of(before)]
-    assert len(store_app.rows("nachocode_deliveries", postgres_url)) == 1
+    assert [row.identity for row in store_app.rows("nachocode_claims", server_url)] == [identity_of(before)]
+    assert len(store_app.rows("nachocode_deliveries", server_url)) == 1
 
     proxy.restore()
     answer = post_delivery(store_app.client, "purchase", during)  # the dashboard's re-send
@@ -177,7 +230,7 @@ def test_postgresql_unreachable_answers_503_and_the_next_delivery_after_it_works
     assert post_delivery(store_app.client, "purchase", after).status_code == 200
 
     assert store_app.effects() == [identity_of(before), identity_of(during), identity_of(after)]
-    rows = store_app.rows("nachocode_deliveries", postgres_url)
+    rows = store_app.rows("nachocode_deliveries", server_url)
     assert [(row.identity, row.outcome) for row in rows] == [
         (identity_of(before), "handled"),
         (identity_of(during), "handled"),
@@ -185,8 +238,8 @@ def test_postgresql_unreachable_answers_503_and_the_next_delivery_after_it_works
     ]
 
 
-def test_postgresql_lost_during_a_delivery_leaves_nothing_half_written(
-    behind_proxy: tuple[Any, TcpProxy], postgres_url: str
+def test_server_lost_during_a_delivery_leaves_nothing_half_written(
+    behind_proxy: tuple[Any, TcpProxy], server_url: str
 ) -> None:
     store_app, proxy = behind_proxy
     # The claim and the ledger row are written, the handler ran; then the
@@ -195,18 +248,18 @@ def test_postgresql_lost_during_a_delivery_leaves_nothing_half_written(
     purchase = purchase_payload()
     assert post_delivery(store_app.client, "purchase", purchase).status_code == 503
     for table in ("nachocode_claims", "nachocode_deliveries", "nachocode_purchases"):
-        assert store_app.rows(table, postgres_url) == [], table
+        assert store_app.rows(table, server_url) == [], table
     if store_app.db is not None:
-        assert store_app.rows("test_effects", postgres_url) == []
+        assert store_app.rows("test_effects", server_url) == []
 
     proxy.restore()
     store_app.broken = False
     answer = post_delivery(store_app.client, "purchase", purchase)
     assert (answer.status_code, answer.get_json()["duplicate"]) == (200, False)
-    assert [row.outcome for row in store_app.rows("nachocode_deliveries", postgres_url)] == ["handled"]
-    assert len(store_app.rows("nachocode_purchases", postgres_url)) == 1
+    assert [row.outcome for row in store_app.rows("nachocode_deliveries", server_url)] == ["handled"]
+    assert len(store_app.rows("nachocode_purchases", server_url)) == 1
     if store_app.db is not None:
-        assert [row.identity for row in store_app.rows("test_effects", postgres_url)] == [identity_of(purchase)]
+        assert [row.identity for row in store_app.rows("test_effects", server_url)] == [identity_of(purchase)]
 
 
 def test_sqlite_unreachable_answers_503_and_the_next_delivery_after_it_works(
@@ -264,8 +317,7 @@ def fire_at_once(url: str, bodies: list[bytes]) -> list[tuple[int, dict[str, Any
 def test_identical_deliveries_at_the_same_moment_on_several_workers_are_handled_once(
     database_url: str, store_mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    postgres = database_url.startswith("postgresql")
-    workers = 4 if postgres else 2
+    workers = 2 if database_url.startswith("sqlite") else 4
     effects_file = tmp_path / "effects.txt"
     effects_file.touch()
     env = {

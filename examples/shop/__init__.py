@@ -27,6 +27,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_nachocode import (
+    ExactText,
     NachocodeWebhook,
     PurchaseEvent,
     RefundEvent,
@@ -51,13 +52,14 @@ COINS_PER_UNIT = {
 
 class Wallet(db.Model):  # type: ignore[name-defined,misc]
     __tablename__ = "shop_wallets"
-    user_id: Mapped[str] = mapped_column(primary_key=True)
+    # Exact: on MySQL a plain string key would give "testUser" and "TESTUSER" one wallet.
+    user_id: Mapped[str] = mapped_column(ExactText(255), primary_key=True)
     coins: Mapped[int] = mapped_column(default=0)
 
 
 class PushToken(db.Model):  # type: ignore[name-defined,misc]
     __tablename__ = "shop_push_tokens"
-    user_id: Mapped[str] = mapped_column(primary_key=True)
+    user_id: Mapped[str] = mapped_column(ExactText(255), primary_key=True)
     token: Mapped[str]
 
 
