@@ -8,10 +8,10 @@ Each variant runs under gunicorn on loopback (sync workers, same settings) and
 is loaded with wrk (8 connections), alternating A B C for several rounds so that
 noise from other work on the machine hits all three alike; the ratios are the
 medians of per-round ratios. Then a round of duplicates (the same delivery over
-and over). Done for SQLite (WAL) and, when a PostgreSQL URL is given (``--postgres``,
-or ``NACHOCODE_TEST_POSTGRES_URL``), for PostgreSQL with 1 and 4 workers. The
-PostgreSQL database's benchmark and nachocode tables are emptied: use a
-throwaway database. An in-process figure (no HTTP, no database) comes first.
+and over). Done for SQLite (WAL) and, when their URLs are given (``--postgres``
+or ``NACHOCODE_TEST_POSTGRES_URL``, ``--mysql`` or ``NACHOCODE_TEST_MYSQL_URL``), for
+PostgreSQL and MariaDB (or MySQL), each with 1 and 4 workers. The server
+databases' benchmark and nachocode tables are emptied: use throwaway databases. An in-process figure (no HTTP, no database) comes first.
 
 Not part of the test run; numbers depend on the machine and its load.
 """
@@ -54,7 +54,7 @@ class Load:
     p99_ms: float
     errors: int
     requests: int
-    #: CPU time per request of the gunicorn workers, and of the PostgreSQL server's
+    #: CPU time per request of the gunicorn workers, and of the database server's
     #: processes (0 for SQLite, which runs inside the worker), in µs; see cpu_seconds.
     worker_cpu_us: float = 0.0
     database_cpu_us: float = 0.0
@@ -158,7 +158,7 @@ def python_load(url: str, seconds: float, prefix: str, mode: str) -> Load:
 # --- CPU per request ----------------------------------------------------------------------
 #
 # Requests/s say how fast, not where the time went. CPU time per request, split into the
-# gunicorn workers and the PostgreSQL server, says that, and C - B in µs is the figure a
+# gunicorn workers and the database server (PostgreSQL, MariaDB), says that, and C - B in µs is the figure a
 # change to the code moves. It leaves out waiting (disk, network) but not a CPU slowed by
 # other jobs on a shared machine, so between rounds it varies about as much as requests/s.
 # Read from /proc (Linux); elsewhere the CPU columns are left out.
@@ -180,17 +180,28 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / _TICKS
 
 
-def postgres_pids() -> list[int]:
-    """The PostgreSQL server's processes (postmaster, backends, background workers)."""
+def server_pids(*names: str) -> list[int]:
+    """The processes whose command is one of ``names``: PostgreSQL's (postmaster,
+    backends, background workers), or MariaDB's or MySQL's single server process."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if (proc / "comm").read_text().strip() == "postgres":
+                if (proc / "comm").read_text().strip() in names:
                     pids.append(int(proc.name))
             except OSError:
                 continue
     return pids
+
+
+def database_pids(database_url: str) -> Callable[[], list[int]]:
+    """What lists the database server's processes; SQLite runs inside the worker."""
+    backend = database_url.split(":", 1)[0].split("+", 1)[0]
+    if backend == "postgresql":
+        return lambda: server_pids("postgres")
+    if backend in ("mysql", "mariadb"):
+        return lambda: server_pids("mariadbd", "mysqld")
+    return lambda: []
 
 
 def measured(generate: Callable[[str, float, str, str], Load], workers: list[int],
@@ -236,8 +247,7 @@ def run_scenario(scenario: Scenario, rounds: int, seconds: float, dup_rounds: in
         for variant in VARIANTS:  # warm up: imports, connections, statement caches
             generate(urls[variant], 1, f"w{run_id}{variant}", "unique")
         # Workers are listed after the warm-up: gunicorn has forked them all by then.
-        # SQLite runs inside the worker: no database processes to count.
-        database = postgres_pids if scenario.database_url.startswith("postgresql") else lambda: []
+        database = database_pids(scenario.database_url)
         loaders = {variant: measured(generate, worker_pids(ports[variant]), database) for variant in VARIANTS}
         for round_number in range(rounds):
             scenario.unique.append({
@@ -300,7 +310,7 @@ def table(scenarios: list[Scenario]) -> str:
 
 
 def cpu_table(scenarios: list[Scenario]) -> str:
-    """Server CPU per delivery (worker + PostgreSQL server), medians over rounds, and
+    """Server CPU per delivery (worker + database server), medians over rounds, and
     what C costs beyond B; empty where the CPU could not be read (no /proc)."""
     header = (
         "| database, workers | deliveries | A CPU µs | B CPU µs | C CPU µs "
@@ -398,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="seconds per load run")
     parser.add_argument("--postgres", default=os.environ.get("NACHOCODE_TEST_POSTGRES_URL"),
                         help="PostgreSQL URL of a throwaway database (default: $NACHOCODE_TEST_POSTGRES_URL)")
-    parser.add_argument("--only", choices=["inprocess", "sqlite", "postgresql"], action="append",
+    parser.add_argument("--mysql", default=os.environ.get("NACHOCODE_TEST_MYSQL_URL"),
+                        help="MySQL/MariaDB URL of a throwaway database (default: $NACHOCODE_TEST_MYSQL_URL)")
+    parser.add_argument("--only", choices=["inprocess", "sqlite", "postgresql", "mysql"], action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--ledger", choices=["on", "off"], default="on",
                         help="C with the ledger (default) or with NACHOCODE_LEDGER = False")
@@ -408,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (3 if args.quick else 6)
     seconds = args.seconds or (4 if args.quick else 10)
     dup_rounds = 1 if args.quick else 2
-    parts = set(args.only or ["inprocess", "sqlite", "postgresql"])
+    parts = set(args.only or ["inprocess", "sqlite", "postgresql", "mysql"])
     generate = wrk_load
     if args.python_load or shutil.which("wrk") is None:
         print("wrk not found (apt-get install wrk): using the Python load generator", file=sys.stderr)
@@ -423,13 +435,17 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = []
     workdir = Path(tempfile.mkdtemp(prefix="nachocode-bench-"))
     if "sqlite" in parts:
-        scenarios.append(Scenario("SQLite (WAL), 1", f"sqlite:///{workdir / 'bench.db'}", 1))
-    if "postgresql" in parts:
-        if args.postgres:
-            scenarios.append(Scenario("PostgreSQL, 1", args.postgres, 1))
-            scenarios.append(Scenario("PostgreSQL, 4", args.postgres, 4))
-        else:
-            print("no PostgreSQL URL (--postgres): PostgreSQL skipped", file=sys.stderr)
+        for workers in (1, 4):
+            path = workdir / f"bench-{workers}.db"
+            scenarios.append(Scenario(f"SQLite (WAL), {workers}", f"sqlite:///{path}", workers))
+    for part, url, name in (("postgresql", args.postgres, "PostgreSQL"), ("mysql", args.mysql, "MariaDB")):
+        if part not in parts:
+            continue
+        if not url:
+            print(f"no {name} URL (--{part.replace('postgresql', 'postgres')}): {name} skipped", file=sys.stderr)
+            continue
+        for workers in (1, 4):
+            scenarios.append(Scenario(f"{name}, {workers}", url, workers))
     for scenario in scenarios:
         print(f"{scenario.title} worker(s): {rounds} rounds of {seconds:g} s, {CONNECTIONS} connections", flush=True)
         run_scenario(scenario, rounds, seconds, dup_rounds, generate, workdir, args.ledger)

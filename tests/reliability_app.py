@@ -27,9 +27,10 @@ from typing import Any, Iterator
 
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from flask_nachocode import NachocodeWebhook, PurchaseEvent, RefundEvent, UnavailableUsersEvent
+from flask_nachocode import ExactText, NachocodeWebhook, PurchaseEvent, RefundEvent, UnavailableUsersEvent
 from flask_nachocode import delivery as nachocode_dispatch
 
 
@@ -46,8 +47,8 @@ class Effect(db.Model):  # type: ignore[name-defined,misc]
 
     __tablename__ = "reliability_effects"
     id: Mapped[int] = mapped_column(primary_key=True)
-    identity: Mapped[str]
-    event: Mapped[str]
+    identity: Mapped[str] = mapped_column(ExactText(512))
+    event: Mapped[str] = mapped_column(String(32))
     pid: Mapped[int]
 
 

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import pytest
 import requests
-from conftest import POSTGRES_URL, load_fixture, reset_postgres
+from conftest import MYSQL_URL, POSTGRES_URL, load_fixture, reset_mysql, reset_postgres
 from live import BIN, ROOT, flask_run_args, free_port, live_server
 
 from flask_nachocode.testing import purchase_payload
@@ -19,17 +19,20 @@ from flask_nachocode.testing import purchase_payload
 KEY = "e2e-webhook-key"
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", "postgresql", "mysql"])
 def shop_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment a user sets: the webhook key and where the database lives.
     One shop per database for the whole module: starting a server is the slow part."""
     if request.param == "sqlite":
         database_url = f"sqlite:///{tmp_path_factory.mktemp('shop') / 'shop.db'}"
-    elif POSTGRES_URL:
+    elif request.param == "postgresql" and POSTGRES_URL:
         reset_postgres(POSTGRES_URL)
         database_url = POSTGRES_URL
+    elif request.param == "mysql" and MYSQL_URL:
+        reset_mysql(MYSQL_URL)
+        database_url = MYSQL_URL
     else:
-        pytest.skip("NACHOCODE_TEST_POSTGRES_URL is not set; PostgreSQL tests skipped")
+        pytest.skip(f"no URL for {request.param} (NACHOCODE_TEST_POSTGRES_URL, NACHOCODE_TEST_MYSQL_URL)")
     return {"NACHOCODE_WEBHOOK_KEY": KEY, "FLASK_SQLALCHEMY_DATABASE_URI": database_url}
 
 

@@ -25,7 +25,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from conftest import WEBHOOK_KEY
+from conftest import SERVER_URL_FIXTURES, WEBHOOK_KEY
 from figures import count
 from flask_nachocode.events import ROUTES_BY_EVENT
 from flask_nachocode.testing import purchase_payload, refund_payload
@@ -117,7 +117,11 @@ def tally(uri: str) -> Tally:
         rows = connection.exec_driver_sql("SELECT identity, count(*) FROM reliability_effects GROUP BY identity").all()
         one = lambda sql: int(connection.exec_driver_sql(sql).scalar_one())  # noqa: E731
         result = Tally(
-            effects={identity: number for identity, number in rows},
+            # MySQL's exact-text columns hold UTF-8 bytes.
+            effects={
+                identity.decode() if isinstance(identity, bytes) else identity: number
+                for identity, number in rows
+            },
             handled=one("SELECT count(*) FROM nachocode_deliveries WHERE outcome = 'handled'"),
             claims=one("SELECT count(*) FROM nachocode_claims"),
             ledger=one("SELECT count(*) FROM nachocode_purchases WHERE purchase_received"),
@@ -156,11 +160,15 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'load.db'}"
 
 
-@pytest.mark.parametrize("database, workers", [("postgresql", 4), ("sqlite", 2)])
+def url_of(request: pytest.FixtureRequest, database: str) -> str:
+    return str(request.getfixturevalue({"sqlite": "sqlite_url", **SERVER_URL_FIXTURES}[database]))
+
+
+@pytest.mark.parametrize("database, workers", [("postgresql", 4), ("mysql", 4), ("sqlite", 2)])
 def test_load_with_duplicates_handles_each_delivery_once(
     request: pytest.FixtureRequest, tmp_path: Path, database: str, workers: int
 ) -> None:
-    uri = request.getfixturevalue("postgres_url" if database == "postgresql" else "sqlite_url")
+    uri = url_of(request, database)
     items, unique = deliveries(DELIVERIES, DUPLICATE_SHARE, seed=workers)
     # INFO, not DEBUG: logging every SQL statement of 2,000 deliveries would be
     # most of the run; the fault tests below and test_security log at DEBUG.
@@ -175,11 +183,11 @@ def test_load_with_duplicates_handles_each_delivery_once(
     assert_key_not_in(log)
 
 
-@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("database", ["postgresql", "mysql", "sqlite"])
 def test_worker_killed_in_handlers_leaves_nothing_half_written(
     request: pytest.FixtureRequest, tmp_path: Path, database: str
 ) -> None:
-    uri = request.getfixturevalue("postgres_url" if database == "postgresql" else "sqlite_url")
+    uri = url_of(request, database)
     marker, started = tmp_path / "pause", tmp_path / "started"
     marker.touch()
     started.mkdir()
@@ -189,7 +197,7 @@ def test_worker_killed_in_handlers_leaves_nothing_half_written(
         with ThreadPoolExecutor(1) as background:
             pending = background.submit(send, base_url, items, len(items))
             # SQLite lets one transaction write at a time: one handler runs, the other waits.
-            in_handlers = 2 if database == "postgresql" else 1
+            in_handlers = 1 if database == "sqlite" else 2
             deadline = time.monotonic() + 60
             while len(list(started.iterdir())) < in_handlers:
                 assert time.monotonic() < deadline, "handlers did not start"
@@ -213,34 +221,54 @@ def test_worker_killed_in_handlers_leaves_nothing_half_written(
     assert_key_not_in(log)
 
 
-def test_postgres_connections_killed_during_load(postgres_url: str, tmp_path: Path) -> None:
+def kill_other_connections(connection: sa.Connection) -> int:
+    """Kill every other connection to this test's own database (the shared server
+    keeps running); how many were killed."""
+    if connection.dialect.name == "postgresql":
+        return int(
+            connection.exec_driver_sql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).scalar_one()
+        )
+    ids = connection.exec_driver_sql(
+        "SELECT id FROM information_schema.processlist WHERE db = DATABASE() AND id <> CONNECTION_ID()"
+    ).scalars()
+    killed = 0
+    for connection_id in ids:
+        try:
+            connection.exec_driver_sql(f"KILL {int(connection_id)}")
+            killed += 1
+        except sa.exc.OperationalError:
+            pass  # gone meanwhile ("Unknown thread id")
+    return killed
+
+
+@pytest.mark.parametrize("database", sorted(SERVER_URL_FIXTURES))
+def test_connections_killed_during_load(request: pytest.FixtureRequest, database: str, tmp_path: Path) -> None:
+    server_url = url_of(request, database)
     items, _ = deliveries(max(DELIVERIES // 4, 50), DUPLICATE_SHARE, seed=11)
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    # Only this test's own database is touched: the shared server keeps running.
-    kill = sa.text(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    )
-    with serve(postgres_url, 4, tmp_path, key=WEBHOOK_KEY) as (base_url, _, log), admin.connect() as connection:
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with serve(server_url, 4, tmp_path, key=WEBHOOK_KEY) as (base_url, _, log), admin.connect() as connection:
         with ThreadPoolExecutor(1) as background:
             pending = background.submit(send, base_url, items)
             terminated = outages = 0
             while not pending.done():
-                terminated += connection.execute(kill).scalar_one()
+                terminated += kill_other_connections(connection)
                 if outages < 3 and terminated:
                     # Away for a second: every connection killed as soon as it is made.
                     outages += 1
                     away_until = time.monotonic() + 1.0
                     while time.monotonic() < away_until:
-                        terminated += connection.execute(kill).scalar_one()
+                        terminated += kill_other_connections(connection)
                         time.sleep(0.01)
                 time.sleep(0.3)
             results = pending.result()
-        count("faults: PostgreSQL connections killed", terminated)
-        count("faults: PostgreSQL outages", outages)
+        count(f"faults: {database} connections killed", terminated)
+        count(f"faults: {database} outages", outages)
         statuses = [status for status, _ in results]
         unavailable = statuses.count(503)
-        count("faults: answered 503 while PostgreSQL was away", unavailable)
+        count(f"faults: answered 503 while {database} was away", unavailable)
         assert terminated > 0 and outages > 0
         assert set(statuses) <= {200, 503}, sorted(set(map(str, statuses)))
         assert unavailable > 0, "the faults never reached a delivery"
@@ -250,7 +278,7 @@ def test_postgres_connections_killed_during_load(postgres_url: str, tmp_path: Pa
         (fresh,) = send(base_url, [fresh_item])
         assert fresh[0] == 200 and fresh[1]["duplicate"] is False
     admin.dispose()
-    assert_exactly_once(postgres_url, items + [fresh_item])
+    assert_exactly_once(server_url, items + [fresh_item])
     assert_key_not_in(log)
 
 

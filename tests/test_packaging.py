@@ -17,12 +17,12 @@ CI = Path(__file__).parent.parent / ".ci"
 
 
 def declared() -> dict[str, Requirement]:
-    """Requirements of the installed distribution: core ones and the `postgres` extra."""
+    """Requirements of the installed distribution: core ones and the database extras."""
     found = {}
     for line in requires("flask-nachocode") or []:
         requirement = Requirement(line)
         core = requirement.marker is None
-        if core or requirement.marker.evaluate({"extra": "postgres"}):
+        if core or any(requirement.marker.evaluate({"extra": extra}) for extra in ("postgres", "mysql")):
             found[canonicalize_name(requirement.name)] = requirement
     return found
 
@@ -47,8 +47,8 @@ def test_package_is_marked_typed() -> None:
 
 def test_every_dependency_has_a_lower_and_an_upper_bound() -> None:
     for name, requirement in declared().items():
-        if name == "psycopg":  # optional driver: a floor only, any newer psycopg 3 works
-            continue
+        if name in ("psycopg", "pymysql", "mysqlclient"):
+            continue  # optional drivers: a floor only, any newer release works
         operators = {spec.operator for spec in requirement.specifier}
         assert ">=" in operators and "<" in operators, requirement
 
