@@ -58,6 +58,8 @@ class Delivery:
     remote_addr: str | None = None
     payload: Any = None
     replay_of: int | None = None
+    #: When the claim returned (``time.perf_counter()``), if it wrote the record.
+    claimed: float = 0.0
 
 
 @dataclass
@@ -91,7 +93,10 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
             return record(
                 state, delivery, NoHandler(f"no handler is registered for {event.name}"), event
             )
-        if not _claim(state, session, event):
+        claimed, delivery_id = _claim(state, session, event, delivery)
+        if not claimed:
+            if delivery_id is not None:
+                return _finish(state, delivery, event, "duplicate", 200, delivery_id, early=True)
             return _commit(state, delivery, event, "duplicate", 200)
     except Refuse as refusal:
         session.rollback()
@@ -121,6 +126,8 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
             "a handler raised an exception; the delivery was recorded as failed"
         )
         return record(state, delivery, failure, event, cause=error)
+    if delivery_id is not None:
+        return _finish(state, delivery, event, "handled", 200, delivery_id, early=True)
     return _commit(state, delivery, event, "handled", 200)
 
 
@@ -128,8 +135,12 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
 CLAIM_ATTEMPTS = 3
 
 
-def _claim(state: AppState, session: Any, event: Event) -> bool:
-    """Claim the event and write the ledger (:meth:`Store.claim`): False for a duplicate.
+def _claim(
+    state: AppState, session: Any, event: Event, delivery: Delivery
+) -> tuple[bool, int | None]:
+    """Claim the event and write the ledger (:meth:`Store.claim`): whether it
+    claimed (False for a duplicate), and the delivery record's id when the claim
+    also wrote the record.
 
     A pooled connection the database dropped while idle, or a deadlock or lock
     wait the database broke (:func:`~flask_nachocode.store.is_worth_retrying`),
@@ -139,8 +150,15 @@ def _claim(state: AppState, session: Any, event: Event) -> bool:
     InnoDB chose as a deadlock's victim be handled instead of answered 503.
     """
     for attempt in range(1, CLAIM_ATTEMPTS + 1):
+        now = utcnow()
+        # A replay also updates its original: it keeps the record apart.
+        early = (
+            _record_values(state, delivery, event, "", 200, now) if delivery.replay_of is None else None
+        )
         try:
-            return state.store.claim(session.connection(), event, utcnow())
+            claimed, delivery_id = state.store.claim(session.connection(), event, now, early)
+            delivery.claimed = time.perf_counter()
+            return claimed, delivery_id
         except sa.exc.DBAPIError as error:
             if attempt == CLAIM_ATTEMPTS or not is_worth_retrying(error):
                 raise
@@ -177,20 +195,25 @@ def record(
     return result
 
 
-def _commit(
+#: A record written with the claim, before the handlers ran, keeps the claim's time
+#: as its end unless the handlers took longer than this: then one UPDATE sets the
+#: real end, a cost that is small beside such handlers (see Store.claim).
+EXACT_DURATION_AFTER_SECONDS = 0.010
+
+
+def _record_values(
     state: AppState,
     delivery: Delivery,
     event: Event | None,
     outcome: str,
     status: int,
+    finished: datetime,
     *,
     error: WebhookError | None = None,
     message: str | None = None,
     trace: str | None = None,
-) -> Result:
-    store = state.store
-    session = store.session
-    finished = utcnow()
+) -> dict[str, Any]:
+    """The delivery record's columns (all but ``id``), as it ends now."""
     elapsed = time.perf_counter() - delivery.started
     event_name = event.name if event is not None else _guess_event_name(delivery)
     payload = delivery.payload if isinstance(delivery.payload, dict) else {}
@@ -199,7 +222,6 @@ def _commit(
     values = {
         "event": event_name,
         "route": delivery.route,
-        "outcome": outcome,
         "status": status,
         "identity": getattr(event, "identity", None),
         "user_id": _storable_text(user_id) if isinstance(user_id, str) else None,
@@ -215,12 +237,58 @@ def _commit(
         "replay_of": delivery.replay_of,
         "replay_count": 0,
     }
+    if outcome:
+        values["outcome"] = outcome
+    return values
+
+
+def _commit(
+    state: AppState,
+    delivery: Delivery,
+    event: Event | None,
+    outcome: str,
+    status: int,
+    *,
+    error: WebhookError | None = None,
+    message: str | None = None,
+    trace: str | None = None,
+) -> Result:
+    """Insert the delivery record and commit."""
+    store = state.store
+    values = _record_values(
+        state, delivery, event, outcome, status, utcnow(), error=error, message=message, trace=trace
+    )
     try:
-        delivery_id = store.record_delivery(session.connection(), values)
+        delivery_id = store.record_delivery(store.session.connection(), values)
+    except sa.exc.SQLAlchemyError as db_error:
+        raise _store_unavailable(state, db_error) from db_error
+    return _finish(state, delivery, event, outcome, status, delivery_id, error=error)
+
+
+def _finish(
+    state: AppState,
+    delivery: Delivery,
+    event: Event | None,
+    outcome: str,
+    status: int,
+    delivery_id: int,
+    *,
+    error: WebhookError | None = None,
+    early: bool = False,
+) -> Result:
+    """Commit the delivery whose record is written (``early``: by the claim, before
+    the handlers ran), then warn if it was slow and send the signal."""
+    store = state.store
+    session = store.session
+    elapsed = time.perf_counter() - delivery.started
+    try:
+        if early and time.perf_counter() - delivery.claimed > EXACT_DURATION_AFTER_SECONDS:
+            store.set_finished(session.connection(), delivery_id, utcnow(), elapsed * 1000.0)
         session.commit()
     except sa.exc.SQLAlchemyError as db_error:
         raise _store_unavailable(state, db_error) from db_error
 
+    event_name = event.name if event is not None else _guess_event_name(delivery)
     if elapsed > SLOW_DELIVERY_SECONDS:
         logger.warning(
             "nachocode delivery %s (%s) took %.1f s of Nachocode's %.0f s budget; an answer "

@@ -202,12 +202,18 @@ def _on_purchase_conflict(statement: Any, table: sa.Table) -> Any:
     )
 
 
+#: Prefix of the delivery record's parameters in the one-statement claim: the
+#: record and the ledger row share column names with different values.
+RECORD_PREFIX = "record_"
+
+
 @functools.lru_cache(maxsize=64)
-def _claimed_purchase_upsert(claims: sa.Table, table: sa.Table) -> Any:
-    # PostgreSQL only: the claim and the purchase upsert in one statement, one
-    # network round trip fewer per purchase than sending them one after the other.
-    # The upsert reads its row from a SELECT that yields nothing unless the claim
-    # inserted its row, so a duplicate writes nothing, as with two statements.
+def _claimed_purchase_upsert(claims: sa.Table, table: sa.Table, deliveries: sa.Table) -> Any:
+    # PostgreSQL only: the claim, the purchase upsert and the delivery record in one
+    # statement, as many network round trips as a bare INSERT of the body. The upsert
+    # reads its row from a SELECT that yields nothing unless the claim inserted its
+    # row, so a duplicate writes no ledger row, as with separate statements; the
+    # record is written either way, as "handled" or "duplicate".
     claim = (
         postgresql.insert(claims)
         .values({column.key: sa.bindparam(column.key, type_=column.type) for column in claims.c})
@@ -215,14 +221,33 @@ def _claimed_purchase_upsert(claims: sa.Table, table: sa.Table) -> Any:
         .returning(claims.c.identity)
         .cte("nachocode_claim")
     )
+    claimed = sa.exists(claim.select())
     names = [*_SET_BY_PURCHASE, "refunded_quantity", "state", "refunded_at"]
     source = sa.select(*(sa.bindparam(name, type_=table.c[name].type) for name in names)).where(
-        sa.exists(claim.select())
+        claimed
     )
     upsert = postgresql.insert(table).from_select(names, source)
     recorded = _on_purchase_conflict(upsert, table).returning(table.c.id).cte("nachocode_ledger")
+    record_names = [c.key for c in deliveries.c if c.key not in ("id", "outcome")]
+    record = (
+        postgresql.insert(deliveries)
+        .from_select(
+            [*record_names, "outcome"],
+            sa.select(
+                *(
+                    sa.bindparam(RECORD_PREFIX + name, type_=deliveries.c[name].type)
+                    for name in record_names
+                ),
+                sa.case((claimed, "handled"), else_="duplicate"),
+            ),
+        )
+        .returning(deliveries.c.id)
+        .cte("nachocode_record")
+    )
     return sa.select(
-        sa.exists(claim.select()).label("claimed"), sa.exists(recorded.select()).label("recorded")
+        claimed.label("claimed"),
+        sa.exists(recorded.select()).label("recorded"),
+        record.select().scalar_subquery().label("delivery_id"),
     )
 
 
@@ -270,23 +295,28 @@ def claim_and_apply_purchase(
     connection: sa.Connection,
     claims: sa.Table,
     table: sa.Table,
+    deliveries: sa.Table,
     event: PurchaseEvent,
     now: datetime,
-) -> bool:
-    """On PostgreSQL, the claim (see :meth:`Store.claim`) and :func:`apply_purchase`
-    in one statement: False for a duplicate, which wrote nothing; :class:`Refuse`
-    as from :func:`apply_purchase`."""
+    record: dict[str, Any],
+) -> tuple[bool, int]:
+    """On PostgreSQL, the claim (see :meth:`Store.claim`), :func:`apply_purchase`
+    and the delivery record (``record``: every column but ``id`` and ``outcome``) in
+    one statement: whether it claimed, and the record's id. A duplicate writes only
+    its record; :class:`Refuse` as from :func:`apply_purchase`."""
     assert event.identity is not None  # purchases always have one
     values = {
         **_purchase_values(event, now),
         "identity": event.identity,
         "event": event.name,
         "claimed_at": now,
+        **{RECORD_PREFIX + name: value for name, value in record.items()},
     }
-    claimed, recorded = connection.execute(_claimed_purchase_upsert(claims, table), values).one()
+    statement = _claimed_purchase_upsert(claims, table, deliveries)
+    claimed, recorded, delivery_id = connection.execute(statement, values).one()
     if claimed and not recorded:
         raise _refund_exceeds(event)
-    return bool(claimed)
+    return bool(claimed), int(delivery_id)
 
 
 def apply_refund(

@@ -196,6 +196,15 @@ class Store:
         # Built once and run with parameters: building a statement (and its cache
         # key) costs more CPU than running it.
         self._insert_delivery_statement = sa.insert(self.deliveries)
+        deliveries = self.deliveries
+        self._set_finished_statement = (
+            sa.update(deliveries)
+            .where(deliveries.c.id == sa.bindparam("delivery_id"))
+            .values(
+                finished_at=sa.bindparam("new_finished_at", type_=deliveries.c.finished_at.type),
+                duration_ms=sa.bindparam("new_duration_ms", type_=deliveries.c.duration_ms.type),
+            )
+        )
 
     def _remove_session(self, exc: BaseException | None) -> None:
         self.session.remove()
@@ -281,34 +290,63 @@ class Store:
                 if attempt == 4:
                     raise
 
-    def claim(self, connection: sa.Connection, event: Event, now: datetime) -> bool:
+    def claim(
+        self,
+        connection: sa.Connection,
+        event: Event,
+        now: datetime,
+        record: dict[str, Any] | None = None,
+    ) -> tuple[bool, int | None]:
         """Claim ``event`` and write its ledger row: the start of the delivery's
         transaction, before any handler runs, on its connection (``session.connection()``).
-        False for a duplicate, which wrote nothing. An event without an identity
-        (``unavailable_users``) is never a duplicate.
+        Returns whether it claimed (False for a duplicate, which wrote nothing to the
+        claims or the ledger; an event without an identity, ``unavailable_users``, is
+        never a duplicate) and, when it also inserted ``record`` as the delivery's
+        record, its id.
+
+        ``record`` is the record as it would be inserted after a handled delivery
+        (every column but ``id`` and ``outcome``); it is inserted here where the
+        database can write it in the claim's own statement (a purchase on
+        PostgreSQL, with the ledger on), as "handled" or "duplicate".
         """
         if event.identity is None:
-            return True
+            return True, None
         if not self.ledger_enabled or not isinstance(event, (PurchaseEvent, RefundEvent)):
-            return self._claim_identity(connection, event.identity, event.name, now)
-        if isinstance(event, PurchaseEvent) and connection.dialect.name == "postgresql":
-            # One statement, one network round trip fewer than the claim and the row apart.
+            return self._claim_identity(connection, event.identity, event.name, now), None
+        if (
+            isinstance(event, PurchaseEvent)
+            and record is not None
+            and connection.dialect.name == "postgresql"
+        ):
             return ledger.claim_and_apply_purchase(
-                connection, self.claims, self.purchases, event, now
+                connection, self.claims, self.purchases, self.deliveries, event, now, record
             )
         if not self._claim_identity(connection, event.identity, event.name, now):
-            return False
+            return False, None
         if isinstance(event, PurchaseEvent):
             ledger.apply_purchase(connection, self.purchases, event, now)
         else:
             ledger.apply_refund(connection, self.purchases, event, now)
-        return True
+        return True, None
 
     def _claim_identity(
         self, connection: sa.Connection, identity: str, event_name: str, now: datetime
     ) -> bool:
         values = {"identity": identity, "event": event_name, "claimed_at": now}
         return insert_if_new(connection, self.claims, ("identity",), values)
+
+    def set_finished(
+        self, connection: sa.Connection, delivery_id: int, finished_at: datetime, duration_ms: float
+    ) -> None:
+        """Correct the end time of a record that :meth:`claim` inserted before the handlers ran."""
+        connection.execute(
+            self._set_finished_statement,
+            {
+                "delivery_id": delivery_id,
+                "new_finished_at": finished_at,
+                "new_duration_ms": duration_ms,
+            },
+        )
 
     def record_delivery(self, connection: sa.Connection, values: dict[str, Any]) -> int:
         """Insert the delivery record (the values of every column); a replay also

@@ -19,48 +19,56 @@ def listed_ids(output: str) -> list[int]:
     return [int(line.split()[0]) for line in output.splitlines()[1:] if line.split()[0].isdigit()]
 
 
+def delivery_id(answer: Any) -> int:
+    """The stored delivery an answer names. Ids are not taken as 1, 2, 3...: on
+    PostgreSQL a delivery whose handler failed also used up the id of the record
+    its rolled-back claim had written."""
+    return int(answer.get_json()["delivery"])
+
+
 def test_deliveries_lists_newest_first_with_filters_and_a_limit(make_store_app: Any) -> None:
     store_app = make_store_app()
-    post_delivery(store_app.client, "purchase", purchase_payload(userId="buyer-1"))
+    handled = delivery_id(post_delivery(store_app.client, "purchase", purchase_payload(userId="buyer-1")))
     store_app.broken = True
-    post_delivery(store_app.client, "purchase", purchase_payload(userId="buyer-2"))
+    failed = delivery_id(post_delivery(store_app.client, "purchase", purchase_payload(userId="buyer-2")))
     store_app.broken = False
-    post_delivery(store_app.client, "purchase", b"[1]")
-    post_delivery(store_app.client, "unavailable_users", unavailable_users_payload())
+    invalid = delivery_id(post_delivery(store_app.client, "purchase", b"[1]"))
+    users = delivery_id(post_delivery(store_app.client, "unavailable_users", unavailable_users_payload()))
 
     result = run(store_app, "deliveries")
     assert result.exit_code == 0, result.output
-    assert listed_ids(result.output) == [4, 3, 2, 1]
+    assert listed_ids(result.output) == [users, invalid, failed, handled]
+    assert handled < failed < invalid < users
     assert "buyer-1" in result.output and "handled" in result.output
 
-    assert listed_ids(run(store_app, "deliveries", "--status", "failed").output) == [2]
-    assert listed_ids(run(store_app, "deliveries", "--event", "unavailable_users").output) == [4]
-    assert listed_ids(run(store_app, "deliveries", "--event", "purchase", "--limit", "2").output) == [3, 2]
+    assert listed_ids(run(store_app, "deliveries", "--status", "failed").output) == [failed]
+    assert listed_ids(run(store_app, "deliveries", "--event", "unavailable_users").output) == [users]
+    assert listed_ids(run(store_app, "deliveries", "--event", "purchase", "--limit", "2").output) == [invalid, failed]
     assert "no deliveries" in run(store_app, "deliveries", "--status", "refused").output
     assert run(store_app, "deliveries", "--status", "nonsense").exit_code == 2
 
 
 def test_show_pretty_prints_the_body_and_escapes_control_characters(make_store_app: Any) -> None:
     store_app = make_store_app()
-    post_delivery(store_app.client, "purchase", purchase_payload(userId="evil\x1b[2J"))
+    first = delivery_id(post_delivery(store_app.client, "purchase", purchase_payload(userId="evil\x1b[2J")))
     # Raw control characters make a body invalid JSON; it is stored as it came.
-    post_delivery(store_app.client, "purchase", b'{"userId": "\x1b]0;owned\x07\r"}')
+    second = delivery_id(post_delivery(store_app.client, "purchase", b'{"userId": "\x1b]0;owned\x07\r"}'))
 
-    shown = run(store_app, "show", "1")
+    shown = run(store_app, "show", str(first))
     assert shown.exit_code == 0, shown.output
-    assert "delivery 1: purchase on purchase, handled (200)" in shown.output
+    assert f"delivery {first}: purchase on purchase, handled (200)" in shown.output
     assert '\n  "userId": "evil\\u001b[2J",' in shown.output  # indented JSON
     assert "Authorization" not in shown.output
 
-    shown = run(store_app, "show", "2")
+    shown = run(store_app, "show", str(second))
     assert "invalid (400)" in shown.output and "the body is not valid JSON" in shown.output
     for raw in ("\x1b", "\x07", "\r"):
         assert raw not in shown.output
     assert "\\x1b]0;owned\\x07\\r" in shown.output
 
     store_app.broken = True
-    post_delivery(store_app.client, "purchase", purchase_payload())
-    shown = run(store_app, "show", "3")
+    failed = delivery_id(post_delivery(store_app.client, "purchase", purchase_payload()))
+    shown = run(store_app, "show", str(failed))
     assert "error:\nRuntimeError: handler bug" in shown.output
     assert "traceback:\nTraceback (most recent call last)" in shown.output
 
@@ -72,9 +80,10 @@ def test_replay_failed_replays_every_failed_delivery_and_fails_if_any_still_fail
     store_app = make_store_app()
     store_app.broken = True
     stuck, fixed = purchase_payload(userId="stuck"), purchase_payload(userId="fixed")
-    for payload in (stuck, fixed):
-        assert post_delivery(store_app.client, "purchase", payload).status_code == 500
-    post_delivery(store_app.client, "purchase", purchase_payload())  # a third failure...
+    answers = [post_delivery(store_app.client, "purchase", payload) for payload in (stuck, fixed)]
+    assert [answer.status_code for answer in answers] == [500, 500]
+    stuck_id, fixed_id = map(delivery_id, answers)
+    resent_id = delivery_id(post_delivery(store_app.client, "purchase", purchase_payload()))  # a third failure...
     store_app.broken = False
     resent = store_app.deliveries()[-1]
     # ...that the dashboard re-sent successfully meanwhile.
@@ -84,16 +93,21 @@ def test_replay_failed_replays_every_failed_delivery_and_fails_if_any_still_fail
     result = run(store_app, "replay", "--failed")
     assert result.exit_code == 1, result.output
     lines = result.output.splitlines()
-    assert lines[0].startswith("delivery 1: failed (500) as delivery 5: RuntimeError: handler bug")
-    assert lines[1] == "delivery 2: handled (200) as delivery 6"
-    assert lines[2] == "delivery 3: duplicate (200) as delivery 7"
+    replays = [int(line.split(" as delivery ")[1].split(":")[0]) for line in lines[:3]]
+    assert lines[0].startswith(f"delivery {stuck_id}: failed (500) as delivery {replays[0]}: RuntimeError: handler bug")
+    assert lines[1] == f"delivery {fixed_id}: handled (200) as delivery {replays[1]}"
+    assert lines[2] == f"delivery {resent_id}: duplicate (200) as delivery {replays[2]}"
     outcomes = {row.id: (row.outcome, row.replay_count) for row in store_app.deliveries()}
-    assert outcomes[1] == ("failed", 1) and outcomes[2] == ("handled", 1) and outcomes[3] == ("duplicate", 1)
+    assert outcomes[stuck_id] == ("failed", 1)
+    assert outcomes[fixed_id] == ("handled", 1) and outcomes[resent_id] == ("duplicate", 1)
+    assert {row.id: row.replay_of for row in store_app.deliveries() if row.id in replays} == {
+        replays[0]: stuck_id, replays[1]: fixed_id, replays[2]: resent_id
+    }
 
     store_app.broken = False
     result = run(store_app, "replay", "--failed")
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == "delivery 1: handled (200) as delivery 8"
+    assert result.output.strip().startswith(f"delivery {stuck_id}: handled (200) as delivery ")
     assert run(store_app, "replay", "--failed").output.strip() == "nothing to replay"
 
 
@@ -133,10 +147,10 @@ def test_replay_of_a_replay_replays_its_original(make_store_app: Any) -> None:
 def test_without_kept_bodies_nothing_is_shown_or_replayed(make_store_app: Any) -> None:
     store_app = make_store_app(NACHOCODE_KEEP_BODIES=False)
     store_app.broken = True
-    post_delivery(store_app.client, "purchase", purchase_payload())
-    assert "body:\n  (not kept)" in run(store_app, "show", "1").output
+    failed = str(delivery_id(post_delivery(store_app.client, "purchase", purchase_payload())))
+    assert "body:\n  (not kept)" in run(store_app, "show", failed).output
     store_app.broken = False
-    result = run(store_app, "replay", "1")
+    result = run(store_app, "replay", failed)
     assert result.exit_code == 1 and "no stored body (NACHOCODE_KEEP_BODIES is off)" in result.output
 
 
@@ -192,18 +206,21 @@ def test_an_unreachable_store_is_a_one_line_error(tmp_path: Any, store_mode: str
 def test_deliveries_lists_each_delivery_once_with_its_latest_outcome(make_store_app: Any) -> None:
     store_app = make_store_app()
     store_app.broken = True
-    post_delivery(store_app.client, "purchase", purchase_payload(userId="stuck"))
+    original = delivery_id(post_delivery(store_app.client, "purchase", purchase_payload(userId="stuck")))
     for _ in range(2):
-        assert run(store_app, "replay", "1").exit_code == 1  # deliveries 2 and 3 replay 1
+        replayed = run(store_app, "replay", str(original))
+        assert replayed.exit_code == 1 and f"delivery {original}: failed (500)" in replayed.output
 
     listed = run(store_app, "deliveries", "--status", "failed")
-    assert listed_ids(listed.output) == [1]
+    assert listed_ids(listed.output) == [original]
     assert "(replayed 2x)" in listed.output
 
     store_app.broken = False
-    assert run(store_app, "replay", "1").exit_code == 0  # delivery 4 handles it
+    assert run(store_app, "replay", str(original)).exit_code == 0  # the third replay handles it
     assert listed_ids(run(store_app, "deliveries", "--status", "failed").output) == []
-    assert listed_ids(run(store_app, "deliveries", "--status", "handled").output) == [1]
+    assert listed_ids(run(store_app, "deliveries", "--status", "handled").output) == [original]
     with_replays = run(store_app, "deliveries", "--replays")
-    assert listed_ids(with_replays.output) == [4, 3, 2, 1]
-    assert with_replays.output.count("(replay of 1)") == 3
+    replays = listed_ids(with_replays.output)[:-1]
+    assert listed_ids(with_replays.output)[-1] == original
+    assert len(replays) == 3 and replays == sorted(replays, reverse=True) and replays[-1] > original
+    assert with_replays.output.count(f"(replay of {original})") == 3

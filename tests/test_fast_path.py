@@ -5,6 +5,8 @@ same validation answers (messages and dotted paths) as before any optimisation.
 
 from __future__ import annotations
 
+import time
+
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from flask_nachocode import PurchaseEvent
+from flask_nachocode import PurchaseEvent, delivery
 from flask_nachocode.events import AppStorePurchaseData, PlayStorePurchaseData
 from flask_nachocode.schemas import MAX_COUNT, MAX_STORE_ID
 from flask_nachocode.testing import (
@@ -53,9 +55,9 @@ def test_purchase_handled_once_with_one_commit(make_app: Any, database_url: str,
     assert len(seen) == 2
     assert sent.count("COMMIT") == 1
     # claim, ledger row, delivery record: no reads, no second transaction; on
-    # PostgreSQL the claim and the ledger row go in one statement (a CTE).
-    writes = ["WITH", "INSERT"] if database_url.startswith("postgresql") else ["INSERT"] * 3
-    assert [s for s in sent if s != "COMMIT"] == writes
+    # PostgreSQL all three go in one statement (a CTE).
+    postgres = database_url.startswith("postgresql")
+    assert [s for s in sent if s != "COMMIT"] == (["WITH"] if postgres else ["INSERT"] * 3)
 
     sent.clear()
     again = post_delivery(client, "purchase", payload)
@@ -63,6 +65,8 @@ def test_purchase_handled_once_with_one_commit(make_app: Any, database_url: str,
     assert again.json["duplicate"] is True
     assert len(seen) == 2
     assert sent.count("COMMIT") == 1
+    # The claim that found the purchase claimed, and the duplicate's record.
+    assert [s for s in sent if s != "COMMIT"] == (["WITH"] if postgres else ["INSERT"] * 2)
     with app.app_context():
         purchase = nachocode.ledger.find(seen[-1])
     assert purchase is not None and purchase.quantity == 1 and purchase.status == "granted"
@@ -248,3 +252,31 @@ def test_bodies_that_are_not_a_json_object_answer_400(make_app: Any, body: str, 
     answer = post_delivery(app.test_client(), "purchase", body)
     assert answer.status_code == 400
     assert answer.json["message"] == message
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_the_record_written_with_the_claim_gets_the_handlers_time_when_it_matters(
+    make_app: Any, database_url: str, slow: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On PostgreSQL the record is written with the claim, before the handlers run;
+    # handlers slower than EXACT_DURATION_AFTER_SECONDS cost one UPDATE that sets
+    # the real end. The threshold is set around the handler's 50 ms, far enough
+    # from it that a busy machine cannot move the handler across it.
+    monkeypatch.setattr(delivery, "EXACT_DURATION_AFTER_SECONDS", 0.005 if slow else 60.0)
+    app, nachocode = make_app(NACHOCODE_DATABASE_URI=database_url)
+    nachocode.on_purchase(lambda event: time.sleep(0.05))
+    client = app.test_client()
+    post_delivery(client, "purchase", purchase_payload())  # connects, creates tables
+    with app.app_context():
+        sent = _statements(app.extensions["nachocode"].store.engine)
+    answer = post_delivery(client, "purchase", purchase_payload())
+    assert answer.status_code == 200
+    with app.app_context():
+        row = app.extensions["nachocode"].store.get_delivery(answer.json["delivery"])
+    assert row.outcome == "handled"
+    recorded_ms = (row.finished_at - row.received_at).total_seconds() * 1000
+    assert abs(recorded_ms - row.duration_ms) < 5
+    postgres = database_url.startswith("postgresql")
+    assert ("UPDATE" in sent) is (postgres and slow)
+    # Only the record written before the handlers (PostgreSQL) leaves their time out.
+    assert (row.duration_ms >= 50) is (slow or not postgres)

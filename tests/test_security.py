@@ -14,7 +14,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from conftest import delivery_rows
+from conftest import delivery_rows, stored_deliveries
 from figures import count
 from flask_nachocode import Refuse
 from flask_nachocode import auth as nachocode_auth
@@ -161,7 +161,7 @@ def database_text(url: str) -> bytes:
     tables = sa.inspect(engine).get_table_names()
     with engine.connect() as connection:
         for table in tables:
-            for row in connection.execute(sa.table(table).select().with_only_columns(sa.text("*"))):
+            for row in connection.execute(sa.select(sa.text("*")).select_from(sa.table(table))):
                 # Text as UTF-8, bytes (MySQL's exact-text and body columns) as they are.
                 chunks += [v if isinstance(v, bytes) else str(v).encode() for v in row]
     engine.dispose()
@@ -214,14 +214,15 @@ def test_the_key_never_reaches_logs_answers_database_or_cli(
 
     runner = app.test_cli_runner()
     outputs = [runner.invoke(args=["nachocode", "deliveries", "--limit", "100"]).output]
-    stored = delivery_rows(app)
-    assert stored == 8
-    outputs += [runner.invoke(args=["nachocode", "show", str(number)]).output for number in range(1, stored + 1)]
+    assert delivery_rows(app) == 8
+    # Not 1 to 8: on PostgreSQL the crashed purchase's rolled-back record used up an id.
+    stored = [row.id for row in stored_deliveries(app)]
+    outputs += [runner.invoke(args=["nachocode", "show", str(number)]).output for number in stored]
     outputs.append(runner.invoke(args=["nachocode", "replay", "--failed"]).output)
     assert "handler bug" in "".join(outputs)  # the CLI really showed the stored details
     # The inspector's pages show the same deliveries, headers and bodies.
     pages = [client.get(f"/nachocode/deliveries?token={INSPECTOR_TOKEN}", follow_redirects=True)]
-    pages += [client.get(f"/nachocode/deliveries/{number}") for number in range(1, stored + 1)]
+    pages += [client.get(f"/nachocode/deliveries/{number}") for number in stored]
     assert all(page.status_code == 200 for page in pages) and b"handler bug" in b"".join(p.get_data() for p in pages)
     answers += pages
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from flask import Flask, jsonify, render_template_string, request, url_for
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from flask_nachocode import (
@@ -60,7 +61,7 @@ class Wallet(db.Model):  # type: ignore[name-defined,misc]
 class PushToken(db.Model):  # type: ignore[name-defined,misc]
     __tablename__ = "shop_push_tokens"
     user_id: Mapped[str] = mapped_column(ExactText(255), primary_key=True)
-    token: Mapped[str]
+    token: Mapped[str] = mapped_column(Text)
 
 
 def _coins_for(event: PurchaseEvent | RefundEvent, units: int) -> int:
