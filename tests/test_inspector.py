@@ -1,13 +1,20 @@
-"""The delivery inspector's server side, through Flask's test client: when it is
-reachable, how it is protected, CSRF on replay, escaping, filters and paging."""
+"""The delivery inspector. Its server side through Flask's test client: when it is
+reachable, how it is protected, CSRF on replay, escaping, filters and paging. Then
+in a real headless Chromium (marked ``integration`` and ``browser``) against a
+real server (``flask run``), with deliveries sent by ``flask nachocode send``;
+screenshots of each page go to ``test-artifacts/inspector/``."""
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import re
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytest
 from flask import Flask, abort, request
@@ -16,8 +23,13 @@ from flask.testing import FlaskClient
 from flask_nachocode import NachocodeWebhook
 from flask_nachocode.extension import CONFIG_DEFAULTS
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
+from support.browser import chromium
+from support.common import WEBHOOK_KEY
+from support.live import BIN, ROOT, flask_run_args, free_port, live_server
+from support.served_app import BROKEN_MARKER, INSPECTOR_TOKEN, INSTANCE_ENV
 
-from conftest import WEBHOOK_KEY
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Dialog, Page
 
 TOKEN = "inspector-token-5f1e9a2c"
 SECRET_KEY = "inspector-test-secret"
@@ -413,9 +425,19 @@ def test_replay_still_failing_is_reported(inspector: Callable[..., Any]) -> None
 def test_replay_without_the_sessions_csrf_token_is_refused(
     inspector: Callable[..., Any], token: str | None
 ) -> None:
-    _, handlers, client = inspector()
+    app, handlers, client = inspector()
     handlers.failing = True
     delivery = send(client)
+    replays = [
+        rule.rule.replace("<int:delivery_id>", str(delivery))
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint.startswith("nachocode.inspector") and "POST" in (rule.methods or ())
+    ]
+    assert replays == [f"/nachocode/deliveries/{delivery}/replay"]
+    # Without the inspector token nothing is replayed; the webhook key opens nothing here.
+    stranger = app.test_client()
+    for headers in ({}, {"Authorization": f"Bearer {WEBHOOK_KEY}"}):
+        assert stranger.post(replays[0], headers=headers).status_code == 403
     client.get(f"/nachocode/deliveries/{delivery}")  # the session has a CSRF token now
     handlers.failing = False
     data = {} if token is None else {"nachocode_csrf": token}
@@ -504,3 +526,201 @@ def test_with_the_apps_own_flask_sqlalchemy_db(tmp_path: Path) -> None:
     client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": token})
     assert handlers.handled == ["frank"]
     assert '<span class="badge handled" id="outcome">' in client.get(f"/nachocode/deliveries/{delivery}").text
+
+
+# -- in a real browser, against a real server (integration, browser) ------------------------
+
+SERVED_APP = "tests/support/served_app.py"
+
+ARTIFACTS = ROOT / "test-artifacts" / "inspector"
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+#: How long to wait for a page to show what the server did; polling runs every 2 s.
+WAIT_MS = 20_000
+
+OpenPage = Callable[..., "Page"]
+
+
+@pytest.fixture(scope="module")
+def served_instance(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("inspector-app")
+
+
+@pytest.fixture(scope="module")
+def served_env(served_instance: Path) -> dict[str, str]:
+    return {INSTANCE_ENV: str(served_instance), "FLASK_APP": SERVED_APP}
+
+
+@pytest.fixture(scope="module")
+def served_url(served_env: dict[str, str], served_instance: Path) -> Iterator[str]:
+    port = free_port()
+    log_path = served_instance / "server.log"
+    with live_server(flask_run_args(SERVED_APP, port), port=port, env=served_env, log_path=log_path) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as browser:  # skips without Chromium or Playwright
+        yield browser
+
+
+@pytest.fixture
+def open_page(browser: Browser, served_url: str) -> Iterator[OpenPage]:
+    """A page in a fresh browser session, signed in with the token."""
+    contexts = []
+
+    from playwright.sync_api import expect
+
+    def open_page(viewport: dict[str, int] = DESKTOP) -> Page:
+        context = browser.new_context(viewport=viewport, base_url=served_url)  # type: ignore[arg-type]
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(f"/nachocode/deliveries?token={INSPECTOR_TOKEN}")
+        # Signed in, and the token is gone from the address bar.
+        expect(page).to_have_url(f"{served_url}/nachocode/deliveries")
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+@pytest.fixture
+def broken_handler(served_instance: Path) -> Iterator[Path]:
+    """The marker file that makes the purchase handler fail; removed afterwards."""
+    marker = served_instance / BROKEN_MARKER
+    marker.touch()
+    yield marker
+    marker.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def send_with_cli(served_env: dict[str, str], served_url: str) -> Callable[..., int]:
+    """Run ``flask nachocode send purchase --set FIELD=VALUE ...`` as a user
+    does; return the id of the delivery it created."""
+
+    def run(*assignments: str) -> int:
+        command = [
+            str(BIN / "flask"), "nachocode", "send", "purchase",
+            "--url", f"{served_url}/nachocode/webhooks/purchase",
+        ]
+        for assignment in assignments:
+            command += ["--set", assignment]
+        result = subprocess.run(
+            command, cwd=ROOT, env={**os.environ, **served_env}, capture_output=True, text=True, timeout=60
+        )
+        answer: dict[str, Any] = json.loads(result.stdout[result.stdout.index("{"):])
+        return int(answer["delivery"])
+
+    return run
+
+
+def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def fits_the_width(page: Page) -> bool:
+    return bool(page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))
+
+
+@pytest.mark.integration
+@pytest.mark.browser  # .ci/matrix leaves these out
+def test_deliveries_arrive_live_and_a_failed_one_is_replayed(
+    open_page: OpenPage, send_with_cli: Callable[..., int], served_instance: Path, served_url: str
+) -> None:
+    from playwright.sync_api import expect
+
+    send = send_with_cli
+    page = open_page()
+    page.evaluate("window.notReloaded = true")
+
+    handled = send("userId=live-alice")
+    handled_row = page.locator(f'tr[data-id="{handled}"]')
+    expect(handled_row.locator("td.outcome")).to_contain_text("handled")
+    expect(handled_row.locator("td.user")).to_have_text("live-alice")
+
+    (served_instance / BROKEN_MARKER).touch()
+    try:
+        failed = send("userId=live-bob")
+    finally:
+        (served_instance / BROKEN_MARKER).unlink()
+    failed_row = page.locator(f'tr[data-id="{failed}"]')
+    expect(failed_row.locator("td.outcome")).to_contain_text("failed")
+    expect(failed_row.locator("td.status")).to_have_text("500")
+    expect(page.locator("tr.delivery").first).to_have_attribute("data-id", str(failed))  # newest first
+    assert page.evaluate("window.notReloaded") is True, "the rows came by reloading the page"
+    screenshot(page, "deliveries")
+
+    failed_row.locator("td.user").click()  # the whole row opens the delivery
+    expect(page).to_have_url(f"{served_url}/nachocode/deliveries/{failed}")
+    expect(page.locator("#outcome")).to_have_text("failed")
+    expect(page.locator("pre.traceback")).to_contain_text("RuntimeError: the coin service is down")
+    expect(page.locator("#body")).to_contain_text('"userId": "live-bob"')
+    expect(page.locator("dl.headers")).not_to_contain_text("Authorization")
+    screenshot(page, "delivery-failed")
+
+    page.locator("#replay").click()  # the handler is fixed: the marker is gone
+    expect(page.locator("#outcome")).to_have_text("handled")
+    expect(page.locator(".flash")).to_contain_text("handled (200)")
+    expect(page.locator("#replays tr.delivery")).to_have_count(1)
+    expect(page.locator("#replay")).to_have_count(0)
+    screenshot(page, "delivery-replayed")
+
+    page.goto("/nachocode/deliveries?outcome=failed")
+    expect(page.locator(f'tr[data-id="{failed}"]')).to_have_count(0)
+    page.goto("/nachocode/deliveries?q=live-bob")
+    expect(page.locator(f'tr[data-id="{failed}"] td.outcome')).to_contain_text("handled")
+
+
+@pytest.mark.integration
+@pytest.mark.browser  # .ci/matrix leaves these out
+def test_a_script_in_a_delivery_is_shown_as_text(open_page: OpenPage, send_with_cli: Callable[..., int]) -> None:
+    from playwright.sync_api import expect
+
+    page = open_page()
+    dialogs: list[str] = []
+
+    def record(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", record)
+
+    delivery = send_with_cli(f"userId={XSS}")
+    cell = page.locator(f'tr[data-id="{delivery}"] td.user')
+    expect(cell).to_have_text(XSS)  # arrived through the live update
+    page.reload()
+    expect(cell).to_have_text(XSS)  # rendered with the page
+    cell.click()
+    expect(page.locator("dd.user")).to_have_text(XSS)
+    expect(page.locator("#body")).to_contain_text('"userId": "<script>alert(\\"xss\\")</script>"')
+    screenshot(page, "delivery-xss")
+
+    assert dialogs == []
+    # The only script on the page is the inspector's own.
+    assert page.locator("script").count() == 1
+    assert str(page.locator("script").get_attribute("src")).endswith("/inspector.js")
+
+
+@pytest.mark.integration
+@pytest.mark.browser  # .ci/matrix leaves these out
+def test_pages_fit_a_phone(
+    open_page: OpenPage, send_with_cli: Callable[..., int], broken_handler: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    delivery = send_with_cli("userId=phone-user-with-a-rather-long-identifier-0123456789")
+    page = open_page(PHONE)
+    expect(page.locator(f'tr[data-id="{delivery}"]')).to_be_visible()
+    expect(page.locator("table#deliveries thead")).to_be_hidden()  # rows are cards on a phone
+    assert fits_the_width(page)
+    screenshot(page, "deliveries-phone")
+
+    page.goto(f"/nachocode/deliveries/{delivery}")
+    expect(page.locator("pre.traceback")).to_be_visible()
+    expect(page.locator("#replay")).to_be_visible()
+    assert fits_the_width(page)
+    screenshot(page, "delivery-phone")

@@ -1,11 +1,15 @@
 """The purchase ledger: kept from purchase and refund deliveries, read through
 ``nachocode.ledger``. Every test runs on SQLite and PostgreSQL, with the
-extension's own engine and with a shared Flask-SQLAlchemy ``db``."""
+extension's own engine and with a shared Flask-SQLAlchemy ``db``; the last one
+also under gunicorn with several workers."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -13,9 +17,12 @@ import requests
 from flask import Flask
 
 from flask_nachocode import NachocodeWebhook, Purchase, PurchaseEvent, RefundEvent
+from flask_nachocode.schemas import MAX_COUNT
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
-from live import free_port, gunicorn_args, live_server
-from conftest import WEBHOOK_KEY, load_fixture
+from support.common import WEBHOOK_KEY, load_fixture
+from support.effects_app import serve
+
+pytestmark = pytest.mark.every_store
 
 
 @dataclass
@@ -43,8 +50,8 @@ class Shop:
 
 
 @pytest.fixture
-def shop(make_ledger_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> Shop:
-    app, ext = make_ledger_app()
+def shop(make_app: Callable[..., Any]) -> Shop:
+    app, ext = make_app()
     shop = Shop(app, ext)
 
     def note(event: PurchaseEvent | RefundEvent) -> None:
@@ -120,7 +127,7 @@ def test_a_refund_beyond_the_quantity_is_refused_and_changes_nothing(shop: Shop)
 
 
 def test_a_refund_before_its_purchase_is_applied_when_the_purchase_arrives(shop: Shop) -> None:
-    bought = purchase_payload(quantity=2, productId="coins_500")
+    bought = purchase_payload(quantity=2, productId="coins_500", price=9.99)
     assert shop.post("refund", refund_payload(bought, refundQuantity=1)).status_code == 200
 
     early = shop.get(bought)
@@ -134,7 +141,10 @@ def test_a_refund_before_its_purchase_is_applied_when_the_purchase_arrives(shop:
     event_name, seen = shop.seen[-1]
     assert event_name == "purchase" and seen is not None
     assert seen.purchase_received and seen.state == "partially_refunded"
-    assert seen.refunded_quantity == 1 and seen.purchased_at is not None
+    assert seen.refunded_quantity == 1 and seen.refunded_at is not None
+    # The purchase fills in what only it carries.
+    assert (seen.quantity, seen.unit_price) == (2, Decimal("9.99"))
+    assert seen.purchased_at == datetime.fromisoformat(bought["purchasedAt"].replace("Z", "+00:00"))
     assert shop.read(shop.ext.ledger.net_quantity, "test-user", "coins_500", environment="sandbox") == 1
 
 
@@ -173,6 +183,35 @@ def test_duplicates_never_count_twice(shop: Shop, order: str) -> None:
     assert purchase is not None
     assert (purchase.quantity, purchase.refunded_quantity, purchase.state) == (4, 1, "partially_refunded")
     assert len(shop.seen) == 2
+
+
+def test_a_duplicate_that_says_something_else_leaves_the_ledger_alone(shop: Shop) -> None:
+    # The claim decides whether the ledger is written, also where both are one
+    # statement (PostgreSQL): a re-send that says something else must change nothing.
+    bought = purchase_payload(os="android", quantity=2)
+    assert shop.post("purchase", bought).get_json()["duplicate"] is False
+    before = shop.get(bought)
+    changed = {**bought, "quantity": 7, "userId": "someone-else", "price": 1}
+    again = shop.post("purchase", changed)
+    assert again.status_code == 200 and again.get_json()["duplicate"] is True
+    assert len(shop.seen) == 1
+    after = shop.get(bought)
+    assert after == before
+    assert after is not None and after.quantity == 2 and after.user_id == bought["userId"]
+    assert len(shop.read(shop.ext.ledger.purchases_of, bought["userId"], environment=None)) == 1
+
+
+def test_refunds_of_the_largest_quantity_cannot_overflow_the_ledger(shop: Shop) -> None:
+    bought = purchase_payload(quantity=MAX_COUNT)
+    assert shop.post("purchase", bought).status_code == 200
+    refund_all = refund_payload(bought, refund_quantity=MAX_COUNT, refunded_at="2030-01-01T00:00:00Z")
+    assert shop.post("refund", refund_all).status_code == 200
+    one_more = refund_payload(bought, refund_quantity=MAX_COUNT, refunded_at="2030-01-02T00:00:00Z")
+    answer = shop.post("refund", one_more)
+    assert answer.status_code == 422
+    assert answer.get_json()["error"] == "refund_exceeds_quantity"
+    too_many = shop.post("purchase", purchase_payload(quantity=MAX_COUNT + 1))
+    assert too_many.status_code == 422 and list(too_many.get_json()["errors"]) == ["quantity"]
 
 
 @pytest.mark.parametrize("event", ["purchase", "refund"])
@@ -235,24 +274,21 @@ def test_refunds_arriving_out_of_order_keep_the_latest_refund_time(shop: Shop) -
     assert purchase.refunded_at is not None and purchase.refunded_at.isoformat() == "2025-05-02T00:00:00+00:00"
 
 
-def test_concurrent_partial_refunds_never_exceed_the_quantity(shop: Shop, database_url: str, tmp_path: Any) -> None:
+@pytest.mark.integration
+def test_concurrent_partial_refunds_never_exceed_the_quantity(
+    shop: Shop, database_url: str, store_mode: str, tmp_path: Path
+) -> None:
     """Eight different one-unit refunds of a five-unit purchase, posted at once to
     three gunicorn workers: exactly five are granted, three refused."""
     store = shop.app.extensions["nachocode"].store
     shop.read(store.ensure_ready)  # tables in place before the workers start
-    port = free_port()
-    env = {
-        "NACHOCODE_DATABASE_URI": database_url,
-        "NACHOCODE_WEBHOOK_KEY": WEBHOOK_KEY,
-        "NACHOCODE_TEST_SHARED_DB": "1" if store.db is not None else "0",
-    }
-    args = gunicorn_args("ledger_server:create_app()", port, workers=3) + ["--chdir", "tests"]
     bought = purchase_payload(quantity=5)
     refunds = [
         refund_payload(bought, refundQuantity=1, refundedAt=f"2025-06-01T00:00:0{i}.000Z") for i in range(8)
     ]
     headers = {"Authorization": f"Bearer {WEBHOOK_KEY}"}
-    with live_server(args, port=port, env=env, log_path=tmp_path / "gunicorn.log") as url:
+    server = serve(database_url, 3, tmp_path, key=WEBHOOK_KEY, mode=store_mode, log_level="INFO")
+    with server as (url, _, _):
         assert requests.post(f"{url}/nachocode/webhooks/purchase", json=bought, headers=headers).ok
         statuses: list[int] = []
         start = threading.Barrier(len(refunds))

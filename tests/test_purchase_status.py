@@ -29,10 +29,10 @@ def require_session(view: Callable[..., Any]) -> Callable[..., Any]:
 
 @pytest.fixture
 def make_status_app(
-    make_ledger_app: Callable[..., tuple[Flask, NachocodeWebhook]],
+    make_app: Callable[..., tuple[Flask, NachocodeWebhook]],
 ) -> Callable[..., tuple[Flask, NachocodeWebhook]]:
     def make(**config: Any) -> tuple[Flask, NachocodeWebhook]:
-        app, ext = make_ledger_app(**{"NACHOCODE_PURCHASE_STATUS_ROUTE": True, **config})
+        app, ext = make_app(**{"NACHOCODE_PURCHASE_STATUS_ROUTE": True, **config})
         ext.on_purchase(lambda event: None)
         ext.on_refund(lambda event: None)
         return app, ext
@@ -52,6 +52,7 @@ def status(app: Flask, iap_log_id: Any, user_id: str | None = "test-user", **hea
     return answer
 
 
+@pytest.mark.every_store
 def test_pending_until_the_purchase_is_handled_then_granted(app: Flask) -> None:
     bought = purchase_payload(quantity=2)
     before = status(app, bought["iapLogId"])
@@ -79,6 +80,7 @@ def test_pending_until_the_purchase_is_handled_then_granted(app: Flask) -> None:
     assert "transactionId" not in after.get_data(as_text=True)  # no store ids to the device
 
 
+@pytest.mark.every_store
 def test_refunds_show_in_the_status(app: Flask) -> None:
     bought = purchase_payload(quantity=2, environment="production")
     client = app.test_client()
@@ -96,6 +98,7 @@ def test_refunds_show_in_the_status(app: Flask) -> None:
     assert (body["status"], body["netQuantity"]) == ("refunded", 0)
 
 
+@pytest.mark.every_store
 @pytest.mark.parametrize("user_id", ["someone-else", "", None, "TEST-USER", "test-user "])
 def test_another_user_cannot_tell_the_purchase_exists(app: Flask, user_id: str | None) -> None:
     bought = purchase_payload()
@@ -108,6 +111,7 @@ def test_another_user_cannot_tell_the_purchase_exists(app: Flask, user_id: str |
     assert dict(answer.headers) == dict(never_made.headers)
 
 
+@pytest.mark.every_store
 def test_a_refund_alone_does_not_make_a_purchase_arrive(app: Flask) -> None:
     bought = purchase_payload()
     post_delivery(app.test_client(), "refund", refund_payload(bought, refundQuantity=1))
@@ -115,6 +119,7 @@ def test_a_refund_alone_does_not_make_a_purchase_arrive(app: Flask) -> None:
     assert (answer.status_code, answer.get_json()) == (404, PENDING)
 
 
+@pytest.mark.every_store
 def test_a_purchase_whose_handler_failed_stays_pending(
     make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]],
 ) -> None:
@@ -129,6 +134,7 @@ def test_a_purchase_whose_handler_failed_stays_pending(
     assert status(app, bought["iapLogId"]).status_code == 404
 
 
+@pytest.mark.every_store
 @pytest.mark.parametrize("bad_id", ["abc", "-1", "1.5", "9" * 19, "9" * 40, "%C2%B2"])
 def test_an_id_that_is_no_iap_log_id_is_a_bad_request(app: Flask, bad_id: str) -> None:
     answer = status(app, bad_id)
@@ -137,12 +143,14 @@ def test_an_id_that_is_no_iap_log_id_is_a_bad_request(app: Flask, bad_id: str) -
     assert answer.get_json()["success"] is False
 
 
-def test_the_route_is_off_by_default(make_ledger_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
-    app, _ = make_ledger_app()
+@pytest.mark.every_store
+def test_the_route_is_off_by_default(make_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
+    app, _ = make_app()
     assert "nachocode.purchase_status" not in app.view_functions
     assert app.test_client().get("/nachocode/purchases/1?userId=u").status_code == 404
 
 
+@pytest.mark.every_store
 def test_it_follows_the_url_prefix(make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
     app, _ = make_status_app(NACHOCODE_URL_PREFIX="/hooks/nacho")
     bought = purchase_payload()
@@ -151,6 +159,7 @@ def test_it_follows_the_url_prefix(make_status_app: Callable[..., tuple[Flask, N
     assert answer.status_code == 200 and answer.headers["Cache-Control"] == "no-store"
 
 
+@pytest.mark.every_store
 @pytest.mark.parametrize("decorator", [require_session, f"{__name__}:require_session"])
 def test_the_apps_decorator_guards_the_route(
     make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]], decorator: Any
@@ -168,6 +177,7 @@ def test_the_apps_decorator_guards_the_route(
     assert allowed.status_code == 200 and allowed.get_json()["status"] == "granted"
 
 
+@pytest.mark.every_store
 def test_decorators_wrap_in_list_order(make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
     calls: list[str] = []
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from conftest import load_fixture
+from support.common import load_fixture
 from flask import Flask
 
 from flask_nachocode import NachocodeWebhook, PurchaseEvent, RefundEvent, UnavailableUsersEvent

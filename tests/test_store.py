@@ -1,4 +1,5 @@
-"""The delivery store: what is kept of every delivery, where, and what never is."""
+"""The delivery store: what is kept of every delivery, where, on which engine and
+with which connection settings."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from flask import Flask
 
 from flask_nachocode import NachocodeWebhook
 from flask_nachocode.store import SQLITE_BUSY_TIMEOUT_MS, resolve_database_uri
-from flask_nachocode.testing import post_delivery, purchase_payload, unavailable_users_payload
+from flask_nachocode.testing import post_delivery, purchase_payload
 
-from conftest import WEBHOOK_KEY, load_fixture
+from support.common import WEBHOOK_KEY, load_fixture
 
 
-def test_every_delivery_past_the_key_check_is_stored_with_every_column(make_store_app: Any) -> None:
-    store_app = make_store_app()
+@pytest.mark.every_store
+def test_every_delivery_past_the_key_check_is_stored_with_every_column(make_effects_app: Any) -> None:
+    store_app = make_effects_app()
     payload = load_fixture("purchase-ios")
     body = json.dumps(payload, indent=1).encode()
     answer = store_app.client.post(
@@ -73,84 +75,15 @@ def test_every_delivery_past_the_key_check_is_stored_with_every_column(make_stor
     assert bytes(invalid.body) == b'{"userId": "u"}'
 
 
-def test_a_delivery_without_the_key_leaves_no_trace(make_store_app: Any) -> None:
-    store_app = make_store_app()
-    post_delivery(store_app.client, "purchase", purchase_payload())
-    for key in ("wrong-key", ""):
-        answer = post_delivery(store_app.client, "purchase", purchase_payload(), key=key)
-        assert answer.status_code == 401
-    answer = store_app.client.post("/nachocode/webhooks/purchase", json=purchase_payload())
-    assert answer.status_code == 401
-    assert len(store_app.deliveries()) == 1
-    assert len(store_app.rows("nachocode_claims")) == 1
-
-
-def test_keep_bodies_off_stores_no_body(make_store_app: Any) -> None:
-    store_app = make_store_app(NACHOCODE_KEEP_BODIES=False)
+@pytest.mark.every_store
+def test_keep_bodies_off_stores_no_body(make_effects_app: Any) -> None:
+    store_app = make_effects_app(NACHOCODE_KEEP_BODIES=False)
     post_delivery(store_app.client, "purchase", purchase_payload(userId="private-user"))
     post_delivery(store_app.client, "purchase", b'{"not": "valid"}')
     assert [row.body for row in store_app.deliveries()] == [None, None]
 
 
-def test_text_postgresql_cannot_hold_is_refused_and_recorded(make_store_app: Any) -> None:
-    # NUL in text and store ids longer than the claim key used to fail at INSERT
-    # on PostgreSQL: a 503 and a lost delivery. They are refused bodies instead.
-    store_app = make_store_app()
-    too_long = purchase_payload(os="android", data={"orderId": "GPA." + "1" * 600})
-    for payload in (purchase_payload(userId="user\x00id"), too_long):
-        answer = post_delivery(store_app.client, "purchase", payload)
-        assert answer.status_code == 422, answer.get_json()
-    assert [row.outcome for row in store_app.deliveries()] == ["invalid", "invalid"]
-    assert store_app.deliveries()[0].user_id == "user\\x00id"
-
-
-def test_the_bearer_key_never_reaches_the_database_or_the_logs(
-    make_store_app: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    key = "nachocode-key-Zq8wV3xR"
-    caplog.set_level(logging.DEBUG)
-    caplog.set_level(logging.DEBUG, logger="sqlalchemy.engine")  # every statement and its parameters
-    store_app = make_store_app(NACHOCODE_WEBHOOK_KEY=key)
-    purchase = purchase_payload()
-    post_delivery(store_app.client, "purchase", purchase)
-    post_delivery(store_app.client, "purchase", purchase)  # duplicate
-    post_delivery(store_app.client, "unavailable_users", unavailable_users_payload())
-    post_delivery(store_app.client, "purchase", b"{broken")
-    store_app.broken = True
-    post_delivery(store_app.client, "purchase", purchase_payload())
-    store_app.client.post(
-        "/nachocode/webhooks/purchase",
-        json=purchase_payload(),
-        headers={"Authorization": f"bearer {key}", "Proxy-Authorization": f"Bearer {key}"},
-    )
-    assert len(store_app.deliveries()) == 6
-    assert "SELECT" in caplog.text or "INSERT" in caplog.text  # the statements were logged
-    assert key not in caplog.text
-
-    url = sa.engine.make_url(store_app.url)
-    if url.get_backend_name() == "sqlite":
-        database = Path(url.database)
-        # While connections are open the newest pages are in the -wal file; closing
-        # the last one checkpoints them into the main file and removes it.
-        wal = database.with_name(database.name + "-wal")
-        assert wal.stat().st_size > 0
-        for path in (database, wal):
-            assert key.encode() not in path.read_bytes(), path
-        store_app.close()
-        assert not wal.exists()
-        assert key.encode() not in database.read_bytes()
-    else:
-        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        with engine.connect() as connection:
-            tables = connection.execute(
-                sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-            ).scalars()
-            for table in tables:
-                dump = connection.execute(sa.text(f"SELECT string_agg(t::text, '') FROM {table} t")).scalar()
-                assert key not in (dump or ""), table
-        engine.dispose()
-
-
+@pytest.mark.every_database
 def test_own_engine_creates_its_tables_on_first_use(database_url: str, tmp_path: Path) -> None:
     app = Flask("first_use", instance_path=str(tmp_path / "instance"))
     app.config.update(TESTING=True, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY, NACHOCODE_DATABASE_URI=database_url)
@@ -206,10 +139,9 @@ def test_database_uri_resolution(tmp_path: Path, config: dict[str, str], expecte
     assert resolve_database_uri(app) == expected.format(instance=app.instance_path)
 
 
-def test_sqlite_connections_use_wal_and_wait_for_locks(make_store_app: Any) -> None:
-    store_app = make_store_app()
-    if not store_app.url.startswith("sqlite"):
-        pytest.skip("SQLite set-up only")
+@pytest.mark.every_mode
+def test_sqlite_connections_use_wal_and_wait_for_locks(make_effects_app: Any) -> None:
+    store_app = make_effects_app()
     assert post_delivery(store_app.client, "purchase", purchase_payload()).status_code == 200
     with store_app.app.app_context():
         # Every connection of the pool the store uses, the app's own included.
@@ -252,57 +184,3 @@ def test_a_warning_when_flask_sqlalchemy_uses_the_same_sqlite_file_through_anoth
     with app.app_context():
         db.engine.dispose()
         app.extensions["nachocode"].store.engine.dispose()
-
-
-def test_replays_are_found_through_the_partial_replay_index(database_url: str) -> None:
-    # The replay_of index is partial (replay_of IS NOT NULL): empty for ordinary
-    # deliveries, and still the one the inspector's "replays of" lookup uses.
-    from flask_nachocode.store import define_deliveries
-
-    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
-    table = define_deliveries(sa.MetaData())
-    table.drop(engine, checkfirst=True)
-    table.create(engine)
-    try:
-        with engine.begin() as connection:
-            if engine.dialect.name == "postgresql":
-                # An empty table is scanned whatever the indexes: ask for the plan
-                # the index allows.
-                connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
-                plan = connection.exec_driver_sql(
-                    "EXPLAIN SELECT id FROM nachocode_deliveries WHERE replay_of = 5"
-                ).all()
-            else:
-                plan = connection.exec_driver_sql(
-                    "EXPLAIN QUERY PLAN SELECT id FROM nachocode_deliveries WHERE replay_of = ?", (5,)
-                ).all()
-            assert "ix_nachocode_deliveries_replay_of" in " ".join(str(row) for row in plan)
-    finally:
-        table.drop(engine)
-        engine.dispose()
-
-
-def test_the_portable_claim_refuses_a_second_insert_and_keeps_the_transaction(
-    database_url: str,
-) -> None:
-    # The claim used on databases without ON CONFLICT: exercised here on the two
-    # the suite has, inside one outer transaction as a delivery would run it.
-    from flask_nachocode.store import _savepoint_insert, define_claims, utcnow
-
-    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
-    claims = define_claims(sa.MetaData())
-    claims.drop(engine, checkfirst=True)
-    claims.create(engine)
-    values = {"identity": "purchase:ios:portable-1", "event": "purchase", "claimed_at": utcnow()}
-    try:
-        with engine.connect() as connection:
-            with connection.begin():
-                assert _savepoint_insert(connection, claims, values) is True
-                assert _savepoint_insert(connection, claims, values) is False
-                other = {**values, "identity": "purchase:ios:portable-2"}
-                assert _savepoint_insert(connection, claims, other) is True
-            count = connection.execute(sa.select(sa.func.count()).select_from(claims)).scalar()
-        assert count == 2
-    finally:
-        claims.drop(engine)
-        engine.dispose()

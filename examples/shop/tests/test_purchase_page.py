@@ -13,7 +13,8 @@ from flask import Flask
 
 from examples.shop import create_app
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
-from live import flask_run_args, free_port, live_server
+from support.browser import chromium
+from support.live import flask_run_args, free_port, live_server
 
 KEY = "shop-test-key"
 
@@ -55,10 +56,8 @@ def test_the_receipt_page_polls_the_status_route_of_its_user(shop: Flask) -> Non
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    # Imported here so that the tests above still run where there is no browser.
-    browser_support = pytest.importorskip("browser", reason="needs tests/ on sys.path")
-    with browser_support.chromium() as chromium:
-        page = chromium.new_page()
+    with chromium() as browser:  # skips without Chromium or Playwright
+        page = browser.new_page()
         page.set_default_timeout(30_000)
         yield page
 
@@ -104,6 +103,8 @@ def wait_until_settled(page: Any) -> tuple[str, str]:
     return status_line(page)
 
 
+@pytest.mark.integration
+@pytest.mark.browser  # .ci/matrix leaves these out
 def test_processing_until_the_webhook_lands_then_granted(
     browser: Any, served_shop: Callable[..., ContextManager[str]]
 ) -> None:
@@ -118,6 +119,8 @@ def test_processing_until_the_webhook_lands_then_granted(
         )
 
 
+@pytest.mark.integration
+@pytest.mark.browser
 def test_a_late_webhook_shows_still_processing_and_check_again_finds_it(
     browser: Any, served_shop: Callable[..., ContextManager[str]]
 ) -> None:

@@ -1,4 +1,5 @@
-"""`flask nachocode send` and `urls`: end to end against a real `flask run` server."""
+"""`flask nachocode send`, the HTTP sender: end to end against a real `flask run`
+server (tests/support/served_app.py), as a user runs it."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import FIXTURES, WEBHOOK_KEY
-from live import BIN, ROOT, flask_run_args, free_port, live_server
 
 from flask_nachocode.cli import LAST_SENT_FILE
-from recording_app import INSTANCE_ENV, KEY_ENV
+from support.common import FIXTURES, WEBHOOK_KEY
+from support.live import BIN, ROOT, flask_run_args, free_port, live_server
+from support.served_app import INSTANCE_ENV, KEY_ENV
 
-APP = "tests/recording_app.py"
+pytestmark = pytest.mark.integration  # a real server, and a process per send
+
+APP = "tests/support/served_app.py"
 
 Send = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -200,35 +203,3 @@ def test_repeat_without_a_previous_body_is_refused(send: Send, tmp_path: Path, a
     )
     assert result.returncode != 0
     assert "no refund body was sent from here yet" in result.stderr
-
-
-def test_urls_labels_each_route_and_never_shows_the_key(make_app: Callable[..., Any]) -> None:
-    app, _ = make_app(NACHOCODE_URL_PREFIX="/hooks/nacho")
-    result = app.test_cli_runner().invoke(args=["nachocode", "urls", "--base-url", "https://shop.example/"])
-    assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    assert lines[:4] == [
-        "In-app purchase: purchase webhook URL           https://shop.example/hooks/nacho/webhooks/purchase",
-        "In-app purchase: refund webhook URL             https://shop.example/hooks/nacho/webhooks/refund",
-        "Push: unavailable users webhook URL             https://shop.example/hooks/nacho/webhooks/unavailable-users",
-        "All events on one URL (event told by the body)  https://shop.example/hooks/nacho/webhooks",
-    ]
-    assert lines[4] == "OpenAPI document of these routes: https://shop.example/hooks/nacho/openapi.json"
-    assert "webhook key: configured (1 key)" in result.output
-    assert WEBHOOK_KEY not in result.output
-
-
-def test_urls_says_when_no_key_is_configured(make_app: Callable[..., Any]) -> None:
-    app, _ = make_app(NACHOCODE_WEBHOOK_KEY=None)
-    result = app.test_cli_runner().invoke(args=["nachocode", "urls"])
-    assert result.exit_code == 0
-    assert "http://127.0.0.1:5000/nachocode/webhooks/purchase" in result.output
-    assert "webhook key: not configured" in result.output
-    app, _ = make_app(NACHOCODE_OPENAPI=False)
-    assert "OpenAPI" not in app.test_cli_runner().invoke(args=["nachocode", "urls"]).output
-
-
-def test_urls_refuses_a_base_url_that_is_not_http(make_app: Callable[..., Any]) -> None:
-    app, _ = make_app()
-    result = app.test_cli_runner().invoke(args=["nachocode", "urls", "--base-url", "shop.example"])
-    assert result.exit_code == 2 and "not an http:// or https:// URL" in result.output

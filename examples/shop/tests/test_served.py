@@ -11,10 +11,12 @@ from typing import Any, Iterator
 
 import pytest
 import requests
-from conftest import POSTGRES_URL, load_fixture, reset_postgres
-from live import BIN, ROOT, flask_run_args, free_port, live_server
+from support.common import POSTGRES_URL, load_fixture, reset_postgres
+from support.live import BIN, ROOT, flask_run_args, free_port, live_server
 
 from flask_nachocode.testing import purchase_payload
+
+pytestmark = pytest.mark.integration
 
 KEY = "e2e-webhook-key"
 
