@@ -23,21 +23,25 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
-
-from flask_nachocode import NachocodeWebhook
 from support.common import POSTGRES_URL, WEBHOOK_KEY, reset_postgres
 from support.effects_app import effects_table
 from support.fuzz import Harness
 
+from flask_nachocode import NachocodeWebhook
+
 DATABASES = ("sqlite", "postgresql")
 MODES = ("own_engine", "shared_db")
+
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrise ``store_variant`` as the test's marks ask (see the module docstring)."""
     if "store_variant" not in metafunc.fixturenames:
         return
-    marked = {name for name in ("every_database", "every_mode", "every_store")
-              if metafunc.definition.get_closest_marker(name)}
+    marked = {
+        name
+        for name in ("every_database", "every_mode", "every_store")
+        if metafunc.definition.get_closest_marker(name)
+    }
     databases = DATABASES if marked & {"every_database", "every_store"} else ("sqlite",)
     modes = MODES if marked & {"every_mode", "every_store"} else ("own_engine",)
     variants = [(database, mode) for database in databases for mode in modes]
@@ -61,7 +65,9 @@ def postgres_url() -> str:
 
 
 @pytest.fixture
-def database_url(request: pytest.FixtureRequest, store_variant: tuple[str, str], tmp_path: Path) -> str:
+def database_url(
+    request: pytest.FixtureRequest, store_variant: tuple[str, str], tmp_path: Path
+) -> str:
     """The variant's database: an SQLite file in ``tmp_path``, or PostgreSQL (wiped)."""
     if store_variant[0] == "sqlite":
         return f"sqlite:///{tmp_path / 'nachocode.db'}"
@@ -133,7 +139,9 @@ class EffectsApp(TestApp):
         def record_effect(event: Any) -> None:
             identity = event.identity or event.name
             if effects is not None:
-                self.db.session.execute(sa.insert(effects).values(identity=identity, event=event.name))
+                self.db.session.execute(
+                    sa.insert(effects).values(identity=identity, event=event.name)
+                )
             else:
                 self.effects_seen.append(identity)
             broken = self.broken

@@ -8,15 +8,19 @@ from __future__ import annotations
 import hmac
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
 import sqlalchemy as sa
 from flask import Flask
+from support.common import WEBHOOK_KEY, delivery_rows, load_fixture
+from support.effects_app import create_tables, serve
+from support.figures import count
+from support.live import flask_run_args, free_port, live_server
 
 from flask_nachocode import NachocodeWebhook, Refuse
 from flask_nachocode import auth as nachocode_auth
@@ -26,10 +30,6 @@ from flask_nachocode.testing import (
     refund_payload,
     unavailable_users_payload,
 )
-from support.common import WEBHOOK_KEY, delivery_rows, load_fixture
-from support.effects_app import create_tables, serve
-from support.figures import count
-from support.live import flask_run_args, free_port, live_server
 
 URL = "/nachocode/webhooks/purchase"
 AppFactory = Callable[..., "tuple[Flask, NachocodeWebhook]"]
@@ -163,7 +163,10 @@ def test_key_rotation_with_a_list_of_keys(make_app: AppFactory, container: Any) 
     handled: list[Any] = []
     steps = [
         ([OLD_KEY], {OLD_KEY: 200, NEW_KEY: 401}),
-        ([NEW_KEY, OLD_KEY], {OLD_KEY: 200, NEW_KEY: 200, "older-key": 401, NEW_KEY + OLD_KEY: 401}),
+        (
+            [NEW_KEY, OLD_KEY],
+            {OLD_KEY: 200, NEW_KEY: 200, "older-key": 401, NEW_KEY + OLD_KEY: 401},
+        ),
         ([NEW_KEY], {OLD_KEY: 401, NEW_KEY: 200}),
     ]
     for keys, expected in steps:
@@ -192,7 +195,9 @@ def test_every_key_is_compared_in_constant_time(
     client = app.test_client()
     for key, expected in [(NEW_KEY, 200), (OLD_KEY, 200), ("guess", 401)]:
         compared.clear()
-        assert post_delivery(client, "purchase", purchase_payload(), key=key).status_code == expected
+        assert (
+            post_delivery(client, "purchase", purchase_payload(), key=key).status_code == expected
+        )
         # Both keys compared whichever matched: the time taken says nothing about which.
         assert compared == [(key.encode(), NEW_KEY.encode()), (key.encode(), OLD_KEY.encode())]
 
@@ -210,7 +215,9 @@ def database_text(url: str) -> bytes:
     chunks = []
     with engine.connect() as connection:
         tables = (
-            connection.exec_driver_sql("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            connection.exec_driver_sql(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            )
             .scalars()
             .all()
         )
@@ -340,7 +347,11 @@ def flask_run(uri: str, folder: Path, keys: str) -> Iterator[tuple[str, int, Pat
 def test_server_output_never_shows_the_key(tmp_path: Path, server: str) -> None:
     uri = f"sqlite:///{tmp_path / 'keys.db'}"
     keys = f"{NEW_KEY},{OLD_KEY}"
-    context = serve(uri, 1, tmp_path, key=keys) if server == "gunicorn" else flask_run(uri, tmp_path, keys)
+    context = (
+        serve(uri, 1, tmp_path, key=keys)
+        if server == "gunicorn"
+        else flask_run(uri, tmp_path, keys)
+    )
     with context as (base_url, _, log):
         for key in (NEW_KEY, OLD_KEY, NEW_KEY + "x", "Basic " + OLD_KEY):
             for body in (purchase_payload(), {"userId": 1}):

@@ -3,15 +3,16 @@ deliveries, and `urls`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from support.common import WEBHOOK_KEY
 
 from flask_nachocode.store import utcnow
 from flask_nachocode.testing import post_delivery, purchase_payload, unavailable_users_payload
-from support.common import WEBHOOK_KEY
 
 
 def run(store_app: Any, *args: str) -> Any:
@@ -39,7 +40,9 @@ def test_deliveries_lists_newest_first_with_filters_and_a_limit(make_effects_app
 
     assert listed_ids(run(store_app, "deliveries", "--status", "failed").output) == [2]
     assert listed_ids(run(store_app, "deliveries", "--event", "unavailable_users").output) == [4]
-    assert listed_ids(run(store_app, "deliveries", "--event", "purchase", "--limit", "2").output) == [3, 2]
+    assert listed_ids(
+        run(store_app, "deliveries", "--event", "purchase", "--limit", "2").output
+    ) == [3, 2]
     assert "no deliveries" in run(store_app, "deliveries", "--status", "refused").output
     assert run(store_app, "deliveries", "--status", "nonsense").exit_code == 2
 
@@ -74,7 +77,9 @@ def test_show_pretty_prints_the_body_and_escapes_control_characters(make_effects
 
 
 @pytest.mark.every_store
-def test_replay_failed_replays_every_failed_delivery_and_fails_if_any_still_fails(make_effects_app: Any) -> None:
+def test_replay_failed_replays_every_failed_delivery_and_fails_if_any_still_fails(
+    make_effects_app: Any,
+) -> None:
     store_app = make_effects_app()
     store_app.broken = True
     stuck, fixed = purchase_payload(userId="stuck"), purchase_payload(userId="fixed")
@@ -94,7 +99,11 @@ def test_replay_failed_replays_every_failed_delivery_and_fails_if_any_still_fail
     assert lines[1] == "delivery 2: handled (200) as delivery 6"
     assert lines[2] == "delivery 3: duplicate (200) as delivery 7"
     outcomes = {row.id: (row.outcome, row.replay_count) for row in store_app.deliveries()}
-    assert outcomes[1] == ("failed", 1) and outcomes[2] == ("handled", 1) and outcomes[3] == ("duplicate", 1)
+    assert (
+        outcomes[1] == ("failed", 1)
+        and outcomes[2] == ("handled", 1)
+        and outcomes[3] == ("duplicate", 1)
+    )
 
     store_app.broken = False
     result = run(store_app, "replay", "--failed")
@@ -112,7 +121,11 @@ def test_replay_refuses_what_cannot_be_replayed(make_effects_app: Any) -> None:
     store_app = make_effects_app()
     post_delivery(store_app.client, "purchase", b"{}")
     post_delivery(store_app.client, "unavailable_users", unavailable_users_payload())
-    for delivery_id, reason in [("1", "delivery 1 was invalid"), ("2", "delivery 2 was handled"), ("9", "no delivery 9")]:
+    for delivery_id, reason in [
+        ("1", "delivery 1 was invalid"),
+        ("2", "delivery 2 was handled"),
+        ("9", "no delivery 9"),
+    ]:
         result = run(store_app, "replay", delivery_id)
         assert result.exit_code == 1
         assert f"delivery {delivery_id}: not replayed: {reason}" in result.output
@@ -125,7 +138,11 @@ def test_replay_refuses_what_cannot_be_replayed(make_effects_app: Any) -> None:
 def test_replay_of_a_replay_replays_its_original(make_effects_app: Any) -> None:
     store_app = make_effects_app()
     store_app.broken = True
-    post_delivery(store_app.client, "refund", purchase_payload() | {"refundQuantity": 1, "refundedAt": "2025-01-01T00:00:00.000Z"})
+    post_delivery(
+        store_app.client,
+        "refund",
+        purchase_payload() | {"refundQuantity": 1, "refundedAt": "2025-01-01T00:00:00.000Z"},
+    )
     assert run(store_app, "replay", "1").exit_code == 1  # still broken: delivery 2 replays 1
     store_app.broken = False
     result = run(store_app, "replay", "2")
@@ -146,7 +163,9 @@ def test_without_kept_bodies_nothing_is_shown_or_replayed(make_effects_app: Any)
     assert "body:\n  (not kept)" in run(store_app, "show", "1").output
     store_app.broken = False
     result = run(store_app, "replay", "1")
-    assert result.exit_code == 1 and "no stored body (NACHOCODE_KEEP_BODIES is off)" in result.output
+    assert (
+        result.exit_code == 1 and "no stored body (NACHOCODE_KEEP_BODIES is off)" in result.output
+    )
 
 
 @pytest.mark.every_store
@@ -160,7 +179,9 @@ def test_prune_deletes_old_deliveries_but_keeps_their_claims(make_effects_app: A
         store = store_app.store
         table = store.deliveries
         store.session.execute(
-            sa.update(table).where(table.c.id.in_([1, 2])).values(received_at=utcnow() - timedelta(days=40))
+            sa.update(table)
+            .where(table.c.id.in_([1, 2]))
+            .values(received_at=utcnow() - timedelta(days=40))
         )
         store.session.commit()
 
@@ -195,16 +216,25 @@ def test_init_db_creates_the_tables(make_effects_app: Any) -> None:
 def test_an_unreachable_store_is_a_one_line_error(tmp_path: Any, make_effects_app: Any) -> None:
     missing = f"sqlite:///{tmp_path / 'missing' / 'nachocode.db'}"
     store_app = make_effects_app(url=missing, create_tables=False)
-    for args in (["deliveries"], ["show", "1"], ["replay", "--failed"], ["prune", "--older-than", "1"]):
+    for args in (
+        ["deliveries"],
+        ["show", "1"],
+        ["replay", "--failed"],
+        ["prune", "--older-than", "1"],
+    ):
         result = run(store_app, *args)
         assert result.exit_code == 1
-        assert result.output.startswith("Error: the delivery store is unavailable: OperationalError: unable to open"), result.output
+        assert result.output.startswith(
+            "Error: the delivery store is unavailable: OperationalError: unable to open"
+        ), result.output
         assert "Traceback" not in result.output
 
 
 def test_urls_labels_each_route_and_never_shows_the_key(make_app: Callable[..., Any]) -> None:
     app, _ = make_app(NACHOCODE_URL_PREFIX="/hooks/nacho")
-    result = app.test_cli_runner().invoke(args=["nachocode", "urls", "--base-url", "https://shop.example/"])
+    result = app.test_cli_runner().invoke(
+        args=["nachocode", "urls", "--base-url", "https://shop.example/"]
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[:4] == [
@@ -213,7 +243,10 @@ def test_urls_labels_each_route_and_never_shows_the_key(make_app: Callable[..., 
         "Push: unavailable users webhook URL             https://shop.example/hooks/nacho/webhooks/unavailable-users",
         "All events on one URL (event told by the body)  https://shop.example/hooks/nacho/webhooks",
     ]
-    assert lines[4] == "OpenAPI document of these routes: https://shop.example/hooks/nacho/openapi.json"
+    assert (
+        lines[4]
+        == "OpenAPI document of these routes: https://shop.example/hooks/nacho/openapi.json"
+    )
     assert "webhook key: configured (1 key)" in result.output
     assert WEBHOOK_KEY not in result.output
 

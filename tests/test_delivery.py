@@ -16,11 +16,12 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -28,6 +29,12 @@ import sqlalchemy as sa
 from flask import Flask
 from hypothesis import given
 from hypothesis import strategies as st
+from support.common import WEBHOOK_KEY, load_fixture
+from support.effects_app import read_effects, serve
+from support.figures import count
+from support.fuzz import FUZZ, Harness, auth, dumps, valid_bodies
+from support.live import worker_pids
+from support.tcp_proxy import TcpProxy
 
 import flask_nachocode.dispatch
 from flask_nachocode import PurchaseEvent, delivery_failed, delivery_handled, delivery_received
@@ -38,12 +45,6 @@ from flask_nachocode.testing import (
     refund_payload,
     unavailable_users_payload,
 )
-from support.common import WEBHOOK_KEY, load_fixture
-from support.effects_app import read_effects, serve
-from support.figures import count
-from support.live import worker_pids
-from support.tcp_proxy import TcpProxy
-from support.fuzz import FUZZ, Harness, auth, dumps, valid_bodies
 
 
 def identity_of(payload: dict[str, Any]) -> str:
@@ -74,7 +75,9 @@ def test_two_partial_refunds_are_two_events_and_each_is_handled_once(make_effect
     store_app = make_effects_app()
     purchase = purchase_payload(os="android", quantity=3)
     first_refund = refund_payload(purchase, refundQuantity=1, refundedAt="2025-03-01T10:00:00.000Z")
-    second_refund = refund_payload(purchase, refundQuantity=1, refundedAt="2025-03-02T10:00:00.000Z")
+    second_refund = refund_payload(
+        purchase, refundQuantity=1, refundedAt="2025-03-02T10:00:00.000Z"
+    )
     answers = [
         post_delivery(store_app.client, event, payload).get_json()
         for event, payload in [
@@ -86,7 +89,11 @@ def test_two_partial_refunds_are_two_events_and_each_is_handled_once(make_effect
         ]
     ]
     assert [answer["duplicate"] for answer in answers] == [False, False, False, True, True]
-    assert store_app.effects() == [identity_of(purchase), identity_of(first_refund), identity_of(second_refund)]
+    assert store_app.effects() == [
+        identity_of(purchase),
+        identity_of(first_refund),
+        identity_of(second_refund),
+    ]
     [ledger_row] = store_app.rows("nachocode_purchases")
     assert ledger_row.refunded_quantity == 2
 
@@ -96,7 +103,10 @@ def test_unavailable_users_are_never_deduplicated(make_effects_app: Any) -> None
     store_app = make_effects_app()
     payload = unavailable_users_payload()
     answers = [post_delivery(store_app.client, "unavailable_users", payload) for _ in range(2)]
-    assert [(a.status_code, a.get_json()["duplicate"]) for a in answers] == [(200, False), (200, False)]
+    assert [(a.status_code, a.get_json()["duplicate"]) for a in answers] == [
+        (200, False),
+        (200, False),
+    ]
     assert store_app.effects() == ["unavailable_users", "unavailable_users"]
     assert store_app.rows("nachocode_claims") == []
 
@@ -126,7 +136,11 @@ def test_a_failing_handler_rolls_back_and_a_replay_handles_it_once(make_effects_
     assert store_app.effects() == [identity_of(purchase)]
     original, replayed = store_app.deliveries()
     assert (original.outcome, original.status, original.replay_count) == ("handled", 200, 1)
-    assert (replayed.route, replayed.replay_of, replayed.outcome) == ("replay", failed.id, "handled")
+    assert (replayed.route, replayed.replay_of, replayed.outcome) == (
+        "replay",
+        failed.id,
+        "handled",
+    )
     assert bytes(replayed.body) == bytes(original.body)
 
     result = runner.invoke(args=["nachocode", "replay", str(failed.id)])
@@ -143,7 +157,9 @@ def test_a_failing_handler_rolls_back_and_a_replay_handles_it_once(make_effects_
 @pytest.mark.every_store
 def test_one_commit_per_delivery_on_the_happy_path(make_effects_app: Any) -> None:
     store_app = make_effects_app()
-    assert post_delivery(store_app.client, "purchase", purchase_payload()).status_code == 200  # warm up
+    assert (
+        post_delivery(store_app.client, "purchase", purchase_payload()).status_code == 200
+    )  # warm up
     with store_app.app.app_context():
         engine = store_app.store.engine
     commits: list[object] = []
@@ -188,7 +204,9 @@ def test_postgresql_unreachable_answers_503_and_the_next_delivery_after_it_works
     answer = post_delivery(store_app.client, "purchase", during)
     assert answer.status_code == 503
     assert answer.get_json()["error"] == "store_unavailable"
-    assert [row.identity for row in store_app.rows("nachocode_claims", postgres_url)] == [identity_of(before)]
+    assert [row.identity for row in store_app.rows("nachocode_claims", postgres_url)] == [
+        identity_of(before)
+    ]
     assert len(store_app.rows("nachocode_deliveries", postgres_url)) == 1
 
     proxy.restore()
@@ -230,10 +248,14 @@ def test_postgresql_lost_during_a_delivery_leaves_nothing_half_written(
     store_app.broken = False
     answer = post_delivery(store_app.client, "purchase", purchase)
     assert (answer.status_code, answer.get_json()["duplicate"]) == (200, False)
-    assert [row.outcome for row in store_app.rows("nachocode_deliveries", postgres_url)] == ["handled"]
+    assert [row.outcome for row in store_app.rows("nachocode_deliveries", postgres_url)] == [
+        "handled"
+    ]
     assert len(store_app.rows("nachocode_purchases", postgres_url)) == 1
     if store_app.db is not None:
-        assert [row.identity for row in store_app.rows("test_effects", postgres_url)] == [identity_of(purchase)]
+        assert [row.identity for row in store_app.rows("test_effects", postgres_url)] == [
+            identity_of(purchase)
+        ]
 
 
 @pytest.mark.every_mode
@@ -262,12 +284,12 @@ def test_sqlite_unreachable_answers_503_and_the_next_delivery_after_it_works(
     assert store_app.effects() == [identity_of(purchase)]
 
 
-
 def _statements(engine: sa.Engine) -> list[str]:
     """Record the statements and COMMITs the engine sends from now on."""
     sent: list[str] = []
     sa.event.listen(
-        engine, "before_cursor_execute",
+        engine,
+        "before_cursor_execute",
         lambda conn, cursor, statement, *args: sent.append(statement.split()[0].upper()),
     )
     sa.event.listen(engine, "commit", lambda conn: sent.append("COMMIT"))
@@ -307,8 +329,6 @@ def test_a_delivery_is_its_writes_and_one_commit(make_app: Any, database_url: st
     assert purchase is not None and purchase.quantity == 1 and purchase.status == "granted"
 
 
-
-
 # --- signals and the slow-delivery warning ---
 
 
@@ -320,15 +340,24 @@ def test_signals_for_received_handled_and_failed(app_and_calls: Any) -> None:
         return lambda sender, **extra: seen.append((name, sender, extra))
 
     client = app.test_client()
-    with delivery_received.connected_to(recorder("received"), app), \
-            delivery_handled.connected_to(recorder("handled"), app), \
-            delivery_failed.connected_to(recorder("failed"), app):
+    with (
+        delivery_received.connected_to(recorder("received"), app),
+        delivery_handled.connected_to(recorder("handled"), app),
+        delivery_failed.connected_to(recorder("failed"), app),
+    ):
         post_delivery(client, "purchase", load_fixture("purchase-ios"))
         post_delivery(client, "purchase", load_fixture("purchase-ios"))  # duplicate
         post_delivery(client, "purchase", {"userId": "u"})
         post_delivery(client, "purchase", purchase_payload(), key="wrong")  # never received
         client.get("/nachocode/webhooks/purchase")  # not a delivery
-    assert [name for name, _, _ in seen] == ["received", "handled", "received", "handled", "received", "failed"]
+    assert [name for name, _, _ in seen] == [
+        "received",
+        "handled",
+        "received",
+        "handled",
+        "received",
+        "failed",
+    ]
     assert all(sender is app for _, sender, _ in seen)
     received, handled, _, duplicate, _, failed = (extra for _, _, extra in seen)
     assert received["delivery"].route == "purchase"
@@ -342,24 +371,32 @@ def test_signals_for_received_handled_and_failed(app_and_calls: Any) -> None:
 def test_signals_are_sent_only_for_their_app(app_and_calls: Any) -> None:
     app, _ = app_and_calls
     seen: list[Any] = []
-    with delivery_received.connected_to(lambda sender, **extra: seen.append(sender), Flask("other")):
+    with delivery_received.connected_to(
+        lambda sender, **extra: seen.append(sender), Flask("other")
+    ):
         post_delivery(app.test_client(), "purchase", purchase_payload())
     assert seen == []
 
 
 @pytest.mark.parametrize(("threshold", "sleep", "warned"), [(0.05, 0.1, True), (None, 0, False)])
 def test_a_slow_delivery_is_warned_about(
-    app_and_calls: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-    threshold: float | None, sleep: float, warned: bool,
+    app_and_calls: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    threshold: float | None,
+    sleep: float,
+    warned: bool,
 ) -> None:
     app, nachocode_calls = app_and_calls
     if threshold is not None:
         # The real threshold is half of Nachocode's 10 s budget; a lower one keeps the test short.
         monkeypatch.setattr(flask_nachocode.dispatch, "SLOW_DELIVERY_SECONDS", threshold)
-    assert flask_nachocode.dispatch.SLOW_DELIVERY_SECONDS == (threshold or 5.0)
+    assert (threshold or 5.0) == flask_nachocode.dispatch.SLOW_DELIVERY_SECONDS
     app.extensions["nachocode"].extension.on_unavailable_users(lambda event: time.sleep(sleep))
     with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
-        answer = post_delivery(app.test_client(), "unavailable_users", load_fixture("unavailable-users"))
+        answer = post_delivery(
+            app.test_client(), "unavailable_users", load_fixture("unavailable-users")
+        )
     assert answer.status_code == 200
     slow = [record for record in caplog.records if "budget" in record.getMessage()]
     assert len(slow) == (1 if warned else 0)
@@ -373,7 +410,9 @@ def test_a_slow_delivery_is_warned_about(
 @pytest.mark.every_database
 @FUZZ
 @given(case=valid_bodies, any_route=st.booleans())
-def test_valid_bodies_are_always_handled_once(harness: Harness, case: tuple[str, Any], any_route: bool) -> None:
+def test_valid_bodies_are_always_handled_once(
+    harness: Harness, case: tuple[str, Any], any_route: bool
+) -> None:
     event_name, body = case
     count("fuzz: valid bodies")
     route = "/webhooks" if any_route else EVENT_PATHS[event_name]
@@ -383,11 +422,17 @@ def test_valid_bodies_are_always_handled_once(harness: Harness, case: tuple[str,
     assert len(calls) == 1 and calls[0].raw == body
     event = calls[0]
     if event_name != "unavailable_users":
-        assert (event.user_id, event.iap_log_id, event.quantity) == (body["userId"], body["iapLogId"], body["quantity"])
+        assert (event.user_id, event.iap_log_id, event.quantity) == (
+            body["userId"],
+            body["iapLogId"],
+            body["quantity"],
+        )
         assert event.price == Decimal(str(body["price"]))
         # The same delivery again is a duplicate: answered 200, never handled twice.
         again, calls_again, _ = harness.post(route, dumps(body), auth())
-        assert again.status_code == 200 and again.get_json()["duplicate"] is True and calls_again == []
+        assert (
+            again.status_code == 200 and again.get_json()["duplicate"] is True and calls_again == []
+        )
         count("fuzz: duplicates refused")
 
 
@@ -426,7 +471,9 @@ def test_identical_deliveries_at_the_same_moment_on_several_workers_are_handled_
     # With the own engine the tables do not exist yet: the workers create them on
     # first use, all at the same moment.
     workers = 4 if database_url.startswith("postgresql") else 2
-    server = serve(database_url, workers, tmp_path, key=WEBHOOK_KEY, mode=store_mode, log_level="INFO")
+    server = serve(
+        database_url, workers, tmp_path, key=WEBHOOK_KEY, mode=store_mode, log_level="INFO"
+    )
     with server as (base_url, _, log_path):
         purchase = json.dumps(purchase_payload()).encode()
         answers = fire_at_once(f"{base_url}/nachocode/webhooks/purchase", [purchase] * 25)
@@ -489,11 +536,15 @@ def deliveries(total: int, duplicate_share: float, seed: int) -> tuple[list[Sent
 
 def delivery_of(event: str, payload: dict[str, Any]) -> Sent:
     store_id = payload["data"].get("orderId") or payload["data"]["transactionId"]
-    identity = f"{event}:{payload['os']}:{store_id}" + (f":{payload['refundedAt']}" if event == "refund" else "")
+    identity = f"{event}:{payload['os']}:{store_id}" + (
+        f":{payload['refundedAt']}" if event == "refund" else ""
+    )
     return Sent(f"/nachocode{EVENT_PATHS[event]}", json.dumps(payload).encode(), identity)
 
 
-def send(base_url: str, items: list[Sent], connections: int = CONNECTIONS) -> list[tuple[int | None, dict[str, Any]]]:
+def send(
+    base_url: str, items: list[Sent], connections: int = CONNECTIONS
+) -> list[tuple[int | None, dict[str, Any]]]:
     """POST every item over ``connections`` concurrent connections; (status or None, answer) each."""
     local = threading.local()
 
@@ -501,7 +552,9 @@ def send(base_url: str, items: list[Sent], connections: int = CONNECTIONS) -> li
         if not hasattr(local, "session"):
             local.session = requests.Session()
         try:
-            response = local.session.post(base_url + item.path, data=item.body, headers=HEADERS, timeout=60)
+            response = local.session.post(
+                base_url + item.path, data=item.body, headers=HEADERS, timeout=60
+            )
         except requests.RequestException:
             return None, {}  # no answer: the worker died or the connection broke
         count("deliveries sent to gunicorn")
@@ -511,10 +564,14 @@ def send(base_url: str, items: list[Sent], connections: int = CONNECTIONS) -> li
         return list(pool.map(post, items))
 
 
-def resend_until_accepted(base_url: str, items: list[Sent], results: list[tuple[int | None, dict[str, Any]]]) -> list[tuple[int | None, dict[str, Any]]]:
+def resend_until_accepted(
+    base_url: str, items: list[Sent], results: list[tuple[int | None, dict[str, Any]]]
+) -> list[tuple[int | None, dict[str, Any]]]:
     """Re-send what got no 2xx, as an operator would from the dashboard, until all got one."""
     for _ in range(10):
-        pending = [index for index, (status, _) in enumerate(results) if status is None or status >= 300]
+        pending = [
+            index for index, (status, _) in enumerate(results) if status is None or status >= 300
+        ]
         if not pending:
             return results
         count("faults: re-sends", len(pending))
@@ -535,7 +592,9 @@ class Tally:
 def tally(uri: str) -> Tally:
     engine = sa.create_engine(uri)
     with engine.connect() as connection:
-        rows = connection.exec_driver_sql("SELECT identity, count(*) FROM test_effects GROUP BY identity").all()
+        rows = connection.exec_driver_sql(
+            "SELECT identity, count(*) FROM test_effects GROUP BY identity"
+        ).all()
         one = lambda sql: int(connection.exec_driver_sql(sql).scalar_one())  # noqa: E731
         result = Tally(
             effects={identity: number for identity, number in rows},
@@ -633,7 +692,9 @@ def test_worker_killed_in_handlers_leaves_nothing_half_written(
         killed = {items[index].identity for index in no_answer}
         assert not killed & set(tally(uri).effects)
         results = resend_until_accepted(base_url, items, results)
-        assert all(answer["duplicate"] is False for _, answer in (results[index] for index in no_answer))
+        assert all(
+            answer["duplicate"] is False for _, answer in (results[index] for index in no_answer)
+        )
     assert_exactly_once(uri, items)
     assert_key_not_in(log)
 
@@ -648,7 +709,10 @@ def test_postgres_connections_killed_during_load(postgres_url: str, tmp_path: Pa
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )
-    with serve(postgres_url, 4, tmp_path, key=WEBHOOK_KEY) as (base_url, _, log), admin.connect() as connection:
+    with (
+        serve(postgres_url, 4, tmp_path, key=WEBHOOK_KEY) as (base_url, _, log),
+        admin.connect() as connection,
+    ):
         with ThreadPoolExecutor(1) as background:
             pending = background.submit(send, base_url, items)
             terminated = outages = 0

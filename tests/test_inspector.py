@@ -12,21 +12,21 @@ import logging
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from flask import Flask, abort, request
 from flask.testing import FlaskClient
-
-from flask_nachocode import NachocodeWebhook
-from flask_nachocode.extension import CONFIG_DEFAULTS
-from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
 from support.browser import chromium
 from support.common import WEBHOOK_KEY
 from support.live import BIN, ROOT, flask_run_args, free_port, live_server
 from support.served_app import BROKEN_MARKER, INSPECTOR_TOKEN, INSTANCE_ENV
+
+from flask_nachocode import NachocodeWebhook
+from flask_nachocode.extension import CONFIG_DEFAULTS
+from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Dialog, Page
@@ -80,7 +80,10 @@ def inspector(make_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> Callab
 
     def make(**config: Any) -> tuple[Flask, FailingHandlers, FlaskClient]:
         app, ext = make_app(
-            SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN, **config
+            SECRET_KEY=SECRET_KEY,
+            NACHOCODE_INSPECTOR=True,
+            NACHOCODE_INSPECTOR_TOKEN=TOKEN,
+            **config,
         )
         handlers = FailingHandlers(ext)
         client = app.test_client()
@@ -104,7 +107,11 @@ def test_off_by_default(make_app: Callable[..., Any]) -> None:
     assert CONFIG_DEFAULTS["NACHOCODE_INSPECTOR_DECORATORS"] == []
     app, _ = make_app(SECRET_KEY=SECRET_KEY, DEBUG=True)
     client = app.test_client()
-    for path in ("/nachocode/deliveries", "/nachocode/deliveries/1", "/nachocode/inspector-static/inspector.css"):
+    for path in (
+        "/nachocode/deliveries",
+        "/nachocode/deliveries/1",
+        "/nachocode/inspector-static/inspector.css",
+    ):
         assert client.get(path).status_code == 404
     assert not [rule for rule in app.url_map.iter_rules() if "inspector" in rule.endpoint]
 
@@ -149,7 +156,10 @@ def test_protected_inspector_logs_no_warning(
     [
         ({"NACHOCODE_INSPECTOR_TOKEN": "short"}, "at least 16 characters"),
         ({"NACHOCODE_INSPECTOR_TOKEN": TOKEN, "SECRET_KEY": None}, "SECRET_KEY"),
-        ({"NACHOCODE_INSPECTOR_DECORATORS": ["no_such_module_xyz:login_required"]}, "cannot import"),
+        (
+            {"NACHOCODE_INSPECTOR_DECORATORS": ["no_such_module_xyz:login_required"]},
+            "cannot import",
+        ),
         ({"NACHOCODE_INSPECTOR_DECORATORS": [42]}, "not callable"),
     ],
 )
@@ -164,7 +174,9 @@ def test_unusable_config_is_refused_at_start(
 
 
 def test_token_is_given_once_then_kept_in_the_session(make_app: Callable[..., Any]) -> None:
-    app, _ = make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN)
+    app, _ = make_app(
+        SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN
+    )
     client = app.test_client()
     assert client.get("/nachocode/deliveries").status_code == 403
     assert client.get("/nachocode/deliveries?token=" + TOKEN[:-1] + "x").status_code == 403
@@ -184,8 +196,12 @@ def test_token_is_given_once_then_kept_in_the_session(make_app: Callable[..., An
     assert app.test_client().get("/nachocode/deliveries").status_code == 403  # another browser
 
 
-def test_changing_the_token_signs_sessions_out(make_app: Callable[..., Any], tmp_path: Path) -> None:
-    app, _ = make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN)
+def test_changing_the_token_signs_sessions_out(
+    make_app: Callable[..., Any], tmp_path: Path
+) -> None:
+    app, _ = make_app(
+        SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN
+    )
     client = app.test_client()
     client.get(f"/nachocode/deliveries?token={TOKEN}")
     cookie = client.get_cookie("session")
@@ -208,12 +224,18 @@ def test_changing_the_token_signs_sessions_out(make_app: Callable[..., Any], tmp
 
 def test_decorators_wrap_every_view(make_app: Callable[..., Any]) -> None:
     app, ext = make_app(
-        SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_DECORATORS=[require_admin]
+        SECRET_KEY=SECRET_KEY,
+        NACHOCODE_INSPECTOR=True,
+        NACHOCODE_INSPECTOR_DECORATORS=[require_admin],
     )
     FailingHandlers(ext)
     client = app.test_client()
     delivery = send(client)
-    paths = ["/nachocode/deliveries", "/nachocode/deliveries/poll", f"/nachocode/deliveries/{delivery}"]
+    paths = [
+        "/nachocode/deliveries",
+        "/nachocode/deliveries/poll",
+        f"/nachocode/deliveries/{delivery}",
+    ]
     for path in paths:
         assert client.get(path).status_code == 401, path
         assert client.get(path, headers={"X-Admin": "yes"}).status_code == 200, path
@@ -259,7 +281,9 @@ def test_list_filters_and_search(inspector: Callable[..., Any], database_url: st
     handled = send(client, userId="alice", iapLogId=700001)
     handlers.failing = True
     failed = send(client, userId="bob", iapLogId=700002)
-    refund = post_delivery(client, "refund", refund_payload(userId="carol")).json["delivery"]  # no handler
+    refund = post_delivery(client, "refund", refund_payload(userId="carol")).json[
+        "delivery"
+    ]  # no handler
 
     assert ids_on(client.get("/nachocode/deliveries").text) == [refund, failed, handled]
     assert ids_on(client.get("/nachocode/deliveries?outcome=failed").text) == [failed]
@@ -267,12 +291,23 @@ def test_list_filters_and_search(inspector: Callable[..., Any], database_url: st
     assert ids_on(client.get("/nachocode/deliveries?event=purchase").text) == [failed, handled]
     assert ids_on(client.get("/nachocode/deliveries?q=alice").text) == [handled]
     assert ids_on(client.get("/nachocode/deliveries?q=700002").text) == [failed]
-    assert ids_on(client.get("/nachocode/deliveries?event=purchase&outcome=handled&q=bob").text) == []
+    assert (
+        ids_on(client.get("/nachocode/deliveries?event=purchase&outcome=handled&q=bob").text) == []
+    )
     assert "No deliveries match" in client.get("/nachocode/deliveries?q=nobody").text
 
 
 @pytest.mark.parametrize(
-    "query", ["outcome=lost", "event=payment", "before=abc", "after=-1", "per_page=0", "per_page=999", "q=" + "x" * 600]
+    "query",
+    [
+        "outcome=lost",
+        "event=payment",
+        "before=abc",
+        "after=-1",
+        "per_page=0",
+        "per_page=999",
+        "q=" + "x" * 600,
+    ],
 )
 def test_bad_list_arguments_are_a_clear_400(inspector: Callable[..., Any], query: str) -> None:
     _, _, client = inspector()
@@ -335,7 +370,7 @@ def test_detail_shows_headers_without_authorization_body_event_and_traceback(
 
     assert "Content-Type</dt><dd>application/json" in page
     assert "Authorization</dt>" not in page and WEBHOOK_KEY not in page
-    assert '&#34;iapLogId&#34;: 424242,\n' in page  # pretty-printed, one field a line
+    assert "&#34;iapLogId&#34;: 424242,\n" in page  # pretty-printed, one field a line
     assert "PurchaseEvent" in page and "<dt>iap_log_id</dt><dd>424242</dd>" in page
     assert '<p class="error">' in page
     assert "RuntimeError: the grant service is down" in page
@@ -360,10 +395,16 @@ def test_everything_from_a_delivery_is_escaped(inspector: Callable[..., Any]) ->
     response = client.post(
         "/nachocode/webhooks/purchase",
         json=payload,
-        headers={"Authorization": f"Bearer {WEBHOOK_KEY}", "X-Evil": "<b onmouseover=alert(1)>hi</b>"},
+        headers={
+            "Authorization": f"Bearer {WEBHOOK_KEY}",
+            "X-Evil": "<b onmouseover=alert(1)>hi</b>",
+        },
     )
     delivery = response.json["delivery"]
-    for page in (client.get("/nachocode/deliveries").text, client.get(f"/nachocode/deliveries/{delivery}").text):
+    for page in (
+        client.get("/nachocode/deliveries").text,
+        client.get(f"/nachocode/deliveries/{delivery}").text,
+    ):
         assert "<script>" not in page and "<img" not in page and "<b " not in page
         assert "&lt;script&gt;alert(" in page
     detail = client.get(f"/nachocode/deliveries/{delivery}").text
@@ -374,7 +415,9 @@ def test_everything_from_a_delivery_is_escaped(inspector: Callable[..., Any]) ->
 def test_templates_never_mark_data_safe() -> None:
     for template in TEMPLATES.glob("*.html"):
         text = template.read_text()
-        assert "|safe" not in text.replace(" ", "") and "autoescape false" not in text, template.name
+        assert "|safe" not in text.replace(" ", "") and "autoescape false" not in text, (
+            template.name
+        )
 
 
 def test_pages_send_a_strict_content_security_policy(inspector: Callable[..., Any]) -> None:
@@ -396,7 +439,9 @@ def test_replay_after_fixing_the_handler(inspector: Callable[..., Any], database
     page = client.get(f"/nachocode/deliveries/{delivery}").text
 
     handlers.failing = False
-    response = client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": csrf_of(page)})
+    response = client.post(
+        f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": csrf_of(page)}
+    )
     assert response.status_code == 303
     assert response.headers["Location"] == f"/nachocode/deliveries/{delivery}"
     assert handlers.handled == ["erin"]
@@ -455,7 +500,9 @@ def test_a_csrf_token_from_another_session_is_refused(inspector: Callable[..., A
     attacker.get(f"/nachocode/deliveries?token={TOKEN}")
     their_token = csrf_of(attacker.get(f"/nachocode/deliveries/{delivery}").text)
     client.get(f"/nachocode/deliveries/{delivery}")
-    response = client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": their_token})
+    response = client.post(
+        f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": their_token}
+    )
     assert response.status_code == 400
 
 
@@ -466,7 +513,9 @@ def test_replaying_a_handled_delivery_changes_nothing(inspector: Callable[..., A
     handlers.failing = True
     failed = send(client)
     token = csrf_of(client.get(f"/nachocode/deliveries/{failed}").text)
-    response = client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": token})
+    response = client.post(
+        f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": token}
+    )
     assert response.status_code == 303
     page = client.get(f"/nachocode/deliveries/{delivery}").text
     # Refused as not replayable, or (where replay allows it) answered as a duplicate:
@@ -474,7 +523,9 @@ def test_replaying_a_handled_delivery_changes_nothing(inspector: Callable[..., A
     assert "Not replayed: delivery" in page or "duplicate (200)" in page
     assert len(handlers.handled) == 1
     for missing in (999999, 2**64):
-        response = client.post(f"/nachocode/deliveries/{missing}/replay", data={"nachocode_csrf": token})
+        response = client.post(
+            f"/nachocode/deliveries/{missing}/replay", data={"nachocode_csrf": token}
+        )
         assert response.status_code == 404
 
 
@@ -492,8 +543,12 @@ def test_detail_of_a_body_that_is_not_json(inspector: Callable[..., Any]) -> Non
     assert "No event could be read" in page
 
 
-def test_a_store_that_cannot_be_reached_is_a_503_page(inspector: Callable[..., Any], tmp_path: Path) -> None:
-    _, _, client = inspector(NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'missing' / 'dir' / 'n.db'}")
+def test_a_store_that_cannot_be_reached_is_a_503_page(
+    inspector: Callable[..., Any], tmp_path: Path
+) -> None:
+    _, _, client = inspector(
+        NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'missing' / 'dir' / 'n.db'}"
+    )
     for path in ("/nachocode/deliveries", "/nachocode/deliveries/poll", "/nachocode/deliveries/1"):
         response = client.get(path)
         assert response.status_code == 503, path
@@ -525,7 +580,10 @@ def test_with_the_apps_own_flask_sqlalchemy_db(tmp_path: Path) -> None:
     handlers.failing = False
     client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": token})
     assert handlers.handled == ["frank"]
-    assert '<span class="badge handled" id="outcome">' in client.get(f"/nachocode/deliveries/{delivery}").text
+    assert (
+        '<span class="badge handled" id="outcome">'
+        in client.get(f"/nachocode/deliveries/{delivery}").text
+    )
 
 
 # -- in a real browser, against a real server (integration, browser) ------------------------
@@ -555,7 +613,9 @@ def served_env(served_instance: Path) -> dict[str, str]:
 def served_url(served_env: dict[str, str], served_instance: Path) -> Iterator[str]:
     port = free_port()
     log_path = served_instance / "server.log"
-    with live_server(flask_run_args(SERVED_APP, port), port=port, env=served_env, log_path=log_path) as url:
+    with live_server(
+        flask_run_args(SERVED_APP, port), port=port, env=served_env, log_path=log_path
+    ) as url:
         yield url
 
 
@@ -603,15 +663,24 @@ def send_with_cli(served_env: dict[str, str], served_url: str) -> Callable[..., 
 
     def run(*assignments: str) -> int:
         command = [
-            str(BIN / "flask"), "nachocode", "send", "purchase",
-            "--url", f"{served_url}/nachocode/webhooks/purchase",
+            str(BIN / "flask"),
+            "nachocode",
+            "send",
+            "purchase",
+            "--url",
+            f"{served_url}/nachocode/webhooks/purchase",
         ]
         for assignment in assignments:
             command += ["--set", assignment]
         result = subprocess.run(
-            command, cwd=ROOT, env={**os.environ, **served_env}, capture_output=True, text=True, timeout=60
+            command,
+            cwd=ROOT,
+            env={**os.environ, **served_env},
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
-        answer: dict[str, Any] = json.loads(result.stdout[result.stdout.index("{"):])
+        answer: dict[str, Any] = json.loads(result.stdout[result.stdout.index("{") :])
         return int(answer["delivery"])
 
     return run
@@ -650,7 +719,9 @@ def test_deliveries_arrive_live_and_a_failed_one_is_replayed(
     failed_row = page.locator(f'tr[data-id="{failed}"]')
     expect(failed_row.locator("td.outcome")).to_contain_text("failed")
     expect(failed_row.locator("td.status")).to_have_text("500")
-    expect(page.locator("tr.delivery").first).to_have_attribute("data-id", str(failed))  # newest first
+    expect(page.locator("tr.delivery").first).to_have_attribute(
+        "data-id", str(failed)
+    )  # newest first
     assert page.evaluate("window.notReloaded") is True, "the rows came by reloading the page"
     screenshot(page, "deliveries")
 
@@ -677,7 +748,9 @@ def test_deliveries_arrive_live_and_a_failed_one_is_replayed(
 
 @pytest.mark.integration
 @pytest.mark.browser  # .ci/matrix leaves these out
-def test_a_script_in_a_delivery_is_shown_as_text(open_page: OpenPage, send_with_cli: Callable[..., int]) -> None:
+def test_a_script_in_a_delivery_is_shown_as_text(
+    open_page: OpenPage, send_with_cli: Callable[..., int]
+) -> None:
     from playwright.sync_api import expect
 
     page = open_page()

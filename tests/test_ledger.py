@@ -6,21 +6,22 @@ also under gunicorn with several workers."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
 from flask import Flask
+from support.common import WEBHOOK_KEY, load_fixture
+from support.effects_app import serve
 
 from flask_nachocode import NachocodeWebhook, Purchase, PurchaseEvent, RefundEvent
 from flask_nachocode.schemas import MAX_COUNT
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
-from support.common import WEBHOOK_KEY, load_fixture
-from support.effects_app import serve
 
 pytestmark = pytest.mark.every_store
 
@@ -79,7 +80,11 @@ def test_purchase_then_refund(shop: Shop) -> None:
     assert shop.post("refund", refund_payload(bought)).status_code == 200
     refunded = shop.get(bought)
     assert refunded is not None
-    assert (refunded.state, refunded.status, refunded.refunded_quantity) == ("refunded", "refunded", 1)
+    assert (refunded.state, refunded.status, refunded.refunded_quantity) == (
+        "refunded",
+        "refunded",
+        1,
+    )
     assert refunded.refunded_at is not None
     assert not shop.read(shop.ext.ledger.owns, "test-user", bought["productId"])
     assert not shop.read(shop.ext.ledger.owns, "test-user", bought["nachoProductId"])
@@ -93,7 +98,9 @@ def test_partial_refunds_sum_to_the_quantity(shop: Shop) -> None:
     purchase = shop.get(bought)
     assert purchase is not None
     assert (purchase.state, purchase.status, purchase.refunded_quantity) == (
-        "partially_refunded", "partially_refunded", 1,
+        "partially_refunded",
+        "partially_refunded",
+        1,
     )
     assert shop.read(shop.ext.ledger.net_quantity, "player-42", "coins_500") == 2
     assert shop.read(shop.ext.ledger.owns, "player-42", "coins_500")
@@ -135,7 +142,10 @@ def test_a_refund_before_its_purchase_is_applied_when_the_purchase_arrives(shop:
     assert not early.purchase_received and early.status == "pending"
     assert early.refunded_quantity == 1 and early.purchased_at is None
     # Nothing is owned and nothing counted before the purchase itself arrived.
-    assert shop.read(shop.ext.ledger.net_quantity, "test-user", "coins_500", environment="sandbox") == 0
+    assert (
+        shop.read(shop.ext.ledger.net_quantity, "test-user", "coins_500", environment="sandbox")
+        == 0
+    )
 
     assert shop.post("purchase", bought).status_code == 200
     event_name, seen = shop.seen[-1]
@@ -145,7 +155,10 @@ def test_a_refund_before_its_purchase_is_applied_when_the_purchase_arrives(shop:
     # The purchase fills in what only it carries.
     assert (seen.quantity, seen.unit_price) == (2, Decimal("9.99"))
     assert seen.purchased_at == datetime.fromisoformat(bought["purchasedAt"].replace("Z", "+00:00"))
-    assert shop.read(shop.ext.ledger.net_quantity, "test-user", "coins_500", environment="sandbox") == 1
+    assert (
+        shop.read(shop.ext.ledger.net_quantity, "test-user", "coins_500", environment="sandbox")
+        == 1
+    )
 
 
 def test_a_purchase_fully_refunded_before_it_arrives_is_seen_refunded(shop: Shop) -> None:
@@ -181,7 +194,11 @@ def test_duplicates_never_count_twice(shop: Shop, order: str) -> None:
 
     purchase = shop.get(bought)
     assert purchase is not None
-    assert (purchase.quantity, purchase.refunded_quantity, purchase.state) == (4, 1, "partially_refunded")
+    assert (purchase.quantity, purchase.refunded_quantity, purchase.state) == (
+        4,
+        1,
+        "partially_refunded",
+    )
     assert len(shop.seen) == 2
 
 
@@ -204,7 +221,9 @@ def test_a_duplicate_that_says_something_else_leaves_the_ledger_alone(shop: Shop
 def test_refunds_of_the_largest_quantity_cannot_overflow_the_ledger(shop: Shop) -> None:
     bought = purchase_payload(quantity=MAX_COUNT)
     assert shop.post("purchase", bought).status_code == 200
-    refund_all = refund_payload(bought, refund_quantity=MAX_COUNT, refunded_at="2030-01-01T00:00:00Z")
+    refund_all = refund_payload(
+        bought, refund_quantity=MAX_COUNT, refunded_at="2030-01-01T00:00:00Z"
+    )
     assert shop.post("refund", refund_all).status_code == 200
     one_more = refund_payload(bought, refund_quantity=MAX_COUNT, refunded_at="2030-01-02T00:00:00Z")
     answer = shop.post("refund", one_more)
@@ -252,7 +271,8 @@ def test_sandbox_and_production_are_kept_apart(shop: Shop) -> None:
     assert shop.read(ledger.net_quantity, "u1", product, environment=None) == 7
     assert [p.iap_log_id for p in shop.read(ledger.purchases_of, "u1")] == [live["iapLogId"]]
     assert [p.iap_log_id for p in shop.read(ledger.purchases_of, "u1", environment=None)] == [
-        test["iapLogId"], live["iapLogId"],  # newest first
+        test["iapLogId"],
+        live["iapLogId"],  # newest first
     ]
     assert shop.read(ledger.get, test["iapLogId"]) is None
     assert shop.read(ledger.get, test["iapLogId"], environment="sandbox") is not None
@@ -267,11 +287,18 @@ def test_sandbox_and_production_are_kept_apart(shop: Shop) -> None:
 def test_refunds_arriving_out_of_order_keep_the_latest_refund_time(shop: Shop) -> None:
     bought = purchase_payload(quantity=2)
     shop.post("purchase", bought)
-    shop.post("refund", refund_payload(bought, refundQuantity=1, refundedAt="2025-05-02T00:00:00.000Z"))
-    shop.post("refund", refund_payload(bought, refundQuantity=1, refundedAt="2025-05-01T00:00:00.000Z"))
+    shop.post(
+        "refund", refund_payload(bought, refundQuantity=1, refundedAt="2025-05-02T00:00:00.000Z")
+    )
+    shop.post(
+        "refund", refund_payload(bought, refundQuantity=1, refundedAt="2025-05-01T00:00:00.000Z")
+    )
     purchase = shop.get(bought)
     assert purchase is not None and purchase.refunded_quantity == 2
-    assert purchase.refunded_at is not None and purchase.refunded_at.isoformat() == "2025-05-02T00:00:00+00:00"
+    assert (
+        purchase.refunded_at is not None
+        and purchase.refunded_at.isoformat() == "2025-05-02T00:00:00+00:00"
+    )
 
 
 @pytest.mark.integration
@@ -284,7 +311,8 @@ def test_concurrent_partial_refunds_never_exceed_the_quantity(
     shop.read(store.ensure_ready)  # tables in place before the workers start
     bought = purchase_payload(quantity=5)
     refunds = [
-        refund_payload(bought, refundQuantity=1, refundedAt=f"2025-06-01T00:00:0{i}.000Z") for i in range(8)
+        refund_payload(bought, refundQuantity=1, refundedAt=f"2025-06-01T00:00:0{i}.000Z")
+        for i in range(8)
     ]
     headers = {"Authorization": f"Bearer {WEBHOOK_KEY}"}
     server = serve(database_url, 3, tmp_path, key=WEBHOOK_KEY, mode=store_mode, log_level="INFO")
@@ -295,7 +323,9 @@ def test_concurrent_partial_refunds_never_exceed_the_quantity(
 
         def send(payload: dict[str, Any]) -> None:
             start.wait()
-            answer = requests.post(f"{url}/nachocode/webhooks/refund", json=payload, headers=headers, timeout=60)
+            answer = requests.post(
+                f"{url}/nachocode/webhooks/refund", json=payload, headers=headers, timeout=60
+            )
             statuses.append(answer.status_code)
 
         threads = [threading.Thread(target=send, args=(payload,)) for payload in refunds]
@@ -308,6 +338,10 @@ def test_concurrent_partial_refunds_never_exceed_the_quantity(
         ).json()
 
     assert sorted(statuses) == [200] * 5 + [422] * 3
-    assert (status["status"], status["refundedQuantity"], status["netQuantity"]) == ("refunded", 5, 0)
+    assert (status["status"], status["refundedQuantity"], status["netQuantity"]) == (
+        "refunded",
+        5,
+        0,
+    )
     purchase = shop.get(bought)
     assert purchase is not None and purchase.refunded_quantity == 5

@@ -4,7 +4,8 @@ route the front end polls after Nachocode.iap.purchase succeeds."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from flask import Flask, abort, request
@@ -47,7 +48,9 @@ def app(make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> Flask
 
 def status(app: Flask, iap_log_id: Any, user_id: str | None = "test-user", **headers: str) -> Any:
     query = {} if user_id is None else {"userId": user_id}
-    answer = app.test_client().get(f"/nachocode/purchases/{iap_log_id}", query_string=query, headers=headers)
+    answer = app.test_client().get(
+        f"/nachocode/purchases/{iap_log_id}", query_string=query, headers=headers
+    )
     assert answer.headers["Cache-Control"] == "no-store"
     return answer
 
@@ -90,10 +93,16 @@ def test_refunds_show_in_the_status(app: Flask) -> None:
     post_delivery(client, "refund", partial)
     body = status(app, bought["iapLogId"]).get_json()
     assert (body["status"], body["netQuantity"], body["refundedAt"]) == (
-        "partially_refunded", 1, partial["refundedAt"],
+        "partially_refunded",
+        1,
+        partial["refundedAt"],
     )
 
-    post_delivery(client, "refund", refund_payload(bought, refundQuantity=1, refundedAt="2099-01-01T00:00:00.000Z"))
+    post_delivery(
+        client,
+        "refund",
+        refund_payload(bought, refundQuantity=1, refundedAt="2099-01-01T00:00:00.000Z"),
+    )
     body = status(app, bought["iapLogId"]).get_json()
     assert (body["status"], body["netQuantity"]) == ("refunded", 0)
 
@@ -144,14 +153,18 @@ def test_an_id_that_is_no_iap_log_id_is_a_bad_request(app: Flask, bad_id: str) -
 
 
 @pytest.mark.every_store
-def test_the_route_is_off_by_default(make_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
+def test_the_route_is_off_by_default(
+    make_app: Callable[..., tuple[Flask, NachocodeWebhook]],
+) -> None:
     app, _ = make_app()
     assert "nachocode.purchase_status" not in app.view_functions
     assert app.test_client().get("/nachocode/purchases/1?userId=u").status_code == 404
 
 
 @pytest.mark.every_store
-def test_it_follows_the_url_prefix(make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
+def test_it_follows_the_url_prefix(
+    make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]],
+) -> None:
     app, _ = make_status_app(NACHOCODE_URL_PREFIX="/hooks/nacho")
     bought = purchase_payload()
     post_delivery(app.test_client(), "purchase", bought)
@@ -178,7 +191,9 @@ def test_the_apps_decorator_guards_the_route(
 
 
 @pytest.mark.every_store
-def test_decorators_wrap_in_list_order(make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
+def test_decorators_wrap_in_list_order(
+    make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]],
+) -> None:
     calls: list[str] = []
 
     def tracing(name: str) -> Callable[..., Any]:
@@ -191,12 +206,16 @@ def test_decorators_wrap_in_list_order(make_status_app: Callable[..., tuple[Flas
 
         return decorator
 
-    app, _ = make_status_app(NACHOCODE_PURCHASE_STATUS_DECORATORS=[tracing("inner"), tracing("outer")])
+    app, _ = make_status_app(
+        NACHOCODE_PURCHASE_STATUS_DECORATORS=[tracing("inner"), tracing("outer")]
+    )
     status(app, 1)
     assert calls == ["outer", "inner"]
 
 
-def test_the_route_needs_the_ledger(make_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
+def test_the_route_needs_the_ledger(
+    make_app: Callable[..., tuple[Flask, NachocodeWebhook]],
+) -> None:
     with pytest.raises(RuntimeError, match="NACHOCODE_LEDGER"):
         make_app(NACHOCODE_PURCHASE_STATUS_ROUTE=True, NACHOCODE_LEDGER=False)
 
@@ -205,7 +224,10 @@ def test_an_unimportable_decorator_is_a_clear_start_up_error(
     make_app: Callable[..., tuple[Flask, NachocodeWebhook]],
 ) -> None:
     with pytest.raises(RuntimeError, match="NACHOCODE_PURCHASE_STATUS_DECORATORS"):
-        make_app(NACHOCODE_PURCHASE_STATUS_ROUTE=True, NACHOCODE_PURCHASE_STATUS_DECORATORS=["nowhere:login"])
+        make_app(
+            NACHOCODE_PURCHASE_STATUS_ROUTE=True,
+            NACHOCODE_PURCHASE_STATUS_DECORATORS=["nowhere:login"],
+        )
 
 
 def test_an_unreachable_database_answers_503_not_pending(

@@ -5,12 +5,16 @@ the same instant, and a body with one field broken is always refused."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
+from support.common import load_fixture
+from support.figures import count
+from support.fuzz import FUZZ, Harness, auth, broken_bodies, dumps, timestamps
 
 from flask_nachocode import (
     AppStorePurchaseData,
@@ -28,18 +32,26 @@ from flask_nachocode.testing import (
     refund_payload,
     unavailable_users_payload,
 )
-from support.common import load_fixture
-from support.figures import count
-from support.fuzz import FUZZ, Harness, auth, broken_bodies, dumps, timestamps
 
 IN_APP_FIELDS = [
-    "userId", "iapLogId", "nachoProductId", "os", "productId", "productType",
-    "quantity", "price", "environment", "data",
+    "userId",
+    "iapLogId",
+    "nachoProductId",
+    "os",
+    "productId",
+    "productType",
+    "quantity",
+    "price",
+    "environment",
+    "data",
 ]
 PURCHASE_FIELDS = IN_APP_FIELDS + ["requestedAt", "purchasedAt", "verifiedAt"]
 REFUND_FIELDS = IN_APP_FIELDS + ["refundQuantity", "refundedAt"]
 PUSH_FIELDS = ["tokenNotFoundUserIds", "tokenInvalidUserIds"]
-STORE_FIELDS = {"android": ["purchaseToken", "orderId"], "ios": ["originalTransactionId", "transactionId"]}
+STORE_FIELDS = {
+    "android": ["purchaseToken", "orderId"],
+    "ios": ["originalTransactionId", "transactionId"],
+}
 
 #: Event name -> a factory for a valid body of it.
 BODIES: dict[str, Callable[..., dict[str, Any]]] = {
@@ -60,20 +72,38 @@ def errors_of(name: str, body: dict[str, Any]) -> dict[str, list[str]]:
 
 # -- the documented example bodies -------------------------------------------------
 
+
 def test_purchase_ios_fixture() -> None:
     event = load_event("purchase", load_fixture("purchase-ios"))
     at = datetime(2025, 2, 19, 2, 0, 31, 280000, tzinfo=timezone.utc)
     assert event == PurchaseEvent(
-        user_id="testUser", iap_log_id=1, nacho_product_id="NP-NXGLSTOEXK-0001", os="ios",
-        product_id="com.nachocode.example.consumable", product_type="consumable", quantity=1,
-        price=Decimal(1000), environment="sandbox",
-        data=AppStorePurchaseData(original_transaction_id="2000000123456789",
-                                  transaction_id="2000000123456789"),
-        requested_at=at, purchased_at=at, verified_at=at,
+        user_id="testUser",
+        iap_log_id=1,
+        nacho_product_id="NP-NXGLSTOEXK-0001",
+        os="ios",
+        product_id="com.nachocode.example.consumable",
+        product_type="consumable",
+        quantity=1,
+        price=Decimal(1000),
+        environment="sandbox",
+        data=AppStorePurchaseData(
+            original_transaction_id="2000000123456789", transaction_id="2000000123456789"
+        ),
+        requested_at=at,
+        purchased_at=at,
+        verified_at=at,
         raw=load_fixture("purchase-ios"),
     )
-    assert (event.user_id, event.iap_log_id, event.nacho_product_id) == ("testUser", 1, "NP-NXGLSTOEXK-0001")
-    assert (event.os, event.product_id, event.product_type) == ("ios", "com.nachocode.example.consumable", "consumable")
+    assert (event.user_id, event.iap_log_id, event.nacho_product_id) == (
+        "testUser",
+        1,
+        "NP-NXGLSTOEXK-0001",
+    )
+    assert (event.os, event.product_id, event.product_type) == (
+        "ios",
+        "com.nachocode.example.consumable",
+        "consumable",
+    )
     assert (event.quantity, event.price, event.environment) == (1, Decimal("1000"), "sandbox")
     assert event.data == AppStorePurchaseData(
         original_transaction_id="2000000123456789", transaction_id="2000000123456789"
@@ -88,7 +118,12 @@ def test_purchase_ios_fixture() -> None:
 def test_purchase_android_fixture() -> None:
     event = load_event("purchase", load_fixture("purchase-android"))
     assert isinstance(event, PurchaseEvent)
-    assert (event.user_id, event.iap_log_id, event.os, event.quantity) == ("player-42", 7781, "android", 3)
+    assert (event.user_id, event.iap_log_id, event.os, event.quantity) == (
+        "player-42",
+        7781,
+        "android",
+        3,
+    )
     assert event.data == PlayStorePurchaseData(
         purchase_token="opaque-token-abc.AO-J1Oz9x7Qe", order_id="GPA.3312-4581-2334-55012"
     )
@@ -102,15 +137,22 @@ def test_purchase_android_fixture() -> None:
 
 @pytest.mark.parametrize(
     ("refund", "purchase", "partial", "amount"),
-    [("refund-ios", "purchase-ios", False, "1000"), ("refund-android-partial", "purchase-android", True, "1200")],
+    [
+        ("refund-ios", "purchase-ios", False, "1000"),
+        ("refund-android-partial", "purchase-android", True, "1200"),
+    ],
 )
-def test_refund_fixtures_share_the_purchase_id(refund: str, purchase: str, partial: bool, amount: str) -> None:
+def test_refund_fixtures_share_the_purchase_id(
+    refund: str, purchase: str, partial: bool, amount: str
+) -> None:
     event = load_event("refund", load_fixture(refund))
     assert isinstance(event, RefundEvent)
     assert event.is_partial is partial
     assert event.refunded_amount == Decimal(amount)
     assert event.refunded_at.tzinfo == timezone.utc
-    assert event.store_purchase_id == load_event("purchase", load_fixture(purchase)).store_purchase_id
+    assert (
+        event.store_purchase_id == load_event("purchase", load_fixture(purchase)).store_purchase_id
+    )
 
 
 def test_unavailable_users_fixture() -> None:
@@ -123,12 +165,16 @@ def test_unavailable_users_fixture() -> None:
 
 def test_user_ids_lists_each_user_once() -> None:
     event = load_event(
-        "unavailable_users", unavailable_users_payload(token_not_found_user_ids=["a", "b"], token_invalid_user_ids=["b", "c"])
+        "unavailable_users",
+        unavailable_users_payload(
+            token_not_found_user_ids=["a", "b"], token_invalid_user_ids=["b", "c"]
+        ),
     )
     assert event.user_ids == ["a", "b", "c"]
 
 
 # -- required fields ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("name", "field"),
@@ -144,7 +190,12 @@ def test_every_documented_field_is_required(name: str, field: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "os", "field"),
-    [(name, os, field) for name in ("purchase", "refund") for os, fields in STORE_FIELDS.items() for field in fields],
+    [
+        (name, os, field)
+        for name in ("purchase", "refund")
+        for os, fields in STORE_FIELDS.items()
+        for field in fields
+    ],
 )
 def test_store_data_fields_are_required_with_dotted_paths(name: str, os: str, field: str) -> None:
     body = BODIES[name](os=os)
@@ -156,7 +207,9 @@ def test_store_data_fields_are_required_with_dotted_paths(name: str, os: str, fi
 def test_data_is_checked_against_os(os: str, other: str) -> None:
     body = purchase_payload(os=os)
     body["data"] = purchase_payload(os=other)["data"]
-    assert sorted(errors_of("purchase", body)) == sorted(f"data.{field}" for field in STORE_FIELDS[os])
+    assert sorted(errors_of("purchase", body)) == sorted(
+        f"data.{field}" for field in STORE_FIELDS[os]
+    )
 
 
 @pytest.mark.parametrize("data", [None, [], "token", 1])
@@ -173,18 +226,29 @@ ENUMS = {
 }
 
 
-@pytest.mark.parametrize(("name", "field", "value"), [
-    (name, field, value) for name in ("purchase", "refund") for field, values in ENUMS.items() for value in values
-])
+@pytest.mark.parametrize(
+    ("name", "field", "value"),
+    [
+        (name, field, value)
+        for name in ("purchase", "refund")
+        for field, values in ENUMS.items()
+        for value in values
+    ],
+)
 def test_every_enum_value_is_accepted(name: str, field: str, value: str) -> None:
     event = load_event(name, BODIES[name](**{field: value}))
     attribute = {"os": "os", "productType": "product_type", "environment": "environment"}[field]
     assert getattr(event, attribute) == value
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    (field, value) for field in ENUMS for value in ["Android", "IOS", "Consumable", "live", "", None, 1, ["ios"]]
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        (field, value)
+        for field in ENUMS
+        for value in ["Android", "IOS", "Consumable", "live", "", None, 1, ["ios"]]
+    ],
+)
 def test_values_outside_an_enum_are_refused(field: str, value: Any) -> None:
     body = purchase_payload()
     body[field] = value
@@ -193,27 +257,70 @@ def test_values_outside_an_enum_are_refused(field: str, value: Any) -> None:
 
 # -- types and bounds --------------------------------------------------------------
 
-@pytest.mark.parametrize(("field", "value"), [
-    *[(field, value) for field in ("iapLogId", "quantity") for value in ["1", True, False, 1.5, 1.0, None, [1]]],
-    *[(field, value) for field in ("userId", "nachoProductId", "productId") for value in [1, True, None, "", ["x"]]],
-    *[("price", value) for value in ["1000", True, None, -1, -0.01, float("nan"), float("inf"), 10**15 + 1, 1e300, 10**70]],
-    ("quantity", 0), ("quantity", -1), ("quantity", MAX_COUNT + 1), ("iapLogId", -1), ("iapLogId", 2**63),
-])
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        *[
+            (field, value)
+            for field in ("iapLogId", "quantity")
+            for value in ["1", True, False, 1.5, 1.0, None, [1]]
+        ],
+        *[
+            (field, value)
+            for field in ("userId", "nachoProductId", "productId")
+            for value in [1, True, None, "", ["x"]]
+        ],
+        *[
+            ("price", value)
+            for value in [
+                "1000",
+                True,
+                None,
+                -1,
+                -0.01,
+                float("nan"),
+                float("inf"),
+                10**15 + 1,
+                1e300,
+                10**70,
+            ]
+        ],
+        ("quantity", 0),
+        ("quantity", -1),
+        ("quantity", MAX_COUNT + 1),
+        ("iapLogId", -1),
+        ("iapLogId", 2**63),
+    ],
+)
 def test_purchase_field_types_and_bounds(field: str, value: Any) -> None:
     assert list(errors_of("purchase", purchase_payload(**{field: value}))) == [field]
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("quantity", 1), ("quantity", MAX_COUNT), ("iapLogId", 0), ("iapLogId", 2**63 - 1),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("quantity", 1),
+        ("quantity", MAX_COUNT),
+        ("iapLogId", 0),
+        ("iapLogId", 2**63 - 1),
+    ],
+)
 def test_integer_bounds_are_inclusive(field: str, value: int) -> None:
     event = load_event("purchase", purchase_payload(**{field: value}))
     assert event.raw[field] == value
 
 
-@pytest.mark.parametrize(("price", "expected"), [
-    (0, "0"), (1000, "1000"), (9.99, "9.99"), (0.1, "0.1"), (10**15, "1000000000000000"),
-])
+@pytest.mark.parametrize(
+    ("price", "expected"),
+    [
+        (0, "0"),
+        (1000, "1000"),
+        (9.99, "9.99"),
+        (0.1, "0.1"),
+        (10**15, "1000000000000000"),
+    ],
+)
 def test_price_is_an_exact_decimal(price: float, expected: str) -> None:
     event = load_event("purchase", purchase_payload(price=price))
     assert event.price == Decimal(expected)
@@ -227,7 +334,10 @@ def test_refund_quantity_within_quantity(quantity: int, refund_quantity: int) ->
     assert event.is_partial is (refund_quantity < quantity)
 
 
-@pytest.mark.parametrize(("quantity", "refund_quantity"), [(3, 0), (3, 4), (1, 2), (3, -1), (3, "1"), (3, True), (3, 1.0)])
+@pytest.mark.parametrize(
+    ("quantity", "refund_quantity"),
+    [(3, 0), (3, 4), (1, 2), (3, -1), (3, "1"), (3, True), (3, 1.0)],
+)
 def test_refund_quantity_out_of_bounds(quantity: int, refund_quantity: Any) -> None:
     body = refund_payload(quantity=quantity, refund_quantity=refund_quantity)
     assert list(errors_of("refund", body)) == ["refundQuantity"]
@@ -236,7 +346,9 @@ def test_refund_quantity_out_of_bounds(quantity: int, refund_quantity: Any) -> N
 @pytest.mark.parametrize("value", ["a", 1, None, {}, {"0": "a"}])
 @pytest.mark.parametrize("field", PUSH_FIELDS)
 def test_user_id_lists_must_be_lists(field: str, value: Any) -> None:
-    assert list(errors_of("unavailable_users", unavailable_users_payload(**{field: value}))) == [field]
+    assert list(errors_of("unavailable_users", unavailable_users_payload(**{field: value}))) == [
+        field
+    ]
 
 
 @pytest.mark.parametrize("field", PUSH_FIELDS)
@@ -254,46 +366,76 @@ def test_a_bad_user_id_is_named_by_its_index(field: str, value: Any) -> None:
 
 # -- timestamps --------------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("2025-02-19T02:00:31.280Z", datetime(2025, 2, 19, 2, 0, 31, 280000, tzinfo=timezone.utc)),
-    ("2025-02-19T02:00:31Z", datetime(2025, 2, 19, 2, 0, 31, tzinfo=timezone.utc)),
-    ("2025-02-19T02:00:31.2Z", datetime(2025, 2, 19, 2, 0, 31, 200000, tzinfo=timezone.utc)),
-    ("2025-02-19T02:00:31.123456Z", datetime(2025, 2, 19, 2, 0, 31, 123456, tzinfo=timezone.utc)),
-    ("2025-02-19T11:00:31.280+09:00", datetime(2025, 2, 19, 2, 0, 31, 280000, tzinfo=timezone.utc)),
-    ("2025-02-19T02:00:31.280+00:00", datetime(2025, 2, 19, 2, 0, 31, 280000, tzinfo=timezone.utc)),
-])
-@pytest.mark.parametrize(("name", "field"), [
-    ("purchase", "requestedAt"), ("purchase", "purchasedAt"), ("purchase", "verifiedAt"), ("refund", "refundedAt"),
-])
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2025-02-19T02:00:31.280Z", datetime(2025, 2, 19, 2, 0, 31, 280000, tzinfo=timezone.utc)),
+        ("2025-02-19T02:00:31Z", datetime(2025, 2, 19, 2, 0, 31, tzinfo=timezone.utc)),
+        ("2025-02-19T02:00:31.2Z", datetime(2025, 2, 19, 2, 0, 31, 200000, tzinfo=timezone.utc)),
+        (
+            "2025-02-19T02:00:31.123456Z",
+            datetime(2025, 2, 19, 2, 0, 31, 123456, tzinfo=timezone.utc),
+        ),
+        (
+            "2025-02-19T11:00:31.280+09:00",
+            datetime(2025, 2, 19, 2, 0, 31, 280000, tzinfo=timezone.utc),
+        ),
+        (
+            "2025-02-19T02:00:31.280+00:00",
+            datetime(2025, 2, 19, 2, 0, 31, 280000, tzinfo=timezone.utc),
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [
+        ("purchase", "requestedAt"),
+        ("purchase", "purchasedAt"),
+        ("purchase", "verifiedAt"),
+        ("refund", "refundedAt"),
+    ],
+)
 def test_timestamps_become_aware_utc(name: str, field: str, text: str, expected: datetime) -> None:
     event = load_event(name, BODIES[name](**{field: text}))
-    moment = getattr(event, {"requestedAt": "requested_at", "purchasedAt": "purchased_at",
-                             "verifiedAt": "verified_at", "refundedAt": "refunded_at"}[field])
+    moment = getattr(
+        event,
+        {
+            "requestedAt": "requested_at",
+            "purchasedAt": "purchased_at",
+            "verifiedAt": "verified_at",
+            "refundedAt": "refunded_at",
+        }[field],
+    )
     assert moment == expected
     assert moment.utcoffset() is not None and moment.utcoffset().total_seconds() == 0
 
 
-@pytest.mark.parametrize("text", [
-    "2025-02-19T02:00:31.280",  # no zone: guessing it could shift the time by hours
-    "2025-02-19 02:00:31.280Z",
-    "2025-02-19",
-    "2025-13-19T02:00:31.280Z",
-    "2025-02-19T25:00:31.280Z",
-    "2025-02-19T02:00:31.1234567Z",
-    "2025-02-29T02:00:31Z",
-    "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
-    "9999-12-31T23:59:59-01:00",  # after year 9999 in UTC
-    "yesterday",
-    "",
-    1739930431280,
-    None,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2025-02-19T02:00:31.280",  # no zone: guessing it could shift the time by hours
+        "2025-02-19 02:00:31.280Z",
+        "2025-02-19",
+        "2025-13-19T02:00:31.280Z",
+        "2025-02-19T25:00:31.280Z",
+        "2025-02-19T02:00:31.1234567Z",
+        "2025-02-29T02:00:31Z",
+        "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
+        "9999-12-31T23:59:59-01:00",  # after year 9999 in UTC
+        "yesterday",
+        "",
+        1739930431280,
+        None,
+    ],
+)
 @pytest.mark.parametrize(("name", "field"), [("purchase", "purchasedAt"), ("refund", "refundedAt")])
 def test_bad_timestamps_are_refused(name: str, field: str, text: Any) -> None:
     assert list(errors_of(name, BODIES[name](**{field: text}))) == [field]
 
 
 # -- fields Nachocode may add ------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["purchase", "refund", "unavailable_users"])
 def test_unknown_fields_are_accepted_and_kept_on_raw(name: str) -> None:
@@ -314,20 +456,30 @@ def test_several_errors_are_reported_together() -> None:
 
 # -- inferring the event on the all-events URL -------------------------------------
 
-@pytest.mark.parametrize(("fixture", "expected"), [
-    ("purchase-ios", "purchase"), ("purchase-android", "purchase"), ("refund-ios", "refund"),
-    ("refund-android-partial", "refund"), ("unavailable-users", "unavailable_users"),
-])
+
+@pytest.mark.parametrize(
+    ("fixture", "expected"),
+    [
+        ("purchase-ios", "purchase"),
+        ("purchase-android", "purchase"),
+        ("refund-ios", "refund"),
+        ("refund-android-partial", "refund"),
+        ("unavailable-users", "unavailable_users"),
+    ],
+)
 def test_fixtures_are_inferred(fixture: str, expected: str) -> None:
     assert infer_event_name(load_fixture(fixture)) == expected
 
 
-@pytest.mark.parametrize(("body", "expected"), [
-    ({"refundQuantity": 1}, "refund"),
-    ({"refundedAt": "x", "purchasedAt": "y"}, "refund"),  # a refund repeats purchase fields
-    ({"verifiedAt": "x"}, "purchase"),
-    ({"tokenInvalidUserIds": []}, "unavailable_users"),
-])
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"refundQuantity": 1}, "refund"),
+        ({"refundedAt": "x", "purchasedAt": "y"}, "refund"),  # a refund repeats purchase fields
+        ({"verifiedAt": "x"}, "purchase"),
+        ({"tokenInvalidUserIds": []}, "unavailable_users"),
+    ],
+)
 def test_one_marker_field_decides(body: dict[str, Any], expected: str) -> None:
     assert infer_event_name(body) == expected
 
@@ -346,28 +498,43 @@ def test_a_body_that_fits_more_than_one_event(in_app: str) -> None:
 
 # -- what the database could not store ---------------------------------------------------
 
-@pytest.mark.parametrize(("name", "field"), [
-    *[("purchase", field) for field in ("userId", "nachoProductId", "productId")],
-    ("refund", "userId"),
-])
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [
+        *[("purchase", field) for field in ("userId", "nachoProductId", "productId")],
+        ("refund", "userId"),
+    ],
+)
 def test_nul_characters_are_refused_in_text(name: str, field: str) -> None:
     assert list(errors_of(name, BODIES[name](**{field: "user\x00id"}))) == [field]
 
 
-@pytest.mark.parametrize(("os", "field"), [(os, field) for os, fields in STORE_FIELDS.items() for field in fields])
+@pytest.mark.parametrize(
+    ("os", "field"), [(os, field) for os, fields in STORE_FIELDS.items() for field in fields]
+)
 def test_nul_characters_are_refused_in_store_data(os: str, field: str) -> None:
-    assert list(errors_of("purchase", purchase_payload(os=os, data={field: "id\x00"}))) == [f"data.{field}"]
+    assert list(errors_of("purchase", purchase_payload(os=os, data={field: "id\x00"}))) == [
+        f"data.{field}"
+    ]
 
 
 @pytest.mark.parametrize("field", PUSH_FIELDS)
 def test_nul_characters_are_refused_in_user_id_lists(field: str) -> None:
-    assert list(errors_of("unavailable_users", unavailable_users_payload(**{field: ["a", "b\x00"]}))) == [f"{field}.1"]
+    assert list(
+        errors_of("unavailable_users", unavailable_users_payload(**{field: ["a", "b\x00"]}))
+    ) == [f"{field}.1"]
 
 
 @pytest.mark.parametrize(("os", "field"), [("android", "orderId"), ("ios", "transactionId")])
 def test_store_purchase_ids_are_at_most_256_characters(os: str, field: str) -> None:
-    assert load_event("purchase", purchase_payload(os=os, data={field: "9" * 256})).store_purchase_id == "9" * 256
-    assert list(errors_of("purchase", purchase_payload(os=os, data={field: "9" * 257}))) == [f"data.{field}"]
+    assert (
+        load_event("purchase", purchase_payload(os=os, data={field: "9" * 256})).store_purchase_id
+        == "9" * 256
+    )
+    assert list(errors_of("purchase", purchase_payload(os=os, data={field: "9" * 257}))) == [
+        f"data.{field}"
+    ]
 
 
 # -- the 422 answers, pinned before the request path was optimised -----------------
@@ -388,34 +555,72 @@ INVALID = [
     ("purchase", "ios", {"iapLogId": -1}, {"iapLogId": [_RANGE_ID]}),
     ("purchase", "ios", {"iapLogId": 2**63}, {"iapLogId": [_RANGE_ID]}),
     ("purchase", "ios", {"os": "web"}, {"os": ["Must be one of: android, ios."]}),
-    ("purchase", "ios", {"productType": "subscription"},
-     {"productType": ["Must be one of: consumable, non-consumable."]}),
+    (
+        "purchase",
+        "ios",
+        {"productType": "subscription"},
+        {"productType": ["Must be one of: consumable, non-consumable."]},
+    ),
     ("purchase", "ios", {"quantity": 0}, {"quantity": [_RANGE_COUNT]}),
     ("purchase", "ios", {"quantity": MAX_COUNT + 1}, {"quantity": [_RANGE_COUNT]}),
     ("purchase", "ios", {"price": "9.99"}, {"price": ["Not a number."]}),
     ("purchase", "ios", {"price": -1}, {"price": ["Must be 0 or more."]}),
     ("purchase", "ios", {"price": True}, {"price": ["Not a number."]}),
-    ("purchase", "ios", {"environment": "staging"},
-     {"environment": ["Must be one of: sandbox, production."]}),
+    (
+        "purchase",
+        "ios",
+        {"environment": "staging"},
+        {"environment": ["Must be one of: sandbox, production."]},
+    ),
     ("purchase", "ios", {"data": []}, {"data": ["Not a JSON object."]}),
     ("purchase", "ios", {"data": None}, {"data": ["Field may not be null."]}),
     ("purchase", "ios", {"os": "web", "data": {}}, {"os": ["Must be one of: android, ios."]}),
-    ("purchase", "android", {"data": {"orderId": ""}},
-     {"data.orderId": [f"Length must be between 1 and {MAX_STORE_ID}."]}),
-    ("purchase", "android", {"data": {"purchaseToken": None}},
-     {"data.purchaseToken": ["Field may not be null."]}),
-    ("purchase", "ios", {"data": {"transactionId": 7}}, {"data.transactionId": ["Not a valid string."]}),
+    (
+        "purchase",
+        "android",
+        {"data": {"orderId": ""}},
+        {"data.orderId": [f"Length must be between 1 and {MAX_STORE_ID}."]},
+    ),
+    (
+        "purchase",
+        "android",
+        {"data": {"purchaseToken": None}},
+        {"data.purchaseToken": ["Field may not be null."]},
+    ),
+    (
+        "purchase",
+        "ios",
+        {"data": {"transactionId": 7}},
+        {"data.transactionId": ["Not a valid string."]},
+    ),
     ("purchase", "ios", {"purchasedAt": "2025-02-19T02:00:31"}, {"purchasedAt": [_TIMESTAMP]}),
     ("purchase", "ios", {"verifiedAt": "2025-13-19T02:00:31.280Z"}, {"verifiedAt": [_TIMESTAMP]}),
     ("purchase", "ios", {"requestedAt": 1739930431}, {"requestedAt": [_TIMESTAMP]}),
-    ("purchase", "ios", {"userId": ..., "data": {"transactionId": ...}},
-     {"userId": ["Missing data for required field."],
-      "data.transactionId": ["Missing data for required field."]}),
+    (
+        "purchase",
+        "ios",
+        {"userId": ..., "data": {"transactionId": ...}},
+        {
+            "userId": ["Missing data for required field."],
+            "data.transactionId": ["Missing data for required field."],
+        },
+    ),
     ("refund", "ios", {"refundQuantity": 2}, {"refundQuantity": ["Must not exceed quantity."]}),
-    ("refund", "android", {"refundQuantity": 0, "refundedAt": "yesterday"},
-     {"refundQuantity": [_RANGE_COUNT], "refundedAt": [_TIMESTAMP]}),
-    ("unavailable_users", None, {"tokenNotFoundUserIds": ["a", 5], "tokenInvalidUserIds": "b"},
-     {"tokenNotFoundUserIds.1": ["Not a valid string."], "tokenInvalidUserIds": ["Not a valid list."]}),
+    (
+        "refund",
+        "android",
+        {"refundQuantity": 0, "refundedAt": "yesterday"},
+        {"refundQuantity": [_RANGE_COUNT], "refundedAt": [_TIMESTAMP]},
+    ),
+    (
+        "unavailable_users",
+        None,
+        {"tokenNotFoundUserIds": ["a", 5], "tokenInvalidUserIds": "b"},
+        {
+            "tokenNotFoundUserIds.1": ["Not a valid string."],
+            "tokenInvalidUserIds": ["Not a valid list."],
+        },
+    ),
 ]
 
 
@@ -439,7 +644,11 @@ def _body(event: str, os: str | None, overrides: dict[str, Any]) -> dict[str, An
 
 @pytest.mark.parametrize(("event", "os", "overrides", "errors"), INVALID)
 def test_invalid_bodies_answer_as_pinned(
-    make_app: Any, event: str, os: str | None, overrides: dict[str, Any], errors: dict[str, list[str]]
+    make_app: Any,
+    event: str,
+    os: str | None,
+    overrides: dict[str, Any],
+    errors: dict[str, list[str]],
 ) -> None:
     app, nachocode = make_app()
     called: list[Any] = []
@@ -460,8 +669,12 @@ def test_timestamps_mean_the_same_instant(harness: Harness, refund: bool) -> Non
     def check(stamp: tuple[str, datetime]) -> None:
         count("fuzz: timestamps")
         field = "refundedAt" if refund else "purchasedAt"
-        body = refund_payload(**{field: stamp[0]}) if refund else purchase_payload(**{field: stamp[0]})
-        response, calls, _ = harness.post(EVENT_PATHS["refund" if refund else "purchase"], dumps(body), auth())
+        body = (
+            refund_payload(**{field: stamp[0]}) if refund else purchase_payload(**{field: stamp[0]})
+        )
+        response, calls, _ = harness.post(
+            EVENT_PATHS["refund" if refund else "purchase"], dumps(body), auth()
+        )
         assert response.status_code == 200 and len(calls) == 1
         assert getattr(calls[0], "refunded_at" if refund else "purchased_at") == stamp[1]
 
@@ -471,7 +684,9 @@ def test_timestamps_mean_the_same_instant(harness: Harness, refund: bool) -> Non
 @pytest.mark.every_database
 @FUZZ
 @given(case=broken_bodies())
-def test_a_broken_field_is_refused_and_never_handled(harness: Harness, case: tuple[str, dict[str, Any]]) -> None:
+def test_a_broken_field_is_refused_and_never_handled(
+    harness: Harness, case: tuple[str, dict[str, Any]]
+) -> None:
     event_name, body = case
     count("fuzz: broken fields")
     response, calls, rows = harness.post(EVENT_PATHS[event_name], dumps(body), auth())

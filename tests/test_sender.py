@@ -8,15 +8,16 @@ import os
 import socket
 import subprocess
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
-
-from flask_nachocode.cli import LAST_SENT_FILE
 from support.common import FIXTURES, WEBHOOK_KEY
 from support.live import BIN, ROOT, flask_run_args, free_port, live_server
 from support.served_app import INSTANCE_ENV, KEY_ENV
+
+from flask_nachocode.cli import LAST_SENT_FILE
 
 pytestmark = pytest.mark.integration  # a real server, and a process per send
 
@@ -56,8 +57,12 @@ def send(app_env: dict[str, str], base_url: str) -> Send:
             path = {"unavailable_users": "unavailable-users"}.get(event, event)
             command += ["--url", f"{base_url}/nachocode/webhooks/{path}"]
         return subprocess.run(
-            command, cwd=ROOT, env={**os.environ, **app_env},
-            capture_output=True, text=True, timeout=60,
+            command,
+            cwd=ROOT,
+            env={**os.environ, **app_env},
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     return run
@@ -82,10 +87,17 @@ def answer_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "event, platform",
-    [("purchase", "ios"), ("purchase", "android"), ("refund", "ios"), ("refund", "android"),
-     ("unavailable_users", None)],
+    [
+        ("purchase", "ios"),
+        ("purchase", "android"),
+        ("refund", "ios"),
+        ("refund", "android"),
+        ("unavailable_users", None),
+    ],
 )
-def test_send_reaches_the_handler(send: Send, instance: Path, event: str, platform: str | None) -> None:
+def test_send_reaches_the_handler(
+    send: Send, instance: Path, event: str, platform: str | None
+) -> None:
     before = len(handled(instance))
     result = send(event, *(["--os", platform] if platform else []))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -137,8 +149,17 @@ def test_set_reaches_nested_fields_and_keeps_types(send: Send, instance: Path) -
     assert result.returncode == 2 and "userId.first: userId is not an object" in result.stderr
     assert handled(instance) == before
     result = send(
-        "purchase", "--os", "android", "--set", "data.orderId=GPA.TEST-SET", "--set", "quantity=3",
-        "--set", "price=9.99", "--set", 'userId="42"',
+        "purchase",
+        "--os",
+        "android",
+        "--set",
+        "data.orderId=GPA.TEST-SET",
+        "--set",
+        "quantity=3",
+        "--set",
+        "price=9.99",
+        "--set",
+        'userId="42"',
     )
     assert result.returncode == 0, result.stdout + result.stderr
     record = handled(instance)[-1]
@@ -157,7 +178,9 @@ def test_set_a_wrong_type_shows_the_refusal(send: Send) -> None:
 def test_file_is_sent_as_given(send: Send, instance: Path) -> None:
     result = send("refund", "--file", str(FIXTURES / "refund-android-partial.json"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert handled(instance)[-1]["raw"] == json.loads((FIXTURES / "refund-android-partial.json").read_text())
+    assert handled(instance)[-1]["raw"] == json.loads(
+        (FIXTURES / "refund-android-partial.json").read_text()
+    )
 
 
 def test_wrong_key_exits_non_zero(send: Send, instance: Path) -> None:
@@ -195,11 +218,16 @@ def test_no_answer_within_10_seconds_exits_non_zero(send: Send) -> None:
     assert "within 10 s" in result.stderr
 
 
-def test_repeat_without_a_previous_body_is_refused(send: Send, tmp_path: Path, app_env: dict[str, str]) -> None:
+def test_repeat_without_a_previous_body_is_refused(
+    send: Send, tmp_path: Path, app_env: dict[str, str]
+) -> None:
     result = subprocess.run(
         [str(BIN / "flask"), "nachocode", "send", "refund", "--repeat"],
-        cwd=ROOT, env={**os.environ, **app_env, INSTANCE_ENV: str(tmp_path)},
-        capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **app_env, INSTANCE_ENV: str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     assert "no refund body was sent from here yet" in result.stderr

@@ -11,16 +11,17 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from flask import Flask
+from support.common import WEBHOOK_KEY, load_fixture
 
 from flask_nachocode import NachocodeWebhook
 from flask_nachocode.store import SQLITE_BUSY_TIMEOUT_MS, resolve_database_uri
 from flask_nachocode.testing import post_delivery, purchase_payload
 
-from support.common import WEBHOOK_KEY, load_fixture
-
 
 @pytest.mark.every_store
-def test_every_delivery_past_the_key_check_is_stored_with_every_column(make_effects_app: Any) -> None:
+def test_every_delivery_past_the_key_check_is_stored_with_every_column(
+    make_effects_app: Any,
+) -> None:
     store_app = make_effects_app()
     payload = load_fixture("purchase-ios")
     body = json.dumps(payload, indent=1).encode()
@@ -42,7 +43,12 @@ def test_every_delivery_past_the_key_check_is_stored_with_every_column(make_effe
 
     [row] = store_app.deliveries()
     assert answer.get_json()["delivery"] == row.id
-    assert (row.event, row.route, row.outcome, row.status) == ("purchase", "purchase", "handled", 200)
+    assert (row.event, row.route, row.outcome, row.status) == (
+        "purchase",
+        "purchase",
+        "handled",
+        200,
+    )
     assert bytes(row.body) == body
     headers = row.headers if isinstance(row.headers, dict) else json.loads(row.headers)
     assert headers["X-Request-Id"] == "req-1"
@@ -86,7 +92,9 @@ def test_keep_bodies_off_stores_no_body(make_effects_app: Any) -> None:
 @pytest.mark.every_database
 def test_own_engine_creates_its_tables_on_first_use(database_url: str, tmp_path: Path) -> None:
     app = Flask("first_use", instance_path=str(tmp_path / "instance"))
-    app.config.update(TESTING=True, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY, NACHOCODE_DATABASE_URI=database_url)
+    app.config.update(
+        TESTING=True, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY, NACHOCODE_DATABASE_URI=database_url
+    )
     ext = NachocodeWebhook(app)
     ext.on_purchase(lambda event: None)
     engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
@@ -110,7 +118,10 @@ def test_the_default_database_is_nachocode_db_in_the_instance_folder(tmp_path: P
     database = tmp_path / "instance" / "nachocode.db"
     engine = sa.create_engine(f"sqlite:///{database}")
     with engine.connect() as connection:
-        assert connection.execute(sa.text("SELECT outcome FROM nachocode_deliveries")).scalar() == "handled"
+        assert (
+            connection.execute(sa.text("SELECT outcome FROM nachocode_deliveries")).scalar()
+            == "handled"
+        )
     engine.dispose()
     with app.app_context():
         app.extensions["nachocode"].store.engine.dispose()
@@ -123,7 +134,10 @@ def test_the_default_database_is_nachocode_db_in_the_instance_folder(tmp_path: P
         ({"SQLALCHEMY_DATABASE_URI": "sqlite:///app.db"}, "sqlite:///{instance}/app.db"),
         ({"SQLALCHEMY_DATABASE_URI": "sqlite:////srv/app.db"}, "sqlite:////srv/app.db"),
         (
-            {"SQLALCHEMY_DATABASE_URI": "sqlite:///app.db", "NACHOCODE_DATABASE_URI": "sqlite:///hooks.db"},
+            {
+                "SQLALCHEMY_DATABASE_URI": "sqlite:///app.db",
+                "NACHOCODE_DATABASE_URI": "sqlite:///hooks.db",
+            },
             "sqlite:///{instance}/hooks.db",
         ),
         (
@@ -147,20 +161,26 @@ def test_sqlite_connections_use_wal_and_wait_for_locks(make_effects_app: Any) ->
         # Every connection of the pool the store uses, the app's own included.
         with store_app.store.engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_BUSY_TIMEOUT_MS
+            assert (
+                connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_BUSY_TIMEOUT_MS
+            )
 
 
 def test_in_memory_sqlite_is_one_database_for_every_thread(tmp_path: Path) -> None:
     import threading
 
     app = Flask("memory", instance_path=str(tmp_path / "instance"))
-    app.config.update(TESTING=True, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY, NACHOCODE_DATABASE_URI="sqlite://")
+    app.config.update(
+        TESTING=True, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY, NACHOCODE_DATABASE_URI="sqlite://"
+    )
     ext = NachocodeWebhook(app)
     ext.on_purchase(lambda event: None)
     statuses: list[int] = []
     for _ in range(2):
         thread = threading.Thread(
-            target=lambda: statuses.append(post_delivery(app.test_client(), "purchase", purchase_payload()).status_code)
+            target=lambda: statuses.append(
+                post_delivery(app.test_client(), "purchase", purchase_payload()).status_code
+            )
         )
         thread.start()
         thread.join()
@@ -174,7 +194,9 @@ def test_a_warning_when_flask_sqlalchemy_uses_the_same_sqlite_file_through_anoth
 
     app = Flask("two_engines", instance_path=str(tmp_path / "instance"))
     # The default: the extension's own engine on the app's SQLALCHEMY_DATABASE_URI.
-    app.config.update(TESTING=True, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY, SQLALCHEMY_DATABASE_URI="sqlite:///app.db")
+    app.config.update(
+        TESTING=True, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY, SQLALCHEMY_DATABASE_URI="sqlite:///app.db"
+    )
     db = SQLAlchemy(app)
     ext = NachocodeWebhook(app)
     ext.on_purchase(lambda event: None)

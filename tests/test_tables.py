@@ -28,7 +28,8 @@ def test_replays_are_found_through_the_partial_replay_index(database_url: str) -
                 ).all()
             else:
                 plan = connection.exec_driver_sql(
-                    "EXPLAIN QUERY PLAN SELECT id FROM nachocode_deliveries WHERE replay_of = ?", (5,)
+                    "EXPLAIN QUERY PLAN SELECT id FROM nachocode_deliveries WHERE replay_of = ?",
+                    (5,),
                 ).all()
             assert "ix_nachocode_deliveries_replay_of" in " ".join(str(row) for row in plan)
     finally:

@@ -3,7 +3,6 @@ app's own tests use them (the pytest plugin's fixtures: test_pytest_plugin.py)."
 
 from __future__ import annotations
 
-
 import pytest
 
 from flask_nachocode.schemas import load_event

@@ -11,8 +11,9 @@ import json
 import logging
 import select
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -20,9 +21,6 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from hypothesis import given
 from hypothesis import strategies as st
-
-from flask_nachocode import NachocodeWebhook, Refuse, delivery_received
-from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
 from support.common import WEBHOOK_KEY, load_fixture, stored_deliveries
 from support.effects_app import serve
 from support.figures import count, count_max
@@ -42,6 +40,9 @@ from support.fuzz import (
 )
 from support.live import rss_kib, worker_pids
 
+from flask_nachocode import NachocodeWebhook, Refuse, delivery_received
+from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
+
 AppFactory = Callable[..., "tuple[Flask, NachocodeWebhook]"]
 AUTH = {"Authorization": f"Bearer {WEBHOOK_KEY}"}
 URLS = {
@@ -51,8 +52,11 @@ URLS = {
     "any": "/nachocode/webhooks",
 }
 FIXTURES = [
-    ("purchase-ios", "purchase"), ("purchase-android", "purchase"), ("refund-ios", "refund"),
-    ("refund-android-partial", "refund"), ("unavailable-users", "unavailable_users"),
+    ("purchase-ios", "purchase"),
+    ("purchase-android", "purchase"),
+    ("refund-ios", "refund"),
+    ("refund-android-partial", "refund"),
+    ("unavailable-users", "unavailable_users"),
 ]
 
 
@@ -65,22 +69,36 @@ def check_answer(response: Any, status: int) -> dict[str, Any]:
     return body
 
 
-def post_raw(app: Flask, url: str, data: bytes | str, content_type: str = "application/json", **kwargs: Any) -> Any:
-    return app.test_client().post(url, data=data, headers={**AUTH, "Content-Type": content_type}, **kwargs)
+def post_raw(
+    app: Flask, url: str, data: bytes | str, content_type: str = "application/json", **kwargs: Any
+) -> Any:
+    return app.test_client().post(
+        url, data=data, headers={**AUTH, "Content-Type": content_type}, **kwargs
+    )
 
 
 # -- handled ------------------------------------------------------------------------
 
+
 @pytest.mark.every_database
 @pytest.mark.parametrize("url", ["own", "any"])
 @pytest.mark.parametrize(("fixture", "event"), FIXTURES)
-def test_fixture_bodies_are_handled(make_app: AppFactory, fixture: str, event: str, url: str) -> None:
+def test_fixture_bodies_are_handled(
+    make_app: AppFactory, fixture: str, event: str, url: str
+) -> None:
     app, nachocode = make_app()
     calls: list[Any] = []
     nachocode.handler(event)(calls.append)
-    response = post_delivery(app.test_client(), event if url == "own" else "any", load_fixture(fixture))
+    response = post_delivery(
+        app.test_client(), event if url == "own" else "any", load_fixture(fixture)
+    )
     body = check_answer(response, 200)
-    assert body == {"success": True, "event": event, "delivery": body["delivery"], "duplicate": False}
+    assert body == {
+        "success": True,
+        "event": event,
+        "delivery": body["delivery"],
+        "duplicate": False,
+    }
     assert isinstance(body["delivery"], int)
     assert [event_.raw for event_ in calls] == [load_fixture(fixture)]
     [row] = stored_deliveries(app)
@@ -90,29 +108,35 @@ def test_fixture_bodies_are_handled(make_app: AppFactory, fixture: str, event: s
 
 # -- refused before any handler -------------------------------------------------------
 
-@pytest.mark.parametrize(("data", "message"), [
-    (b"", "not valid JSON"),
-    (b"{", "not valid JSON"),
-    (b"hello", "not valid JSON"),
-    (b"{'userId': 'u'}", "not valid JSON"),
-    (b'{"a": 1}{"b": 2}', "not valid JSON"),
-    (b"\xff\xfe{\x00}\x00", "not UTF-8"),
-    (b'{"userId": "\xc3\x28"}', "not UTF-8"),
-    (b"[]", "must be a JSON object"),
-    (b'"purchase"', "must be a JSON object"),
-    (b"1", "must be a JSON object"),
-    (b"null", "must be a JSON object"),
-    (b'{"price": NaN}', "NaN is not valid JSON"),
-    (b'{"price": Infinity}', "Infinity is not valid JSON"),
-    (b'{"price": -Infinity}', "-Infinity is not valid JSON"),
-    (b"[" * 30000 + b"]" * 30000, "nested too deeply"),
-    # Pinned in full before the request path was optimised:
-    (b'{"userId": NaN}', "the body is not valid JSON: NaN is not valid JSON"),
-    (b'{"userId": Infinity}', "the body is not valid JSON: Infinity is not valid JSON"),
-    (b'{"userId": ', "the body is not valid JSON: Expecting value: line 1 column 12 (char 11)"),
-    (b"[1, 2]", "the body must be a JSON object"),
-])
-def test_400_for_a_body_that_is_not_a_json_object(app_and_calls: Any, data: bytes, message: str) -> None:
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "not valid JSON"),
+        (b"{", "not valid JSON"),
+        (b"hello", "not valid JSON"),
+        (b"{'userId': 'u'}", "not valid JSON"),
+        (b'{"a": 1}{"b": 2}', "not valid JSON"),
+        (b"\xff\xfe{\x00}\x00", "not UTF-8"),
+        (b'{"userId": "\xc3\x28"}', "not UTF-8"),
+        (b"[]", "must be a JSON object"),
+        (b'"purchase"', "must be a JSON object"),
+        (b"1", "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+        (b'{"price": NaN}', "NaN is not valid JSON"),
+        (b'{"price": Infinity}', "Infinity is not valid JSON"),
+        (b'{"price": -Infinity}', "-Infinity is not valid JSON"),
+        (b"[" * 30000 + b"]" * 30000, "nested too deeply"),
+        # Pinned in full before the request path was optimised:
+        (b'{"userId": NaN}', "the body is not valid JSON: NaN is not valid JSON"),
+        (b'{"userId": Infinity}', "the body is not valid JSON: Infinity is not valid JSON"),
+        (b'{"userId": ', "the body is not valid JSON: Expecting value: line 1 column 12 (char 11)"),
+        (b"[1, 2]", "the body must be a JSON object"),
+    ],
+)
+def test_400_for_a_body_that_is_not_a_json_object(
+    app_and_calls: Any, data: bytes, message: str
+) -> None:
     app, calls = app_and_calls
     body = check_answer(post_raw(app, URLS["purchase"], data), 400)
     assert body["error"] == "bad_body"
@@ -122,12 +146,24 @@ def test_400_for_a_body_that_is_not_a_json_object(app_and_calls: Any, data: byte
         assert message in body["message"]
     assert calls == []
     [row] = stored_deliveries(app)
-    assert (row.outcome, row.status, row.event, bytes(row.body)) == ("invalid", 400, "purchase", data)
+    assert (row.outcome, row.status, row.event, bytes(row.body)) == (
+        "invalid",
+        400,
+        "purchase",
+        data,
+    )
 
 
-@pytest.mark.parametrize("content_type", [
-    "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/json", "",
-])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "text/json",
+        "",
+    ],
+)
 def test_415_for_a_body_that_is_not_declared_json(app_and_calls: Any, content_type: str) -> None:
     app, calls = app_and_calls
     data = json.dumps(purchase_payload())
@@ -138,9 +174,15 @@ def test_415_for_a_body_that_is_not_declared_json(app_and_calls: Any, content_ty
     assert [row.outcome for row in stored_deliveries(app)] == ["invalid"]
 
 
-@pytest.mark.parametrize("content_type", [
-    "application/json", "application/json; charset=utf-8", "APPLICATION/JSON", "application/vnd.nachocode+json",
-])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "APPLICATION/JSON",
+        "application/vnd.nachocode+json",
+    ],
+)
 def test_json_content_types_are_accepted(app_and_calls: Any, content_type: str) -> None:
     app, calls = app_and_calls
     check_answer(post_raw(app, URLS["purchase"], json.dumps(purchase_payload()), content_type), 200)
@@ -177,7 +219,9 @@ class EndlessBody(io.RawIOBase):
         return len(buffer)
 
 
-def test_413_for_a_chunked_body_without_a_length_reads_only_past_the_limit(make_app: AppFactory) -> None:
+def test_413_for_a_chunked_body_without_a_length_reads_only_past_the_limit(
+    make_app: AppFactory,
+) -> None:
     app, nachocode = make_app(NACHOCODE_MAX_BODY_BYTES=1000)
     calls: list[Any] = []
     nachocode.on_purchase(calls.append)
@@ -225,6 +269,7 @@ def test_405_for_head_has_no_body(app_and_calls: Any) -> None:
 
 # -- 422 -------------------------------------------------------------------------------
 
+
 def test_422_names_each_bad_field_with_dotted_paths(app_and_calls: Any) -> None:
     app, calls = app_and_calls
     body = purchase_payload(os="android", quantity=0, price=-1, environment="live")
@@ -233,7 +278,13 @@ def test_422_names_each_bad_field_with_dotted_paths(app_and_calls: Any) -> None:
     answer = check_answer(post_delivery(app.test_client(), "purchase", body), 422)
     assert answer["error"] == "invalid_event"
     assert answer["event"] == "purchase"
-    assert sorted(answer["errors"]) == ["data.orderId", "environment", "price", "quantity", "userId"]
+    assert sorted(answer["errors"]) == [
+        "data.orderId",
+        "environment",
+        "price",
+        "quantity",
+        "userId",
+    ]
     assert all(isinstance(messages, list) and messages for messages in answer["errors"].values())
     assert calls == []
     [row] = stored_deliveries(app)
@@ -242,18 +293,28 @@ def test_422_names_each_bad_field_with_dotted_paths(app_and_calls: Any) -> None:
 
 def test_422_for_a_body_on_the_wrong_events_url(app_and_calls: Any) -> None:
     app, calls = app_and_calls
-    answer = check_answer(post_delivery(app.test_client(), "refund", load_fixture("purchase-ios")), 422)
+    answer = check_answer(
+        post_delivery(app.test_client(), "refund", load_fixture("purchase-ios")), 422
+    )
     assert sorted(answer["errors"]) == ["refundQuantity", "refundedAt"]
     assert calls == []
 
 
-@pytest.mark.parametrize(("body", "reason"), [
-    ({}, "fits no event"),
-    ({"userId": "u", "iapLogId": 1}, "fits no event"),
-    ({**load_fixture("purchase-ios"), **load_fixture("unavailable-users")}, "fits more than one event"),
-    ({**load_fixture("refund-ios"), "tokenInvalidUserIds": []}, "fits more than one event"),
-])
-def test_422_when_the_all_events_url_cannot_tell_the_event(app_and_calls: Any, body: Any, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({}, "fits no event"),
+        ({"userId": "u", "iapLogId": 1}, "fits no event"),
+        (
+            {**load_fixture("purchase-ios"), **load_fixture("unavailable-users")},
+            "fits more than one event",
+        ),
+        ({**load_fixture("refund-ios"), "tokenInvalidUserIds": []}, "fits more than one event"),
+    ],
+)
+def test_422_when_the_all_events_url_cannot_tell_the_event(
+    app_and_calls: Any, body: Any, reason: str
+) -> None:
     app, calls = app_and_calls
     answer = check_answer(post_delivery(app.test_client(), "any", body), 422)
     assert reason in answer["message"]
@@ -268,26 +329,46 @@ def test_422_when_the_all_events_url_cannot_tell_the_event(app_and_calls: Any, b
 UNSTORABLE: dict[str, tuple[str, Callable[[], Any], str | None]] = {
     "NUL in userId": ("purchase", lambda: purchase_payload(user_id="nul\x00user"), "nul\\x00user"),
     "NUL in purchaseToken": (
-        "purchase", lambda: purchase_payload(os="android", data={"purchaseToken": "t\x00"}), None,
+        "purchase",
+        lambda: purchase_payload(os="android", data={"purchaseToken": "t\x00"}),
+        None,
     ),
-    "NUL in a body that fits no event": ("any", lambda: {"userId": "nul\x00user", "fits": "no event"}, None),
+    "NUL in a body that fits no event": (
+        "any",
+        lambda: {"userId": "nul\x00user", "fits": "no event"},
+        None,
+    ),
     "NUL in a push user id": (
-        "unavailable_users", lambda: {"tokenNotFoundUserIds": ["user\x00"], "tokenInvalidUserIds": []}, None,
+        "unavailable_users",
+        lambda: {"tokenNotFoundUserIds": ["user\x00"], "tokenInvalidUserIds": []},
+        None,
     ),
     "lone surrogate in userId": ("purchase", lambda: purchase_payload(userId="\ud800"), None),
-    "lone surrogate in an invalid body": ("purchase", lambda: {"userId": "\udfff", "requestedAt": 1}, None),
+    "lone surrogate in an invalid body": (
+        "purchase",
+        lambda: {"userId": "\udfff", "requestedAt": 1},
+        None,
+    ),
     "300-character orderId": (
-        "purchase", lambda: purchase_payload(os="android", data={"orderId": "o" * 300}), None,
+        "purchase",
+        lambda: purchase_payload(os="android", data={"orderId": "o" * 300}),
+        None,
     ),
     "300-character orderId of a refund": (
-        "refund", lambda: refund_payload(purchase_payload(os="android", data={"orderId": "9" * 300})), None,
+        "refund",
+        lambda: refund_payload(purchase_payload(os="android", data={"orderId": "9" * 300})),
+        None,
     ),
     "70-digit price": ("purchase", lambda: purchase_payload(price=10**70), None),
     "year 1 with a positive offset": (
-        "purchase", lambda: purchase_payload(purchasedAt="0001-01-01T00:00:00+01:00"), None,
+        "purchase",
+        lambda: purchase_payload(purchasedAt="0001-01-01T00:00:00+01:00"),
+        None,
     ),
     "year 9999 with a negative offset": (
-        "purchase", lambda: purchase_payload(verifiedAt="9999-12-31T23:59:59-01:00"), None,
+        "purchase",
+        lambda: purchase_payload(verifiedAt="9999-12-31T23:59:59-01:00"),
+        None,
     ),
 }
 
@@ -307,6 +388,7 @@ def test_values_the_database_cannot_hold_are_422_and_kept(app_and_calls: Any, na
 
 
 # -- 501 and 500 ------------------------------------------------------------------------
+
 
 @pytest.mark.every_database
 @pytest.mark.parametrize(("fixture", "event"), FIXTURES)
@@ -369,14 +451,21 @@ def test_an_unexpected_error_outside_the_handlers_is_still_a_json_500(
 
 # -- handlers that write, refuse or crash (with the app's own db) -----------------------
 
+
 @pytest.fixture
-def shop(database_url: str, tmp_path: Any) -> Iterator[tuple[Flask, NachocodeWebhook, SQLAlchemy, sa.Table]]:
+def shop(
+    database_url: str, tmp_path: Any
+) -> Iterator[tuple[Flask, NachocodeWebhook, SQLAlchemy, sa.Table]]:
     """An app sharing its Flask-SQLAlchemy ``db`` with the extension, and a table
     its handlers write to."""
     db = SQLAlchemy()
-    grants = sa.Table("grants", db.metadata, sa.Column("user_id", sa.String(64)), sa.Column("coins", sa.Integer))
+    grants = sa.Table(
+        "grants", db.metadata, sa.Column("user_id", sa.String(64)), sa.Column("coins", sa.Integer)
+    )
     app = Flask("shop_under_test", instance_path=str(tmp_path / "instance"))
-    app.config.update(TESTING=True, SQLALCHEMY_DATABASE_URI=database_url, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY)
+    app.config.update(
+        TESTING=True, SQLALCHEMY_DATABASE_URI=database_url, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY
+    )
     db.init_app(app)
     nachocode = NachocodeWebhook(app, db=db)
     with app.app_context():
@@ -392,12 +481,17 @@ def grant_rows(app: Flask, db: SQLAlchemy, grants: sa.Table) -> list[tuple[str, 
 
 
 @pytest.mark.every_database
-@pytest.mark.parametrize(("refusal", "status", "code"), [
-    (Refuse("no such user"), 422, "refused"),
-    (Refuse("no such user", status=404, code="unknown_user"), 404, "unknown_user"),
-    (Refuse("try again later", status=503, code="busy"), 503, "busy"),
-])
-def test_a_refusal_answers_its_status_and_message_and_rolls_back(shop: Any, refusal: Refuse, status: int, code: str) -> None:
+@pytest.mark.parametrize(
+    ("refusal", "status", "code"),
+    [
+        (Refuse("no such user"), 422, "refused"),
+        (Refuse("no such user", status=404, code="unknown_user"), 404, "unknown_user"),
+        (Refuse("try again later", status=503, code="busy"), 503, "busy"),
+    ],
+)
+def test_a_refusal_answers_its_status_and_message_and_rolls_back(
+    shop: Any, refusal: Refuse, status: int, code: str
+) -> None:
     app, nachocode, db, grants = shop
     ran: list[str] = []
     refusals = [refusal]
@@ -419,13 +513,22 @@ def test_a_refusal_answers_its_status_and_message_and_rolls_back(shop: Any, refu
 
     body = purchase_payload()
     answer = check_answer(post_delivery(app.test_client(), "purchase", body), status)
-    assert (answer["error"], answer["message"], answer["event"]) == (code, refusal.message, "purchase")
+    assert (answer["error"], answer["message"], answer["event"]) == (
+        code,
+        refusal.message,
+        "purchase",
+    )
     assert ran == ["grant", "check"]
     assert grant_rows(app, db, grants) == []  # the first handler's write was rolled back
     with app.app_context():
         assert nachocode.ledger.get(body["iapLogId"], environment=None) is None
     [row] = stored_deliveries(app)
-    assert (row.outcome, row.status, row.error, row.id) == ("refused", status, refusal.message, answer["delivery"])
+    assert (row.outcome, row.status, row.error, row.id) == (
+        "refused",
+        status,
+        refusal.message,
+        answer["delivery"],
+    )
     # Refused is not done: the same delivery re-sent once the cause is gone is handled.
     refusals.clear()
     check_answer(post_delivery(app.test_client(), "purchase", body), 200)
@@ -454,11 +557,18 @@ def test_any_json_value_gets_a_verdict(harness: Harness, route: str, value: Any)
 
 
 @FUZZ
-@given(route=st.sampled_from(ROUTES), body=st.one_of(
-    st.binary(max_size=300),
-    st.binary(max_size=60).map(lambda tail: b'{"userId": "' + tail),
-    st.builds(lambda a, b: a + b, st.sampled_from([b"{", b"[", b'"', b"\xef\xbb\xbf{", b"{}"]), st.binary(max_size=40)),
-))
+@given(
+    route=st.sampled_from(ROUTES),
+    body=st.one_of(
+        st.binary(max_size=300),
+        st.binary(max_size=60).map(lambda tail: b'{"userId": "' + tail),
+        st.builds(
+            lambda a, b: a + b,
+            st.sampled_from([b"{", b"[", b'"', b"\xef\xbb\xbf{", b"{}"]),
+            st.binary(max_size=40),
+        ),
+    ),
+)
 def test_any_byte_string_gets_a_verdict(harness: Harness, route: str, body: bytes) -> None:
     count("fuzz: any byte string")
     response, calls, _ = harness.post(route, body, auth())
@@ -466,14 +576,26 @@ def test_any_byte_string_gets_a_verdict(harness: Harness, route: str, body: byte
 
 
 @FUZZ
-@given(content_type=st.one_of(
-    latin1_value,
-    st.sampled_from([
-        "application/json", "APPLICATION/JSON; charset=utf-8", "application/vnd.api+json",
-        "application/json; charset=utf-16", "text/json", "text/plain", "multipart/form-data",
-        "application/x-www-form-urlencoded", "application/jsonp", "application/json;", ";",
-    ]),
-))
+@given(
+    content_type=st.one_of(
+        latin1_value,
+        st.sampled_from(
+            [
+                "application/json",
+                "APPLICATION/JSON; charset=utf-8",
+                "application/vnd.api+json",
+                "application/json; charset=utf-16",
+                "text/json",
+                "text/plain",
+                "multipart/form-data",
+                "application/x-www-form-urlencoded",
+                "application/jsonp",
+                "application/json;",
+                ";",
+            ]
+        ),
+    )
+)
 def test_any_content_type_gets_a_verdict(harness: Harness, content_type: str) -> None:
     count("fuzz: any content type")
     headers = {**auth(), "Content-Type": content_type}
@@ -492,7 +614,11 @@ def test_any_content_type_gets_a_verdict(harness: Harness, content_type: str) ->
     body=st.sampled_from(["valid", "invalid", "empty"]),
 )
 def test_any_header_combination_gets_a_verdict(
-    harness: Harness, headers: dict[str, str], host: str | None, authorization: str | None, body: str
+    harness: Harness,
+    headers: dict[str, str],
+    host: str | None,
+    authorization: str | None,
+    body: str,
 ) -> None:
     count("fuzz: any header combination")
     sent = {"Content-Type": "application/json", **headers, **({"Host": host} if host else {})}
@@ -558,7 +684,11 @@ def raw_request(
                 break
             data += piece
             head_part, _, rest = data.partition(b"\r\n\r\n")
-            lengths = [int(line.split(b":")[1]) for line in head_part.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+            lengths = [
+                int(line.split(b":")[1])
+                for line in head_part.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ]
             if lengths and len(rest) >= lengths[0]:
                 break
     finally:
@@ -588,30 +718,56 @@ def head(port: int, extra: str) -> str:
 
 BOMBS = {
     # name: (headers after the standard ones, body chunks, expected status)
-    "10 MB with Content-Length": (f"Content-Length: {TEN_MB}\r\n", lambda: ten_mb_of(b" ", False), 413),
-    "10 MB chunked, no length": ("Transfer-Encoding: chunked\r\n", lambda: ten_mb_of(b'{"a": 1, ', True), 413),
+    "10 MB with Content-Length": (
+        f"Content-Length: {TEN_MB}\r\n",
+        lambda: ten_mb_of(b" ", False),
+        413,
+    ),
+    "10 MB chunked, no length": (
+        "Transfer-Encoding: chunked\r\n",
+        lambda: ten_mb_of(b'{"a": 1, ', True),
+        413,
+    ),
     "10 MB of [ chunked": ("Transfer-Encoding: chunked\r\n", lambda: ten_mb_of(b"[", True), 413),
     "deep arrays within the limit": (
-        "Content-Length: 60000\r\n", lambda: iter([b"[" * 30000 + b"]" * 30000]), 400),
+        "Content-Length: 60000\r\n",
+        lambda: iter([b"[" * 30000 + b"]" * 30000]),
+        400,
+    ),
     "deep objects within the limit": (
-        "Content-Length: 60000\r\n", lambda: iter([b'{"a":' * 9999 + b"1" + b"}" * 9999 + b" " * 5]), 400),
+        "Content-Length: 60000\r\n",
+        lambda: iter([b'{"a":' * 9999 + b"1" + b"}" * 9999 + b" " * 5]),
+        400,
+    ),
     "deep array inside a field": (
         "Transfer-Encoding: chunked\r\n",
-        lambda: iter([f"{60000:x}\r\n".encode() + (b'{"data":' + b"[" * 29992 + b"]" * 29992 + b"}" + b" " * 7) + b"\r\n", b"0\r\n\r\n"]),
-        400),
+        lambda: iter(
+            [
+                f"{60000:x}\r\n".encode()
+                + (b'{"data":' + b"[" * 29992 + b"]" * 29992 + b"}" + b" " * 7)
+                + b"\r\n",
+                b"0\r\n\r\n",
+            ]
+        ),
+        400,
+    ),
 }
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", list(BOMBS))
-def test_bombs_are_refused_early_with_memory_bounded(gunicorn_server: tuple[str, int, Path], name: str) -> None:
+def test_bombs_are_refused_early_with_memory_bounded(
+    gunicorn_server: tuple[str, int, Path], name: str
+) -> None:
     host, port, log = gunicorn_server
     extra, chunks, expected = BOMBS[name]
     (worker,) = worker_pids(port)
     before = rss_kib(worker)
     # Content-Length over the limit: refused on the headers, before any body byte.
     pause_after = 0 if "Content-Length: 1" in extra else 2 * LIMIT
-    status, answer, sent = raw_request(host, port, head(port, extra), chunks(), pause_after=pause_after)
+    status, answer, sent = raw_request(
+        host, port, head(port, extra), chunks(), pause_after=pause_after
+    )
     count("fuzz: bombs sent")
     assert status == expected, answer
     assert answer["success"] is False

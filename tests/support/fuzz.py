@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import string
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -29,7 +30,11 @@ settings.register_profile(
     max_examples=EXAMPLES,
     deadline=None,
     # Shrinking a failure on PostgreSQL can take many minutes; NACHOCODE_FUZZ_SHRINK=0 skips it.
-    phases=[phase for phase in Phase if phase is not Phase.shrink or os.environ.get("NACHOCODE_FUZZ_SHRINK") != "0"],
+    phases=[
+        phase
+        for phase in Phase
+        if phase is not Phase.shrink or os.environ.get("NACHOCODE_FUZZ_SHRINK") != "0"
+    ],
     # One app (and database) per test, shared by its examples on purpose.
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -41,10 +46,27 @@ ROUTES = [*EVENT_PATHS.values(), "/webhooks"]
 REFUSALS = {400, 401, 413, 415, 422}
 
 IN_APP_FIELDS = [
-    "userId", "iapLogId", "nachoProductId", "os", "productId", "productType", "quantity",
-    "price", "environment", "data", "requestedAt", "purchasedAt", "verifiedAt",
-    "refundQuantity", "refundedAt", "purchaseToken", "orderId", "originalTransactionId",
-    "transactionId", "tokenNotFoundUserIds", "tokenInvalidUserIds",
+    "userId",
+    "iapLogId",
+    "nachoProductId",
+    "os",
+    "productId",
+    "productType",
+    "quantity",
+    "price",
+    "environment",
+    "data",
+    "requestedAt",
+    "purchasedAt",
+    "verifiedAt",
+    "refundQuantity",
+    "refundedAt",
+    "purchaseToken",
+    "orderId",
+    "originalTransactionId",
+    "transactionId",
+    "tokenNotFoundUserIds",
+    "tokenInvalidUserIds",
 ]
 
 
@@ -90,8 +112,11 @@ nasty_text = st.one_of(
     st.sampled_from(["", " ", "\x00", "a\x00b", "\ud800", "\udfff", "\u202e", "\x1b[31m", "null"]),
 )
 json_scalars = st.one_of(
-    st.none(), st.booleans(), nasty_text,
-    st.integers(), st.sampled_from([0, -1, 2**31 - 1, 2**31, 2**63 - 1, 2**63, -(2**63) - 1, 10**70]),
+    st.none(),
+    st.booleans(),
+    nasty_text,
+    st.integers(),
+    st.sampled_from([0, -1, 2**31 - 1, 2**31, 2**63 - 1, 2**63, -(2**63) - 1, 10**70]),
     st.floats(),  # NaN and infinities serialise as NaN/Infinity: not JSON, must be refused
 )
 json_keys = st.one_of(st.sampled_from(IN_APP_FIELDS), nasty_text)
@@ -103,7 +128,13 @@ json_values = st.recursive(
 
 #: What a valid body may carry in unknown fields: any JSON that is JSON (no NaN, no Infinity).
 finite_json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), nasty_text, st.integers(), st.floats(allow_nan=False, allow_infinity=False)),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        nasty_text,
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+    ),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(json_keys, inner, max_size=6),
     max_leaves=15,
 )
@@ -120,26 +151,58 @@ latin1_value = st.text(
 
 
 header_names = st.one_of(
-    st.sampled_from([
-        "Authorization", "Content-Type", "Content-Length", "Transfer-Encoding", "Content-Encoding",
-        "Expect", "X-Forwarded-For", "X-Forwarded-Proto", "Proxy-Authorization", "Cookie",
-        "Accept", "Connection", "Range",
-    ]),
+    st.sampled_from(
+        [
+            "Authorization",
+            "Content-Type",
+            "Content-Length",
+            "Transfer-Encoding",
+            "Content-Encoding",
+            "Expect",
+            "X-Forwarded-For",
+            "X-Forwarded-Proto",
+            "Proxy-Authorization",
+            "Cookie",
+            "Accept",
+            "Connection",
+            "Range",
+        ]
+    ),
     st.text(string.ascii_letters + "-", min_size=1, max_size=12),
 )
 authorization_values = st.one_of(
     latin1_value,
-    st.sampled_from([
-        f"Bearer {WEBHOOK_KEY}", f"bearer {WEBHOOK_KEY}", f"BEARER  {WEBHOOK_KEY}\t", f"Bearer {WEBHOOK_KEY}x",
-        f"Bearer {WEBHOOK_KEY[:-1]}", f"Basic {WEBHOOK_KEY}", f"Bearer{WEBHOOK_KEY}", "Bearer", "Bearer ",
-        f"Bearer {WEBHOOK_KEY.upper()}", f"Token {WEBHOOK_KEY}", f"Bearer {WEBHOOK_KEY}, Bearer x",
-    ]),
+    st.sampled_from(
+        [
+            f"Bearer {WEBHOOK_KEY}",
+            f"bearer {WEBHOOK_KEY}",
+            f"BEARER  {WEBHOOK_KEY}\t",
+            f"Bearer {WEBHOOK_KEY}x",
+            f"Bearer {WEBHOOK_KEY[:-1]}",
+            f"Basic {WEBHOOK_KEY}",
+            f"Bearer{WEBHOOK_KEY}",
+            "Bearer",
+            "Bearer ",
+            f"Bearer {WEBHOOK_KEY.upper()}",
+            f"Token {WEBHOOK_KEY}",
+            f"Bearer {WEBHOOK_KEY}, Bearer x",
+        ]
+    ),
 )
 
 
 #: Host values a server passes on. An invalid one ("." or "a..b") is refused by
 #: Werkzeug's routing with its HTML 400 before any extension code runs.
-hosts = st.sampled_from(["localhost", "example.com", "127.0.0.1:8000", "[::1]:5000", "xn--bcher-kva.example", "EXAMPLE.COM."])
+hosts = st.sampled_from(
+    [
+        "localhost",
+        "example.com",
+        "127.0.0.1:8000",
+        "[::1]:5000",
+        "xn--bcher-kva.example",
+        "EXAMPLE.COM.",
+    ]
+)
 
 
 # -- valid bodies from the field tables --------------------------------------------------
@@ -149,7 +212,9 @@ _unique = iter(range(10**9))
 
 def plain_text(max_size: int = 40) -> st.SearchStrategy[str]:
     # Any character a JSON string can carry and a database can store: no NUL, no lone surrogate.
-    return st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=max_size)
+    return st.text(
+        st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=max_size
+    )
 
 
 @st.composite
@@ -159,7 +224,9 @@ def timestamps(draw: Any) -> tuple[str, datetime]:
     offset_minutes = draw(st.sampled_from([0, 0, 60, -300, 330, 540, -720, 840]))
     zone = timezone(timedelta(minutes=offset_minutes))
     digits = draw(st.sampled_from([0, 3, 3, 1, 6]))
-    moment = moment.replace(microsecond=moment.microsecond // 10 ** (6 - digits) * 10 ** (6 - digits) if digits else 0)
+    moment = moment.replace(
+        microsecond=moment.microsecond // 10 ** (6 - digits) * 10 ** (6 - digits) if digits else 0
+    )
     text = moment.strftime("%Y-%m-%dT%H:%M:%S")
     if digits:
         text += "." + f"{moment.microsecond:06d}"[:digits]
@@ -183,13 +250,21 @@ def in_app_bodies(draw: Any, refund: bool) -> dict[str, Any]:
     os_name = draw(st.sampled_from(["android", "ios"]))
     unique = f"-{next(_unique)}"
     if os_name == "android":
-        data = {"purchaseToken": draw(plain_text()) + unique, "orderId": draw(plain_text(200)) + unique}
+        data = {
+            "purchaseToken": draw(plain_text()) + unique,
+            "orderId": draw(plain_text(200)) + unique,
+        }
     else:
-        data = {"originalTransactionId": draw(plain_text()) + unique, "transactionId": draw(plain_text(200)) + unique}
+        data = {
+            "originalTransactionId": draw(plain_text()) + unique,
+            "transactionId": draw(plain_text(200)) + unique,
+        }
     quantity = draw(st.one_of(st.sampled_from([1, MAX_COUNT]), st.integers(1, MAX_COUNT)))
     body: dict[str, Any] = {
         "userId": draw(plain_text()),
-        "iapLogId": draw(st.one_of(st.sampled_from([0, 1, 2**31, 2**63 - 1]), st.integers(0, 2**63 - 1))),
+        "iapLogId": draw(
+            st.one_of(st.sampled_from([0, 1, 2**31, 2**63 - 1]), st.integers(0, 2**63 - 1))
+        ),
         "nachoProductId": draw(plain_text()),
         "os": os_name,
         "productId": draw(plain_text()),
@@ -206,16 +281,30 @@ def in_app_bodies(draw: Any, refund: bool) -> dict[str, Any]:
         for name in ("requestedAt", "purchasedAt", "verifiedAt"):
             body[name] = draw(timestamps())[0]
     known = set(body) | set(IN_APP_FIELDS)
-    extra = draw(st.dictionaries(nasty_text.filter(lambda key: key not in known), finite_json_values, max_size=3))
+    extra = draw(
+        st.dictionaries(
+            nasty_text.filter(lambda key: key not in known), finite_json_values, max_size=3
+        )
+    )
     if draw(st.booleans()):
-        data.update(draw(st.dictionaries(st.text(max_size=8).filter(lambda k: k not in data), finite_json_values, max_size=2)))
+        data.update(
+            draw(
+                st.dictionaries(
+                    st.text(max_size=8).filter(lambda k: k not in data),
+                    finite_json_values,
+                    max_size=2,
+                )
+            )
+        )
     return {**body, **extra}
 
 
-unavailable_bodies = st.fixed_dictionaries({
-    "tokenNotFoundUserIds": st.lists(plain_text(), max_size=5),
-    "tokenInvalidUserIds": st.lists(plain_text(), max_size=5),
-}).filter(lambda body: body["tokenNotFoundUserIds"] or body["tokenInvalidUserIds"])
+unavailable_bodies = st.fixed_dictionaries(
+    {
+        "tokenNotFoundUserIds": st.lists(plain_text(), max_size=5),
+        "tokenInvalidUserIds": st.lists(plain_text(), max_size=5),
+    }
+).filter(lambda body: body["tokenNotFoundUserIds"] or body["tokenInvalidUserIds"])
 
 valid_bodies = st.one_of(
     st.tuples(st.just("purchase"), in_app_bodies(refund=False)),
@@ -237,11 +326,22 @@ WRONG = {
     "price": st.sampled_from([-1, -0.01, "9.99", True, None, [], int(MAX_PRICE) + 1, 10**70]),
     "environment": st.sampled_from(["", "live", None, "Production"]),
     "data": st.sampled_from([None, [], "x", {}, {"orderId": "x"}, {"transactionId": "x"}]),
-    "requestedAt": st.sampled_from([
-        "", "2025-02-19", "2025-02-19T02:00:31", "2025-02-19T02:00:31.280", "2025-13-19T02:00:31Z",
-        "2025-02-19 02:00:31Z", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00",
-        "2025-02-19T02:00:31+99:00", "2025-02-19T02:00:31.1234567Z", 1739930431, None,
-    ]),
+    "requestedAt": st.sampled_from(
+        [
+            "",
+            "2025-02-19",
+            "2025-02-19T02:00:31",
+            "2025-02-19T02:00:31.280",
+            "2025-13-19T02:00:31Z",
+            "2025-02-19 02:00:31Z",
+            "0001-01-01T00:00:00+01:00",
+            "9999-12-31T23:59:59-01:00",
+            "2025-02-19T02:00:31+99:00",
+            "2025-02-19T02:00:31.1234567Z",
+            1739930431,
+            None,
+        ]
+    ),
 }
 WRONG["purchasedAt"] = WRONG["verifiedAt"] = WRONG["refundedAt"] = WRONG["requestedAt"]
 
@@ -251,7 +351,9 @@ def broken_bodies(draw: Any) -> tuple[str, dict[str, Any]]:
     event_name = draw(st.sampled_from(["purchase", "refund"]))
     os_name = draw(st.sampled_from(["android", "ios"]))
     body = purchase_payload(os=os_name) if event_name == "purchase" else refund_payload(os=os_name)
-    field = draw(st.sampled_from([name for name in body if name in WRONG or name == "refundQuantity"]))
+    field = draw(
+        st.sampled_from([name for name in body if name in WRONG or name == "refundQuantity"])
+    )
     if field == "refundQuantity":
         body[field] = draw(st.sampled_from([0, body["quantity"] + 1, None, "1"]))
     elif draw(st.integers(0, 4)) == 0:
@@ -260,5 +362,9 @@ def broken_bodies(draw: Any) -> tuple[str, dict[str, Any]]:
         body[field] = draw(WRONG[field])
     if field == "data" and isinstance(body.get("data"), dict) and body["data"]:
         # The other platform's shape is wrong for this os.
-        body["data"] = {"orderId": "x", "purchaseToken": "y"} if os_name == "ios" else {"transactionId": "x", "originalTransactionId": "y"}
+        body["data"] = (
+            {"orderId": "x", "purchaseToken": "y"}
+            if os_name == "ios"
+            else {"transactionId": "x", "originalTransactionId": "y"}
+        )
     return event_name, body

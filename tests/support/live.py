@@ -7,9 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import requests
 
@@ -52,7 +52,9 @@ def live_server(
                 break
             except (requests.ConnectionError, requests.Timeout):  # a loaded machine starts slowly
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"server on port {port} did not start in {timeout} s") from None
+                    raise RuntimeError(
+                        f"server on port {port} did not start in {timeout} s"
+                    ) from None
                 time.sleep(0.1)
         yield base_url
     finally:
@@ -72,8 +74,16 @@ def flask_run_args(app: str, port: int) -> list[str]:
 
 def gunicorn_args(app: str, port: int, workers: int) -> list[str]:
     return [
-        str(BIN / "gunicorn"), "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
-        "--worker-class", "sync", "--timeout", "60", app,
+        str(BIN / "gunicorn"),
+        "--workers",
+        str(workers),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--worker-class",
+        "sync",
+        "--timeout",
+        "60",
+        app,
     ]
 
 

@@ -4,17 +4,18 @@ against the shop served by ``flask run``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, ContextManager
 
 import pytest
 import requests
 from flask import Flask
+from support.browser import chromium
+from support.live import flask_run_args, free_port, live_server
 
 from examples.shop import create_app
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
-from support.browser import chromium
-from support.live import flask_run_args, free_port, live_server
 
 KEY = "shop-test-key"
 
@@ -22,7 +23,11 @@ KEY = "shop-test-key"
 @pytest.fixture
 def shop(tmp_path: Path) -> Flask:
     return create_app(
-        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'shop.db'}", "NACHOCODE_WEBHOOK_KEY": KEY}
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'shop.db'}",
+            "NACHOCODE_WEBHOOK_KEY": KEY,
+        }
     )
 
 
@@ -36,8 +41,12 @@ def test_a_refund_before_its_purchase_never_grants_the_refunded_coins(shop: Flas
     assert client.get("/balances").get_json() == {"ann": 1000}
     assert client.get("/users/ann/purchases").get_json() == [
         {
-            "iapLogId": bought["iapLogId"], "productId": "coins_500", "environment": "sandbox",
-            "status": "partially_refunded", "quantity": 3, "netQuantity": 2,
+            "iapLogId": bought["iapLogId"],
+            "productId": "coins_500",
+            "environment": "sandbox",
+            "status": "partially_refunded",
+            "quantity": 3,
+            "netQuantity": 2,
         }
     ]
 
@@ -75,7 +84,10 @@ def served_shop(tmp_path: Path) -> Callable[..., ContextManager[str]]:
             **{f"FLASK_{name}": value for name, value in config.items()},
         }
         return live_server(
-            flask_run_args("examples/shop", port), port=port, env=env, log_path=tmp_path / "shop.log"
+            flask_run_args("examples/shop", port),
+            port=port,
+            env=env,
+            log_path=tmp_path / "shop.log",
         )
 
     return serve
@@ -83,7 +95,9 @@ def served_shop(tmp_path: Path) -> Callable[..., ContextManager[str]]:
 
 def send_purchase(base_url: str, payload: dict[str, Any]) -> None:
     answer = requests.post(
-        f"{base_url}/nachocode/webhooks/purchase", json=payload, headers={"Authorization": f"Bearer {KEY}"}
+        f"{base_url}/nachocode/webhooks/purchase",
+        json=payload,
+        headers={"Authorization": f"Bearer {KEY}"},
     )
     assert answer.status_code == 200, answer.text
 
@@ -99,7 +113,9 @@ def status_line(page: Any) -> tuple[str, str]:
 def wait_until_settled(page: Any) -> tuple[str, str]:
     """Wait until the page leaves "processing", then the status line. A bound on
     waiting, not a timing assertion: the page normally gets there well under a second."""
-    page.wait_for_function("document.querySelector('#purchase-status').dataset.state !== 'processing'")
+    page.wait_for_function(
+        "document.querySelector('#purchase-status').dataset.state !== 'processing'"
+    )
     return status_line(page)
 
 
@@ -115,7 +131,8 @@ def test_processing_until_the_webhook_lands_then_granted(
 
         send_purchase(url, bought)
         assert wait_until_settled(browser) == (
-            "granted", "Thank you! 2 × coins_500 added to your account.",
+            "granted",
+            "Thank you! 2 × coins_500 added to your account.",
         )
 
 
@@ -134,7 +151,8 @@ def test_a_late_webhook_shows_still_processing_and_check_again_finds_it(
         send_purchase(url, bought)
         check_again.click()
         assert wait_until_settled(browser) == (
-            "granted", "Thank you! 1 × coins_500 added to your account.",
+            "granted",
+            "Thank you! 1 × coins_500 added to your account.",
         )
 
         # Another user's receipt for the same purchase never learns it exists.
