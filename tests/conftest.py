@@ -23,11 +23,12 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+
+from flask_nachocode import NachocodeWebhook
+
 from support.common import POSTGRES_URL, WEBHOOK_KEY, reset_postgres
 from support.effects_app import effects_table
 from support.fuzz import Harness
-
-from flask_nachocode import NachocodeWebhook
 
 DATABASES = ("sqlite", "postgresql")
 MODES = ("own_engine", "shared_db")

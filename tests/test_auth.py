@@ -17,10 +17,6 @@ import pytest
 import requests
 import sqlalchemy as sa
 from flask import Flask
-from support.common import WEBHOOK_KEY, delivery_rows, load_fixture
-from support.effects_app import create_tables, serve
-from support.figures import count
-from support.live import flask_run_args, free_port, live_server
 
 from flask_nachocode import NachocodeWebhook, Refuse
 from flask_nachocode import auth as nachocode_auth
@@ -30,6 +26,11 @@ from flask_nachocode.testing import (
     refund_payload,
     unavailable_users_payload,
 )
+
+from support.common import WEBHOOK_KEY, delivery_rows, load_fixture
+from support.effects_app import create_tables, serve
+from support.figures import count
+from support.live import flask_run_args, free_port, live_server
 
 URL = "/nachocode/webhooks/purchase"
 AppFactory = Callable[..., "tuple[Flask, NachocodeWebhook]"]
@@ -126,7 +127,8 @@ def test_every_route_refuses_without_the_key_before_reading_the_body(
             count("security: unauthorised requests")
             assert response.status_code == 401, (route, response.get_json())
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
-            assert response.is_json and response.get_json()["success"] is False
+            assert response.is_json
+            assert response.get_json()["success"] is False
             assert WEBHOOK_KEY not in response.get_data(as_text=True)
     assert seen == []
     assert delivery_rows(app) == 0  # a delivery without the key leaves no trace

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from support.common import WEBHOOK_KEY
 
 from flask_nachocode.store import utcnow
 from flask_nachocode.testing import post_delivery, purchase_payload, unavailable_users_payload
+
+from support.common import WEBHOOK_KEY
 
 
 def run(store_app: Any, *args: str) -> Any:
@@ -36,7 +37,8 @@ def test_deliveries_lists_newest_first_with_filters_and_a_limit(make_effects_app
     result = run(store_app, "deliveries")
     assert result.exit_code == 0, result.output
     assert listed_ids(result.output) == [4, 3, 2, 1]
-    assert "buyer-1" in result.output and "handled" in result.output
+    assert "buyer-1" in result.output
+    assert "handled" in result.output
 
     assert listed_ids(run(store_app, "deliveries", "--status", "failed").output) == [2]
     assert listed_ids(run(store_app, "deliveries", "--event", "unavailable_users").output) == [4]
@@ -61,7 +63,8 @@ def test_show_pretty_prints_the_body_and_escapes_control_characters(make_effects
     assert "Authorization" not in shown.output
 
     shown = run(store_app, "show", "2")
-    assert "invalid (400)" in shown.output and "the body is not valid JSON" in shown.output
+    assert "invalid (400)" in shown.output
+    assert "the body is not valid JSON" in shown.output
     for raw in ("\x1b", "\x07", "\r"):
         assert raw not in shown.output
     assert "\\x1b]0;owned\\x07\\r" in shown.output
@@ -73,7 +76,8 @@ def test_show_pretty_prints_the_body_and_escapes_control_characters(make_effects
     assert "traceback:\nTraceback (most recent call last)" in shown.output
 
     missing = run(store_app, "show", "99")
-    assert missing.exit_code == 1 and "no delivery 99" in missing.output
+    assert missing.exit_code == 1
+    assert "no delivery 99" in missing.output
 
 
 @pytest.mark.every_store
@@ -99,11 +103,9 @@ def test_replay_failed_replays_every_failed_delivery_and_fails_if_any_still_fail
     assert lines[1] == "delivery 2: handled (200) as delivery 6"
     assert lines[2] == "delivery 3: duplicate (200) as delivery 7"
     outcomes = {row.id: (row.outcome, row.replay_count) for row in store_app.deliveries()}
-    assert (
-        outcomes[1] == ("failed", 1)
-        and outcomes[2] == ("handled", 1)
-        and outcomes[3] == ("duplicate", 1)
-    )
+    assert outcomes[1] == ("failed", 1)
+    assert outcomes[2] == ("handled", 1)
+    assert outcomes[3] == ("duplicate", 1)
 
     store_app.broken = False
     result = run(store_app, "replay", "--failed")
@@ -163,9 +165,8 @@ def test_without_kept_bodies_nothing_is_shown_or_replayed(make_effects_app: Any)
     assert "body:\n  (not kept)" in run(store_app, "show", "1").output
     store_app.broken = False
     result = run(store_app, "replay", "1")
-    assert (
-        result.exit_code == 1 and "no stored body (NACHOCODE_KEEP_BODIES is off)" in result.output
-    )
+    assert result.exit_code == 1
+    assert "no stored body (NACHOCODE_KEEP_BODIES is off)" in result.output
 
 
 @pytest.mark.every_store
@@ -264,4 +265,5 @@ def test_urls_says_when_no_key_is_configured(make_app: Callable[..., Any]) -> No
 def test_urls_refuses_a_base_url_that_is_not_http(make_app: Callable[..., Any]) -> None:
     app, _ = make_app()
     result = app.test_cli_runner().invoke(args=["nachocode", "urls", "--base-url", "shop.example"])
-    assert result.exit_code == 2 and "not an http:// or https:// URL" in result.output
+    assert result.exit_code == 2
+    assert "not an http:// or https:// URL" in result.output

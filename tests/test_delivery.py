@@ -29,12 +29,6 @@ import sqlalchemy as sa
 from flask import Flask
 from hypothesis import given
 from hypothesis import strategies as st
-from support.common import WEBHOOK_KEY, load_fixture
-from support.effects_app import read_effects, serve
-from support.figures import count
-from support.fuzz import FUZZ, Harness, auth, dumps, valid_bodies
-from support.live import worker_pids
-from support.tcp_proxy import TcpProxy
 
 import flask_nachocode.dispatch
 from flask_nachocode import PurchaseEvent, delivery_failed, delivery_handled, delivery_received
@@ -45,6 +39,13 @@ from flask_nachocode.testing import (
     refund_payload,
     unavailable_users_payload,
 )
+
+from support.common import WEBHOOK_KEY, load_fixture
+from support.effects_app import read_effects, serve
+from support.figures import count
+from support.fuzz import FUZZ, Harness, auth, dumps, valid_bodies
+from support.live import worker_pids
+from support.tcp_proxy import TcpProxy
 
 
 def identity_of(payload: dict[str, Any]) -> str:
@@ -67,7 +68,8 @@ def test_the_same_purchase_twice_is_handled_once(make_effects_app: Any, os_name:
     assert [row.outcome for row in store_app.deliveries()] == ["handled", "duplicate"]
     assert len(store_app.rows("nachocode_claims")) == 1
     [ledger_row] = store_app.rows("nachocode_purchases")
-    assert ledger_row.quantity == 1 and ledger_row.refunded_quantity == 0
+    assert ledger_row.quantity == 1
+    assert ledger_row.refunded_quantity == 0
 
 
 @pytest.mark.every_store
@@ -122,10 +124,12 @@ def test_a_failing_handler_rolls_back_and_a_replay_handles_it_once(make_effects_
     assert "RuntimeError" not in answer.get_data(as_text=True)  # the answer does not leak internals
     if store_app.db is not None:
         assert store_app.effects() == []  # the handler's own write was rolled back
-    assert store_app.rows("nachocode_claims") == [] and store_app.rows("nachocode_purchases") == []
+    assert store_app.rows("nachocode_claims") == []
+    assert store_app.rows("nachocode_purchases") == []
     [failed] = store_app.deliveries()
     assert (failed.outcome, failed.status) == ("failed", 500)
-    assert failed.error and failed.traceback
+    assert failed.error
+    assert failed.traceback
 
     store_app.broken = False
     store_app.effects_seen.clear()
@@ -326,7 +330,9 @@ def test_a_delivery_is_its_writes_and_one_commit(make_app: Any, database_url: st
     assert sent.count("COMMIT") == 1
     with app.app_context():
         purchase = nachocode.ledger.find(seen[-1])
-    assert purchase is not None and purchase.quantity == 1 and purchase.status == "granted"
+    assert purchase is not None
+    assert purchase.quantity == 1
+    assert purchase.status == "granted"
 
 
 # --- signals and the slow-delivery warning ---
@@ -401,7 +407,8 @@ def test_a_slow_delivery_is_warned_about(
     slow = [record for record in caplog.records if "budget" in record.getMessage()]
     assert len(slow) == (1 if warned else 0)
     if warned:
-        assert "unavailable_users" in slow[0].getMessage() and "handled" in slow[0].getMessage()
+        assert "unavailable_users" in slow[0].getMessage()
+        assert "handled" in slow[0].getMessage()
 
 
 # --- any valid body: handled once, and a duplicate the second time ---
@@ -418,8 +425,10 @@ def test_valid_bodies_are_always_handled_once(
     route = "/webhooks" if any_route else EVENT_PATHS[event_name]
     response, calls, _ = harness.post(route, dumps(body), auth())
     assert response.status_code == 200, response.get_json()
-    assert response.get_json()["event"] == event_name and response.get_json()["duplicate"] is False
-    assert len(calls) == 1 and calls[0].raw == body
+    assert response.get_json()["event"] == event_name
+    assert response.get_json()["duplicate"] is False
+    assert len(calls) == 1
+    assert calls[0].raw == body
     event = calls[0]
     if event_name != "unavailable_users":
         assert (event.user_id, event.iap_log_id, event.quantity) == (
@@ -430,9 +439,9 @@ def test_valid_bodies_are_always_handled_once(
         assert event.price == Decimal(str(body["price"]))
         # The same delivery again is a duplicate: answered 200, never handled twice.
         again, calls_again, _ = harness.post(route, dumps(body), auth())
-        assert (
-            again.status_code == 200 and again.get_json()["duplicate"] is True and calls_again == []
-        )
+        assert again.status_code == 200
+        assert again.get_json()["duplicate"] is True
+        assert calls_again == []
         count("fuzz: duplicates refused")
 
 
@@ -492,7 +501,8 @@ def test_identical_deliveries_at_the_same_moment_on_several_workers_are_handled_
     with engine.connect() as connection:
         outcomes = connection.execute(
             sa.text(
-                "SELECT outcome, count(*) FROM nachocode_deliveries WHERE identity = :i GROUP BY outcome"
+                "SELECT outcome, count(*) FROM nachocode_deliveries"
+                " WHERE identity = :i GROUP BY outcome"
             ),
             {"i": identity},
         ).all()
@@ -545,7 +555,8 @@ def delivery_of(event: str, payload: dict[str, Any]) -> Sent:
 def send(
     base_url: str, items: list[Sent], connections: int = CONNECTIONS
 ) -> list[tuple[int | None, dict[str, Any]]]:
-    """POST every item over ``connections`` concurrent connections; (status or None, answer) each."""
+    """POST every item over ``connections`` concurrent connections; (status or None,
+    answer) each."""
     local = threading.local()
 
     def post(item: Sent) -> tuple[int | None, dict[str, Any]]:
@@ -575,7 +586,8 @@ def resend_until_accepted(
         if not pending:
             return results
         count("faults: re-sends", len(pending))
-        for index, result in zip(pending, send(base_url, [items[index] for index in pending])):
+        resent = send(base_url, [items[index] for index in pending])
+        for index, result in zip(pending, resent, strict=True):
             results[index] = result
     raise AssertionError(f"still refused after 10 rounds: {[results[i] for i in pending]}")
 
@@ -597,12 +609,13 @@ def tally(uri: str) -> Tally:
         ).all()
         one = lambda sql: int(connection.exec_driver_sql(sql).scalar_one())  # noqa: E731
         result = Tally(
-            effects={identity: number for identity, number in rows},
+            effects=dict(rows),
             handled=one("SELECT count(*) FROM nachocode_deliveries WHERE outcome = 'handled'"),
             claims=one("SELECT count(*) FROM nachocode_claims"),
             ledger=one("SELECT count(*) FROM nachocode_purchases WHERE purchase_received"),
             handled_purchases=one(
-                "SELECT count(*) FROM nachocode_deliveries WHERE outcome = 'handled' AND event = 'purchase'"
+                "SELECT count(*) FROM nachocode_deliveries"
+                " WHERE outcome = 'handled' AND event = 'purchase'"
             ),
         )
     engine.dispose()
@@ -617,7 +630,7 @@ def assert_exactly_once(uri: str, items: list[Sent]) -> Tally:
     lost = len(unique - set(found.effects))
     count("rows lost", lost)
     count("doubles", doubles)
-    assert doubles == 0 and lost == 0, (doubles, lost)
+    assert (doubles, lost) == (0, 0)
     assert set(found.effects) == unique
     # Nothing half-written: claim, delivery record, handler effect and ledger row
     # exist together or not at all.
@@ -638,7 +651,7 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.mark.integration
 @pytest.mark.load
-@pytest.mark.parametrize("database, workers", [("postgresql", 4), ("sqlite", 2)])
+@pytest.mark.parametrize(("database", "workers"), [("postgresql", 4), ("sqlite", 2)])
 def test_load_with_duplicates_handles_each_delivery_once(
     request: pytest.FixtureRequest, tmp_path: Path, database: str, workers: int
 ) -> None:
@@ -732,14 +745,16 @@ def test_postgres_connections_killed_during_load(postgres_url: str, tmp_path: Pa
         statuses = [status for status, _ in results]
         unavailable = statuses.count(503)
         count("faults: answered 503 while PostgreSQL was away", unavailable)
-        assert terminated > 0 and outages > 0
+        assert terminated > 0
+        assert outages > 0
         assert set(statuses) <= {200, 503}, sorted(set(map(str, statuses)))
         assert unavailable > 0, "the faults never reached a delivery"
         results = resend_until_accepted(base_url, items, results)
         # Full service after: a fresh delivery is handled at once.
         (fresh_item,), _ = deliveries(1, 0.0, seed=12)
         (fresh,) = send(base_url, [fresh_item])
-        assert fresh[0] == 200 and fresh[1]["duplicate"] is False
+        assert fresh[0] == 200
+        assert fresh[1]["duplicate"] is False
     admin.dispose()
     assert_exactly_once(postgres_url, items + [fresh_item])
     assert_key_not_in(log)
@@ -761,10 +776,12 @@ def test_a_handler_slower_than_the_budget_is_warned_and_a_resend_is_a_duplicate(
             time.sleep(budget * 1.5)
             marker.unlink()
             ((status, answer),) = pending.result()
-        assert status == 200 and answer["duplicate"] is False
+        assert status == 200
+        assert answer["duplicate"] is False
         ((again, answer_again),) = send(base_url, [item], 1)
         count("faults: slow handlers")
-        assert again == 200 and answer_again["duplicate"] is True
+        assert again == 200
+        assert answer_again["duplicate"] is True
         assert f"of Nachocode's {budget:.0f} s budget" in log.read_text()
     assert_exactly_once(sqlite_url, [item])
     assert_key_not_in(log)

@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from flask import Flask, abort, request
 from flask.testing import FlaskClient
-from support.browser import chromium
-from support.common import WEBHOOK_KEY
-from support.live import BIN, ROOT, flask_run_args, free_port, live_server
-from support.served_app import BROKEN_MARKER, INSPECTOR_TOKEN, INSTANCE_ENV
 
 from flask_nachocode import NachocodeWebhook
 from flask_nachocode.extension import CONFIG_DEFAULTS
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
+
+from support.browser import chromium
+from support.common import WEBHOOK_KEY
+from support.live import BIN, ROOT, flask_run_args, free_port, live_server
+from support.served_app import BROKEN_MARKER, INSPECTOR_TOKEN, INSTANCE_ENV
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Dialog, Page
@@ -121,7 +122,8 @@ def test_unprotected_outside_debug_answers_404_and_warns(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
         app, _ = make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True)
-    assert "without protection" in caplog.text and "answer 404" in caplog.text
+    assert "without protection" in caplog.text
+    assert "answer 404" in caplog.text
     client = app.test_client()
     delivery = send(client)
     for path in (
@@ -139,7 +141,8 @@ def test_unprotected_in_debug_mode_is_open_and_warns(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
         app, _ = make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, DEBUG=True)
-    assert "without protection" in caplog.text and "debug mode" in caplog.text
+    assert "without protection" in caplog.text
+    assert "debug mode" in caplog.text
     assert app.test_client().get("/nachocode/deliveries").status_code == 200
 
 
@@ -336,7 +339,8 @@ def test_paging_newest_first(inspector: Callable[..., Any]) -> None:
     assert newer
     assert ids_on(client.get(newer.group(1).replace("&amp;", "&")).text) == newest_first[3:6]
     # Older pages do not poll: their rows would otherwise be pushed by new ones.
-    assert "data-poll-url" not in second and "data-poll-url" in first
+    assert "data-poll-url" not in second
+    assert "data-poll-url" in first
 
 
 def test_poll_returns_only_newer_rows_that_match_the_filters(inspector: Callable[..., Any]) -> None:
@@ -344,7 +348,8 @@ def test_poll_returns_only_newer_rows_that_match_the_filters(inspector: Callable
     first = send(client)
     page = client.get("/nachocode/deliveries?outcome=failed").text
     poll_url = re.search(r'data-poll-url="([^"]+)"', page)
-    assert poll_url and poll_url.group(1) == "/nachocode/deliveries/poll?outcome=failed"
+    assert poll_url
+    assert poll_url.group(1) == "/nachocode/deliveries/poll?outcome=failed"
 
     nothing = client.get(f"/nachocode/deliveries/poll?after={first}").json
     assert nothing == {"count": 0, "html": "", "latest": first}
@@ -352,9 +357,11 @@ def test_poll_returns_only_newer_rows_that_match_the_filters(inspector: Callable
     handlers.failing = True
     failed = send(client, userId=XSS)
     answer = client.get(f"/nachocode/deliveries/poll?outcome=failed&after={first}").json
-    assert answer["count"] == 1 and answer["latest"] == failed
+    assert answer["count"] == 1
+    assert answer["latest"] == failed
     assert ids_on(answer["html"]) == [failed]
-    assert "<script>" not in answer["html"] and "&lt;script&gt;" in answer["html"]
+    assert "<script>" not in answer["html"]
+    assert "&lt;script&gt;" in answer["html"]
 
 
 # -- one delivery ----------------------------------------------------------------------------
@@ -369,9 +376,11 @@ def test_detail_shows_headers_without_authorization_body_event_and_traceback(
     page = client.get(f"/nachocode/deliveries/{delivery}").text
 
     assert "Content-Type</dt><dd>application/json" in page
-    assert "Authorization</dt>" not in page and WEBHOOK_KEY not in page
+    assert "Authorization</dt>" not in page
+    assert WEBHOOK_KEY not in page
     assert "&#34;iapLogId&#34;: 424242,\n" in page  # pretty-printed, one field a line
-    assert "PurchaseEvent" in page and "<dt>iap_log_id</dt><dd>424242</dd>" in page
+    assert "PurchaseEvent" in page
+    assert "<dt>iap_log_id</dt><dd>424242</dd>" in page
     assert '<p class="error">' in page
     assert "RuntimeError: the grant service is down" in page
     assert 'id="replay"' in page
@@ -384,7 +393,8 @@ def test_detail_shows_validation_errors_of_an_invalid_body(inspector: Callable[.
     response = post_delivery(client, "purchase", purchase_payload(quantity="two"))
     assert response.status_code == 422
     page = client.get(f"/nachocode/deliveries/{response.json['delivery']}").text
-    assert "not a valid purchase event" in page and "<dt>quantity</dt>" in page
+    assert "not a valid purchase event" in page
+    assert "<dt>quantity</dt>" in page
     assert 'id="replay"' not in page  # invalid deliveries are not replayed
 
 
@@ -405,7 +415,9 @@ def test_everything_from_a_delivery_is_escaped(inspector: Callable[..., Any]) ->
         client.get("/nachocode/deliveries").text,
         client.get(f"/nachocode/deliveries/{delivery}").text,
     ):
-        assert "<script>" not in page and "<img" not in page and "<b " not in page
+        assert "<script>" not in page
+        assert "<img" not in page
+        assert "<b " not in page
         assert "&lt;script&gt;alert(" in page
     detail = client.get(f"/nachocode/deliveries/{delivery}").text
     assert "&lt;/pre&gt;&lt;img src=x onerror=alert(1)&gt;" in detail
@@ -415,9 +427,8 @@ def test_everything_from_a_delivery_is_escaped(inspector: Callable[..., Any]) ->
 def test_templates_never_mark_data_safe() -> None:
     for template in TEMPLATES.glob("*.html"):
         text = template.read_text()
-        assert "|safe" not in text.replace(" ", "") and "autoescape false" not in text, (
-            template.name
-        )
+        assert "|safe" not in text.replace(" ", ""), template.name
+        assert "autoescape false" not in text, template.name
 
 
 def test_pages_send_a_strict_content_security_policy(inspector: Callable[..., Any]) -> None:
@@ -463,7 +474,8 @@ def test_replay_still_failing_is_reported(inspector: Callable[..., Any]) -> None
     client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": csrf_of(page)})
     after = client.get(f"/nachocode/deliveries/{delivery}").text
     assert "failed (500): a handler raised an exception" in after
-    assert 'id="replay"' in after and "Replayed 1×" in after
+    assert 'id="replay"' in after
+    assert "Replayed 1×" in after
 
 
 @pytest.mark.parametrize("token", [None, "", "forged-token"])
@@ -487,7 +499,8 @@ def test_replay_without_the_sessions_csrf_token_is_refused(
     handlers.failing = False
     data = {} if token is None else {"nachocode_csrf": token}
     response = client.post(f"/nachocode/deliveries/{delivery}/replay", data=data)
-    assert response.status_code == 400 and "CSRF" in response.text
+    assert response.status_code == 400
+    assert "CSRF" in response.text
     assert handlers.handled == []
     assert ids_on(client.get("/nachocode/deliveries").text) == [delivery]
 

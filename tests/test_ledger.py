@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask
-from support.common import WEBHOOK_KEY, load_fixture
-from support.effects_app import serve
 
 from flask_nachocode import NachocodeWebhook, Purchase, PurchaseEvent, RefundEvent
 from flask_nachocode.schemas import MAX_COUNT
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
+
+from support.common import WEBHOOK_KEY, load_fixture
+from support.effects_app import serve
 
 pytestmark = pytest.mark.every_store
 
@@ -72,7 +73,8 @@ def test_purchase_then_refund(shop: Shop) -> None:
     purchase = shop.get(bought)
     assert purchase is not None
     assert (purchase.state, purchase.status, purchase.net_quantity) == ("active", "granted", 1)
-    assert purchase.user_id == "test-user" and purchase.purchase_received
+    assert purchase.user_id == "test-user"
+    assert purchase.purchase_received
     assert shop.read(shop.ext.ledger.owns, "test-user", bought["productId"])
     # The handler already saw its own row, inside the delivery's transaction.
     assert shop.seen[-1][1] == purchase
@@ -139,8 +141,10 @@ def test_a_refund_before_its_purchase_is_applied_when_the_purchase_arrives(shop:
 
     early = shop.get(bought)
     assert early is not None
-    assert not early.purchase_received and early.status == "pending"
-    assert early.refunded_quantity == 1 and early.purchased_at is None
+    assert not early.purchase_received
+    assert early.status == "pending"
+    assert early.refunded_quantity == 1
+    assert early.purchased_at is None
     # Nothing is owned and nothing counted before the purchase itself arrived.
     assert (
         shop.read(shop.ext.ledger.net_quantity, "test-user", "coins_500", environment="sandbox")
@@ -149,9 +153,12 @@ def test_a_refund_before_its_purchase_is_applied_when_the_purchase_arrives(shop:
 
     assert shop.post("purchase", bought).status_code == 200
     event_name, seen = shop.seen[-1]
-    assert event_name == "purchase" and seen is not None
-    assert seen.purchase_received and seen.state == "partially_refunded"
-    assert seen.refunded_quantity == 1 and seen.refunded_at is not None
+    assert event_name == "purchase"
+    assert seen is not None
+    assert seen.purchase_received
+    assert seen.state == "partially_refunded"
+    assert seen.refunded_quantity == 1
+    assert seen.refunded_at is not None
     # The purchase fills in what only it carries.
     assert (seen.quantity, seen.unit_price) == (2, Decimal("9.99"))
     assert seen.purchased_at == datetime.fromisoformat(bought["purchasedAt"].replace("Z", "+00:00"))
@@ -166,7 +173,9 @@ def test_a_purchase_fully_refunded_before_it_arrives_is_seen_refunded(shop: Shop
     shop.post("refund", refund_payload(bought))
     shop.post("purchase", bought)
     seen = shop.seen[-1][1]
-    assert seen is not None and seen.status == "refunded" and seen.net_quantity == 0
+    assert seen is not None
+    assert seen.status == "refunded"
+    assert seen.net_quantity == 0
 
 
 def test_a_purchase_of_fewer_units_than_already_refunded_is_refused(shop: Shop) -> None:
@@ -178,7 +187,9 @@ def test_a_purchase_of_fewer_units_than_already_refunded_is_refused(shop: Shop) 
     assert answer.status_code == 422
     assert answer.get_json()["error"] == "refund_exceeds_quantity"
     purchase = shop.get(bought)
-    assert purchase is not None and not purchase.purchase_received and purchase.quantity == 3
+    assert purchase is not None
+    assert not purchase.purchase_received
+    assert purchase.quantity == 3
 
 
 @pytest.mark.parametrize("order", ["purchase first", "refund first"])
@@ -210,11 +221,14 @@ def test_a_duplicate_that_says_something_else_leaves_the_ledger_alone(shop: Shop
     before = shop.get(bought)
     changed = {**bought, "quantity": 7, "userId": "someone-else", "price": 1}
     again = shop.post("purchase", changed)
-    assert again.status_code == 200 and again.get_json()["duplicate"] is True
+    assert again.status_code == 200
+    assert again.get_json()["duplicate"] is True
     assert len(shop.seen) == 1
     after = shop.get(bought)
     assert after == before
-    assert after is not None and after.quantity == 2 and after.user_id == bought["userId"]
+    assert after is not None
+    assert after.quantity == 2
+    assert after.user_id == bought["userId"]
     assert len(shop.read(shop.ext.ledger.purchases_of, bought["userId"], environment=None)) == 1
 
 
@@ -230,7 +244,8 @@ def test_refunds_of_the_largest_quantity_cannot_overflow_the_ledger(shop: Shop) 
     assert answer.status_code == 422
     assert answer.get_json()["error"] == "refund_exceeds_quantity"
     too_many = shop.post("purchase", purchase_payload(quantity=MAX_COUNT + 1))
-    assert too_many.status_code == 422 and list(too_many.get_json()["errors"]) == ["quantity"]
+    assert too_many.status_code == 422
+    assert list(too_many.get_json()["errors"]) == ["quantity"]
 
 
 @pytest.mark.parametrize("event", ["purchase", "refund"])
@@ -242,18 +257,21 @@ def test_a_handler_that_raises_rolls_the_ledger_back(shop: Shop, event: str) -> 
 
     shop.fail_with = RuntimeError("the shop's database is full")
     answer = shop.post(event, payload)
-    assert answer.status_code == 500 and shop.outcome(answer) == "failed"
+    assert answer.status_code == 500
+    assert shop.outcome(answer) == "failed"
     after_failure = shop.get(bought)
     if event == "purchase":
         assert after_failure is None
     else:
-        assert after_failure is not None and after_failure.refunded_quantity == 0
+        assert after_failure is not None
+        assert after_failure.refunded_quantity == 0
 
     # The cause fixed, the re-sent delivery is handled and counted once.
     shop.fail_with = None
     assert shop.post(event, payload).get_json()["duplicate"] is False
     purchase = shop.get(bought)
-    assert purchase is not None and purchase.purchase_received
+    assert purchase is not None
+    assert purchase.purchase_received
     assert purchase.refunded_quantity == (1 if event == "refund" else 0)
 
 
@@ -294,11 +312,10 @@ def test_refunds_arriving_out_of_order_keep_the_latest_refund_time(shop: Shop) -
         "refund", refund_payload(bought, refundQuantity=1, refundedAt="2025-05-01T00:00:00.000Z")
     )
     purchase = shop.get(bought)
-    assert purchase is not None and purchase.refunded_quantity == 2
-    assert (
-        purchase.refunded_at is not None
-        and purchase.refunded_at.isoformat() == "2025-05-02T00:00:00+00:00"
-    )
+    assert purchase is not None
+    assert purchase.refunded_quantity == 2
+    assert purchase.refunded_at is not None
+    assert purchase.refunded_at.isoformat() == "2025-05-02T00:00:00+00:00"
 
 
 @pytest.mark.integration
@@ -344,4 +361,5 @@ def test_concurrent_partial_refunds_never_exceed_the_quantity(
         0,
     )
     purchase = shop.get(bought)
-    assert purchase is not None and purchase.refunded_quantity == 5
+    assert purchase is not None
+    assert purchase.refunded_quantity == 5

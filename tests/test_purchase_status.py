@@ -169,7 +169,8 @@ def test_it_follows_the_url_prefix(
     bought = purchase_payload()
     post_delivery(app.test_client(), "purchase", bought)
     answer = app.test_client().get(f"/hooks/nacho/purchases/{bought['iapLogId']}?userId=test-user")
-    assert answer.status_code == 200 and answer.headers["Cache-Control"] == "no-store"
+    assert answer.status_code == 200
+    assert answer.headers["Cache-Control"] == "no-store"
 
 
 @pytest.mark.every_store
@@ -187,7 +188,8 @@ def test_the_apps_decorator_guards_the_route(
     assert status(app, bought["iapLogId"], **{"X-Session-User": "intruder"}).status_code == 401
 
     allowed = status(app, bought["iapLogId"], **{"X-Session-User": "test-user"})
-    assert allowed.status_code == 200 and allowed.get_json()["status"] == "granted"
+    assert allowed.status_code == 200
+    assert allowed.get_json()["status"] == "granted"
 
 
 @pytest.mark.every_store
@@ -238,4 +240,5 @@ def test_an_unreachable_database_answers_503_not_pending(
         NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'no-such-folder' / 'nachocode.db'}",
     )
     answer = status(app, 1)
-    assert answer.status_code == 503 and answer.get_json()["error"] == "store_unavailable"
+    assert answer.status_code == 503
+    assert answer.get_json()["error"] == "store_unavailable"

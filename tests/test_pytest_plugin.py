@@ -94,9 +94,11 @@ def test_the_all_events_url_and_for_event(
 ) -> None:
     body = nachocode_payloads.for_event("unavailable_users", token_invalid_user_ids=["gone"])
     answer = nachocode_post("any", body)
-    assert answer.status_code == 200 and answer.json["event"] == "unavailable_users"
+    assert answer.status_code == 200
+    assert answer.json["event"] == "unavailable_users"
     (event,) = received
-    assert isinstance(event, UnavailableUsersEvent) and event.token_invalid_user_ids == ["gone"]
+    assert isinstance(event, UnavailableUsersEvent)
+    assert event.token_invalid_user_ids == ["gone"]
 
 
 def test_a_wrong_key_is_refused_before_any_handler(

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from support.common import load_fixture
 
 from flask_nachocode import NachocodeWebhook, PurchaseEvent, RefundEvent, UnavailableUsersEvent
 from flask_nachocode.testing import post_delivery, purchase_payload
+
+from support.common import load_fixture
 
 AppFactory = Callable[..., "tuple[Flask, NachocodeWebhook]"]
 
@@ -141,7 +142,8 @@ def test_config_handlers_as_a_string_or_a_list(make_app: AppFactory, entry: Any)
         ),
         (
             {"refund": [config_handler_one]},
-            r"NACHOCODE_HANDLERS\['refund'\]: <function config_handler_one.*is not a 'package.module:function' string",
+            r"NACHOCODE_HANDLERS\['refund'\]: <function config_handler_one"
+            r".*is not a 'package.module:function' string",
         ),
         ({"unavailable_users": [None]}, r"NACHOCODE_HANDLERS\['unavailable_users'\]: None is not"),
     ],

@@ -12,9 +12,6 @@ from typing import Any
 
 import pytest
 from hypothesis import given
-from support.common import load_fixture
-from support.figures import count
-from support.fuzz import FUZZ, Harness, auth, broken_bodies, dumps, timestamps
 
 from flask_nachocode import (
     AppStorePurchaseData,
@@ -32,6 +29,10 @@ from flask_nachocode.testing import (
     refund_payload,
     unavailable_users_payload,
 )
+
+from support.common import load_fixture
+from support.figures import count
+from support.fuzz import FUZZ, Harness, auth, broken_bodies, dumps, timestamps
 
 IN_APP_FIELDS = [
     "userId",
@@ -110,7 +111,8 @@ def test_purchase_ios_fixture() -> None:
     )
     assert event.requested_at == event.purchased_at == event.verified_at == at
     assert event.store_purchase_id == "2000000123456789"
-    assert event.is_sandbox and event.is_consumable
+    assert event.is_sandbox
+    assert event.is_consumable
     assert event.total_amount == Decimal("1000")
     assert event.raw == load_fixture("purchase-ios")
 
@@ -408,7 +410,8 @@ def test_timestamps_become_aware_utc(name: str, field: str, text: str, expected:
         }[field],
     )
     assert moment == expected
-    assert moment.utcoffset() is not None and moment.utcoffset().total_seconds() == 0
+    assert moment.utcoffset() is not None
+    assert moment.utcoffset().total_seconds() == 0
 
 
 @pytest.mark.parametrize(
@@ -675,7 +678,8 @@ def test_timestamps_mean_the_same_instant(harness: Harness, refund: bool) -> Non
         response, calls, _ = harness.post(
             EVENT_PATHS["refund" if refund else "purchase"], dumps(body), auth()
         )
-        assert response.status_code == 200 and len(calls) == 1
+        assert response.status_code == 200
+        assert len(calls) == 1
         assert getattr(calls[0], "refunded_at" if refund else "purchased_at") == stamp[1]
 
     check()
@@ -691,5 +695,6 @@ def test_a_broken_field_is_refused_and_never_handled(
     count("fuzz: broken fields")
     response, calls, rows = harness.post(EVENT_PATHS[event_name], dumps(body), auth())
     assert response.status_code == 422, response.get_json()
-    assert calls == [] and rows == 1
+    assert calls == []
+    assert rows == 1
     assert response.get_json()["errors"]

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from flask_nachocode.cli import LAST_SENT_FILE
+
 from support.common import FIXTURES, WEBHOOK_KEY
 from support.live import BIN, ROOT, flask_run_args, free_port, live_server
 from support.served_app import INSTANCE_ENV, KEY_ENV
-
-from flask_nachocode.cli import LAST_SENT_FILE
 
 pytestmark = pytest.mark.integration  # a real server, and a process per send
 
@@ -86,7 +87,7 @@ def answer_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "event, platform",
+    ("event", "platform"),
     [
         ("purchase", "ios"),
         ("purchase", "android"),
@@ -103,7 +104,9 @@ def test_send_reaches_the_handler(
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[1].startswith("200 OK in ")
     answer = answer_of(result)
-    assert answer["success"] is True and answer["event"] == event and answer["duplicate"] is False
+    assert answer["success"] is True
+    assert answer["event"] == event
+    assert answer["duplicate"] is False
     records = handled(instance)
     assert len(records) == before + 1
     assert records[-1]["event"] == event
@@ -135,7 +138,8 @@ def test_refund_refunds_the_last_purchase_on_its_platform(send: Send, instance: 
     purchase = last_sent(instance, "purchase")
     assert send("refund", "--os", "ios").returncode == 0
     refund = last_sent(instance, "refund")
-    assert refund["data"] == purchase["data"] and refund["iapLogId"] == purchase["iapLogId"]
+    assert refund["data"] == purchase["data"]
+    assert refund["iapLogId"] == purchase["iapLogId"]
     assert handled(instance)[-1]["store_id"] == purchase["data"]["transactionId"]
     # Another platform has no purchase to refund: a fresh one is made up.
     assert send("refund", "--os", "android").returncode == 0
@@ -146,7 +150,8 @@ def test_set_reaches_nested_fields_and_keeps_types(send: Send, instance: Path) -
     before = handled(instance)
     result = send("purchase", "--set", "userId.first=x")
     # A path through a string is refused before anything is sent.
-    assert result.returncode == 2 and "userId.first: userId is not an object" in result.stderr
+    assert result.returncode == 2
+    assert "userId.first: userId is not an object" in result.stderr
     assert handled(instance) == before
     result = send(
         "purchase",
@@ -164,7 +169,8 @@ def test_set_reaches_nested_fields_and_keeps_types(send: Send, instance: Path) -
     assert result.returncode == 0, result.stdout + result.stderr
     record = handled(instance)[-1]
     assert record["store_id"] == "GPA.TEST-SET"
-    assert record["quantity"] == 3 and record["price"] == "9.99"
+    assert record["quantity"] == 3
+    assert record["price"] == "9.99"
     assert record["raw"]["userId"] == "42"
 
 

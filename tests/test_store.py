@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from flask import Flask
-from support.common import WEBHOOK_KEY, load_fixture
 
 from flask_nachocode import NachocodeWebhook
 from flask_nachocode.store import SQLITE_BUSY_TIMEOUT_MS, resolve_database_uri
 from flask_nachocode.testing import post_delivery, purchase_payload
+
+from support.common import WEBHOOK_KEY, load_fixture
 
 
 @pytest.mark.every_store
@@ -54,12 +55,15 @@ def test_every_delivery_past_the_key_check_is_stored_with_every_column(
     assert headers["X-Request-Id"] == "req-1"
     assert {name.lower() for name in headers} & {"authorization", "cookie"} == set()
     assert row.remote_addr == "127.0.0.1"
-    assert row.received_at is not None and row.finished_at is not None
+    assert row.received_at is not None
+    assert row.finished_at is not None
     assert row.duration_ms >= 0
-    assert row.error is None and row.traceback is None
+    assert row.error is None
+    assert row.traceback is None
     transaction_id = payload["data"]["transactionId"]
     assert row.identity == f"purchase:ios:{transaction_id}"
-    assert row.user_id == payload["userId"] and row.iap_log_id == payload["iapLogId"]
+    assert row.user_id == payload["userId"]
+    assert row.iap_log_id == payload["iapLogId"]
     assert (row.replay_of, row.replay_count) == (None, 0)
 
     # A failure keeps what was raised and where.
@@ -157,13 +161,10 @@ def test_database_uri_resolution(tmp_path: Path, config: dict[str, str], expecte
 def test_sqlite_connections_use_wal_and_wait_for_locks(make_effects_app: Any) -> None:
     store_app = make_effects_app()
     assert post_delivery(store_app.client, "purchase", purchase_payload()).status_code == 200
-    with store_app.app.app_context():
-        # Every connection of the pool the store uses, the app's own included.
-        with store_app.store.engine.connect() as connection:
-            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-            assert (
-                connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_BUSY_TIMEOUT_MS
-            )
+    # Every connection of the pool the store uses, the app's own included.
+    with store_app.app.app_context(), store_app.store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_BUSY_TIMEOUT_MS
 
 
 def test_in_memory_sqlite_is_one_database_for_every_thread(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from flask_nachocode.schemas import MAX_COUNT, MAX_PRICE
 from flask_nachocode.testing import EVENT_PATHS, purchase_payload, refund_payload
+
 from support.common import WEBHOOK_KEY, delivery_rows
 from support.figures import count
 
@@ -95,7 +96,8 @@ def assert_json_verdict(response: Any) -> None:
     assert response.status_code < 500, response.get_data(as_text=True)
     assert response.mimetype == "application/json", response.get_data()
     body = json.loads(response.get_data())
-    assert isinstance(body, dict) and isinstance(body["success"], bool), body
+    assert isinstance(body, dict), body
+    assert isinstance(body["success"], bool), body
     assert body["success"] == (200 <= response.status_code < 300)
 
 

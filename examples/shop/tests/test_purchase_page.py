@@ -5,17 +5,19 @@ against the shop served by ``flask run``."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import pytest
 import requests
 from flask import Flask
-from support.browser import chromium
-from support.live import flask_run_args, free_port, live_server
 
 from examples.shop import create_app
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
+
+from support.browser import chromium
+from support.live import flask_run_args, free_port, live_server
 
 KEY = "shop-test-key"
 
@@ -72,11 +74,11 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def served_shop(tmp_path: Path) -> Callable[..., ContextManager[str]]:
+def served_shop(tmp_path: Path) -> Callable[..., AbstractContextManager[str]]:
     """Serve the shop with ``flask run`` on its own SQLite file; keyword arguments
     become ``FLASK_*`` config."""
 
-    def serve(**config: str) -> ContextManager[str]:
+    def serve(**config: str) -> AbstractContextManager[str]:
         port = free_port()
         env = {
             "FLASK_SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'shop.db'}",
@@ -122,7 +124,7 @@ def wait_until_settled(page: Any) -> tuple[str, str]:
 @pytest.mark.integration
 @pytest.mark.browser  # .ci/matrix leaves these out
 def test_processing_until_the_webhook_lands_then_granted(
-    browser: Any, served_shop: Callable[..., ContextManager[str]]
+    browser: Any, served_shop: Callable[..., AbstractContextManager[str]]
 ) -> None:
     bought = purchase_payload(productId="coins_500", quantity=2, userId="ann")
     with served_shop() as url:
@@ -139,7 +141,7 @@ def test_processing_until_the_webhook_lands_then_granted(
 @pytest.mark.integration
 @pytest.mark.browser
 def test_a_late_webhook_shows_still_processing_and_check_again_finds_it(
-    browser: Any, served_shop: Callable[..., ContextManager[str]]
+    browser: Any, served_shop: Callable[..., AbstractContextManager[str]]
 ) -> None:
     bought = purchase_payload(productId="coins_500", userId="ann")
     with served_shop(SHOP_STATUS_GIVE_UP_MS="1500") as url:

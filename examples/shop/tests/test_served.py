@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import requests
-from support.common import POSTGRES_URL, load_fixture, reset_postgres
-from support.live import BIN, ROOT, flask_run_args, free_port, live_server
 
 from flask_nachocode.testing import purchase_payload
+
+from support.common import POSTGRES_URL, load_fixture, reset_postgres
+from support.live import BIN, ROOT, flask_run_args, free_port, live_server
 
 pytestmark = pytest.mark.integration
 
@@ -94,13 +95,15 @@ def test_the_documented_bodies_move_coins(shop: str) -> None:
 
     # A re-send from the dashboard's webhook log is acknowledged but grants nothing.
     again = deliver(shop, "", load_fixture("purchase-android"))
-    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert again.status_code == 200
+    assert again.json()["duplicate"] is True
     assert balances(shop, "testUser", "player-42") == {"testUser": 0, "player-42": 1000}
 
     for user in ("userId1", "userId3", "someone-else"):
         requests.post(f"{shop}/push-tokens/{user}/token-{user}", timeout=10).raise_for_status()
     response = deliver(shop, "/unavailable-users", load_fixture("unavailable-users"))
-    assert response.status_code == 200 and response.json()["event"] == "unavailable_users"
+    assert response.status_code == 200
+    assert response.json()["event"] == "unavailable_users"
     assert requests.get(f"{shop}/push-tokens", timeout=10).json() == {
         "someone-else": "token-someone-else"
     }
@@ -151,11 +154,13 @@ def test_the_cli_inspects_and_replays_the_shops_deliveries(
 
     shown = flask_cli(shop_env, "show", str(delivery))
     assert shown.returncode == 0, shown.stderr
-    assert '"productId": "gems_10"' in shown.stdout and "unknown product gems_10" in shown.stdout
+    assert '"productId": "gems_10"' in shown.stdout
+    assert "unknown product gems_10" in shown.stdout
     assert KEY not in shown.stdout
 
     # The product is still unknown: the replay is refused again, says why, and exits 1.
     replayed = flask_cli(shop_env, "replay", str(delivery))
     assert replayed.returncode == 1
-    assert "refused (422)" in replayed.stdout and "unknown product gems_10" in replayed.stdout
+    assert "refused (422)" in replayed.stdout
+    assert "unknown product gems_10" in replayed.stdout
     assert balances(shop, "cli-user") == {}

@@ -22,7 +22,8 @@ def test_a_purchase_grants_coins(client: FlaskClient) -> None:
     response = post_delivery(
         client, "purchase", purchase_payload(user_id="ann", product_id=COINS, quantity=3)
     )
-    assert response.status_code == 200 and response.get_json()["success"] is True
+    assert response.status_code == 200
+    assert response.get_json()["success"] is True
     assert balances(client) == {"ann": 1500}
     assert "ann" in client.get("/").get_data(as_text=True)
 
