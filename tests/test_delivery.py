@@ -181,6 +181,53 @@ def test_one_commit_per_delivery_on_the_happy_path(make_effects_app: Any) -> Non
     assert len(store_app.effects()) == 4  # the handlers' writes were in those commits
 
 
+def _statements(engine: sa.Engine) -> list[str]:
+    """Record the statements and COMMITs the engine sends from now on."""
+    sent: list[str] = []
+    sa.event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, *args: sent.append(statement.split()[0].upper()),
+    )
+    sa.event.listen(engine, "commit", lambda conn: sent.append("COMMIT"))
+    return sent
+
+
+@pytest.mark.every_database
+@pytest.mark.parametrize("os", ["ios", "android"])
+def test_a_delivery_is_its_writes_and_one_commit(make_app: Any, database_url: str, os: str) -> None:
+    app, nachocode = make_app()
+    seen: list[PurchaseEvent] = []
+    nachocode.on_purchase(seen.append)
+    client = app.test_client()
+    post_delivery(client, "purchase", purchase_payload(os=os))  # connects, creates tables
+    with app.app_context():
+        sent = _statements(app.extensions["nachocode"].store.engine)
+    payload = purchase_payload(os=os)
+
+    first = post_delivery(client, "purchase", payload)
+    assert first.status_code == 200
+    assert first.json["duplicate"] is False
+    assert len(seen) == 2
+    assert sent.count("COMMIT") == 1
+    # claim, ledger row, delivery record: no reads, no second transaction; on
+    # PostgreSQL the claim and the ledger row go in one statement (a CTE).
+    writes = ["WITH", "INSERT"] if database_url.startswith("postgresql") else ["INSERT"] * 3
+    assert [s for s in sent if s != "COMMIT"] == writes
+
+    sent.clear()
+    again = post_delivery(client, "purchase", payload)
+    assert again.status_code == 200
+    assert again.json["duplicate"] is True
+    assert len(seen) == 2
+    assert sent.count("COMMIT") == 1
+    with app.app_context():
+        purchase = nachocode.ledger.find(seen[-1])
+    assert purchase is not None
+    assert purchase.quantity == 1
+    assert purchase.status == "granted"
+
+
 # --- the database unreachable ---
 
 
@@ -286,53 +333,6 @@ def test_sqlite_unreachable_answers_503_and_the_next_delivery_after_it_works(
     assert (answer.status_code, answer.get_json()["duplicate"]) == (200, False)
     assert [row.outcome for row in store_app.deliveries()] == ["handled"]
     assert store_app.effects() == [identity_of(purchase)]
-
-
-def _statements(engine: sa.Engine) -> list[str]:
-    """Record the statements and COMMITs the engine sends from now on."""
-    sent: list[str] = []
-    sa.event.listen(
-        engine,
-        "before_cursor_execute",
-        lambda conn, cursor, statement, *args: sent.append(statement.split()[0].upper()),
-    )
-    sa.event.listen(engine, "commit", lambda conn: sent.append("COMMIT"))
-    return sent
-
-
-@pytest.mark.every_database
-@pytest.mark.parametrize("os", ["ios", "android"])
-def test_a_delivery_is_its_writes_and_one_commit(make_app: Any, database_url: str, os: str) -> None:
-    app, nachocode = make_app()
-    seen: list[PurchaseEvent] = []
-    nachocode.on_purchase(seen.append)
-    client = app.test_client()
-    post_delivery(client, "purchase", purchase_payload(os=os))  # connects, creates tables
-    with app.app_context():
-        sent = _statements(app.extensions["nachocode"].store.engine)
-    payload = purchase_payload(os=os)
-
-    first = post_delivery(client, "purchase", payload)
-    assert first.status_code == 200
-    assert first.json["duplicate"] is False
-    assert len(seen) == 2
-    assert sent.count("COMMIT") == 1
-    # claim, ledger row, delivery record: no reads, no second transaction; on
-    # PostgreSQL the claim and the ledger row go in one statement (a CTE).
-    writes = ["WITH", "INSERT"] if database_url.startswith("postgresql") else ["INSERT"] * 3
-    assert [s for s in sent if s != "COMMIT"] == writes
-
-    sent.clear()
-    again = post_delivery(client, "purchase", payload)
-    assert again.status_code == 200
-    assert again.json["duplicate"] is True
-    assert len(seen) == 2
-    assert sent.count("COMMIT") == 1
-    with app.app_context():
-        purchase = nachocode.ledger.find(seen[-1])
-    assert purchase is not None
-    assert purchase.quantity == 1
-    assert purchase.status == "granted"
 
 
 # --- signals and the slow-delivery warning ---
