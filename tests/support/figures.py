@@ -1,7 +1,7 @@
 """The reliability figures: what the fuzz, load, fault and key-leak tests tried and found.
 
 Tests add to :data:`FIGURES`; the run prints the tally at the end and writes it
-to ``test-artifacts/reliability-figures.json`` (the README quotes these).
+to ``test-artifacts/reliability-figures.json`` (the manual's reliability page quotes one run).
 """
 
 from __future__ import annotations
