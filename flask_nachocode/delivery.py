@@ -153,7 +153,9 @@ def _claim(
         now = utcnow()
         # A replay also updates its original: it keeps the record apart.
         early = (
-            _record_values(state, delivery, event, "", 200, now) if delivery.replay_of is None else None
+            _record_values(state, delivery, event, "", 200, now)
+            if delivery.replay_of is None
+            else None
         )
         try:
             claimed, delivery_id = state.store.claim(session.connection(), event, now, early)
