@@ -93,15 +93,16 @@ def insert_if_new(
 
 
 class ExactText(sa.types.TypeDecorator[str]):
-    """Text compared byte for byte on every database: identities, store ids, user ids
-    and product ids.
+    """A SQLAlchemy column type for text that must compare exactly on every
+    database: the extension's identities, store ids, user ids and product ids, and
+    your own tables' user ids, as in ``mapped_column(ExactText(255), primary_key=True)``.
 
     MySQL's default collations compare case- and accent-insensitively, and even its
     ``_bin`` collations ignore trailing spaces, so that ``testUser`` and ``TESTUSER``
-    (or ``x`` and ``x ``) would be one claim, one user. There the text is kept as
-    UTF-8 bytes (``VARBINARY``, or ``MEDIUMBLOB`` without a length), which compare
-    exactly whatever the server's defaults. SQLite and PostgreSQL already compare
-    text exactly and keep their plain text columns.
+    (or ``x`` and ``x ``) would be one user. There the text is kept as UTF-8 bytes
+    (``VARBINARY(4 * length)``, or ``MEDIUMBLOB`` without a length), which compare
+    exactly whatever the server's defaults; values read back are ``str``. On SQLite and
+    PostgreSQL, which compare text exactly, it is ``VARCHAR(length)`` or ``TEXT``.
     """
 
     impl = sa.Text
@@ -144,14 +145,14 @@ _DOUBLE = _long(sa.Float(), sa.Double())
 #: Every table is utf8mb4 with a binary collation on MySQL, whatever the server's
 #: default: Korean and every other character round-trips, and the columns that are
 #: not :class:`ExactText` (event names, outcomes, states) compare case-sensitively too.
-_MYSQL_TABLE = {
+_MYSQL_TABLE: dict[str, Any] = {
     f"{prefix}_{option}": value
     for prefix in MYSQL_DIALECTS
     for option, value in (("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
 }
 #: Index prefix length for :class:`ExactText` without a length on MySQL, which
 #: cannot index a whole BLOB; equal values still compare in full.
-_MYSQL_PREFIX = {f"{prefix}_length": 255 for prefix in MYSQL_DIALECTS}
+_MYSQL_PREFIX: dict[str, Any] = {f"{prefix}_length": 255 for prefix in MYSQL_DIALECTS}
 
 
 class UTCTimestamp(sa.types.TypeDecorator[datetime]):
