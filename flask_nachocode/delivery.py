@@ -154,7 +154,7 @@ def _claim(
         # A replay also updates its original: it keeps the record apart.
         early = (
             _record_values(state, delivery, event, "", 200, now)
-            if delivery.replay_of is None
+            if delivery.replay_of is None and state.store.records_with_claim(event)
             else None
         )
         try:

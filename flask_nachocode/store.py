@@ -173,6 +173,7 @@ class Store:
         self.deliveries, self.claims, self.purchases = define_tables(self.metadata)
         self._lock = threading.Lock()
         self._ready = False
+        self._dialect_name = ""
         self._engine: Engine | None = None
         self.session: Any
         if db is not None:
@@ -265,6 +266,7 @@ class Store:
             if engine.dialect.name in MYSQL_DIALECTS:
                 with engine.connect() as connection:
                     _check_mysql_charset(connection)
+            self._dialect_name = engine.dialect.name
             self._ready = True
 
     def create_tables(self) -> None:
@@ -313,11 +315,8 @@ class Store:
             return True, None
         if not self.ledger_enabled or not isinstance(event, (PurchaseEvent, RefundEvent)):
             return self._claim_identity(connection, event.identity, event.name, now), None
-        if (
-            isinstance(event, PurchaseEvent)
-            and record is not None
-            and connection.dialect.name == "postgresql"
-        ):
+        if record is not None and self.records_with_claim(event):
+            assert isinstance(event, PurchaseEvent)
             return ledger.claim_and_apply_purchase(
                 connection, self.claims, self.purchases, self.deliveries, event, now, record
             )
@@ -328,6 +327,15 @@ class Store:
         else:
             ledger.apply_refund(connection, self.purchases, event, now)
         return True, None
+
+    def records_with_claim(self, event: Event) -> bool:
+        """Whether :meth:`claim` writes ``event``'s delivery record in the claim's own
+        statement: a purchase, with the ledger on, on PostgreSQL (after :meth:`ensure_ready`)."""
+        return (
+            self.ledger_enabled
+            and self._dialect_name == "postgresql"
+            and isinstance(event, PurchaseEvent)
+        )
 
     def _claim_identity(
         self, connection: sa.Connection, identity: str, event_name: str, now: datetime
