@@ -6,6 +6,10 @@ ledger, the handlers' own writes (with ``db=``) and the delivery record are
 committed together, once. When a handler fails, all of that rolls back and the
 delivery is recorded as failed in a transaction of its own, so nothing that
 arrived is lost and nothing half-done stays.
+
+With ``NACHOCODE_DEFERRED`` the view's dispatch stops after the claim: the delivery
+is committed as ``queued`` with it, its task is sent, and the answer is 202. The
+worker's side, from the ledger to the handlers, is :mod:`flask_nachocode.worker`.
 """
 
 from __future__ import annotations
@@ -78,9 +82,15 @@ class Result:
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
+    @property
+    def deferred(self) -> bool:
+        """Answered 202: kept as ``queued`` for a worker to handle."""
+        return self.outcome == "queued"
 
-def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
-    """Handle a valid event exactly once and record the delivery."""
+
+def dispatch(state: AppState, delivery: Delivery, event: Event, *, defer: bool = False) -> Result:
+    """Handle a valid event exactly once and record the delivery; with ``defer``,
+    claim it, keep it ``queued`` and send its task instead of running the handlers."""
     store = state.store
     session = store.session
     handlers = state.handlers(event.name)
@@ -91,8 +101,10 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
             return record(
                 state, delivery, NoHandler(f"no handler is registered for {event.name}"), event
             )
-        if not _claim(state, session, event):
+        if not _claim(state, session, event, with_ledger=not defer):
             return _commit(state, delivery, event, "duplicate", 200)
+        if defer:
+            return _defer(state, delivery, event)
     except Refuse as refusal:
         session.rollback()
         return record(state, delivery, refusal, event)
@@ -124,7 +136,25 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
     return _commit(state, delivery, event, "handled", 200)
 
 
-def _claim(state: AppState, session: Any, event: Event) -> bool:
+def _defer(state: AppState, delivery: Delivery, event: Event) -> Result:
+    # The task is sent only after the commit: a worker that took it earlier would
+    # find no queued delivery. A task that cannot be sent leaves the delivery
+    # queued, with a trace, for ``flask nachocode requeue``.
+    result = _commit(state, delivery, event, "queued", 202)
+    assert state.task_queue is not None
+    assert result.delivery_id is not None
+    try:
+        state.task_queue.send(result.delivery_id, 1)
+    except Exception:
+        logger.exception(
+            "nachocode delivery %s is queued but its task could not be sent; "
+            "`flask nachocode requeue` (or its beat entry) will send it",
+            result.delivery_id,
+        )
+    return result
+
+
+def _claim(state: AppState, session: Any, event: Event, *, with_ledger: bool = True) -> bool:
     """Claim the event and write the ledger (:meth:`Store.claim`): False for a duplicate.
 
     A pooled connection the database dropped while idle fails right here, before
@@ -133,12 +163,12 @@ def _claim(state: AppState, session: Any, event: Event) -> bool:
     succeed on an app engine without ``pool_pre_ping``.
     """
     try:
-        return state.store.claim(session.connection(), event, utcnow())
+        return state.store.claim(session.connection(), event, utcnow(), with_ledger=with_ledger)
     except sa.exc.DBAPIError as error:
         if not error.connection_invalidated:
             raise
         session.rollback()
-        return state.store.claim(session.connection(), event, utcnow())
+        return state.store.claim(session.connection(), event, utcnow(), with_ledger=with_ledger)
 
 
 def record(
@@ -196,7 +226,8 @@ def _commit(
         "identity": getattr(event, "identity", None),
         "user_id": _storable_text(user_id) if isinstance(user_id, str) else None,
         "iap_log_id": iap_log_id if _is_storable_id(iap_log_id) else None,
-        "body": delivery.body if state.keep_bodies else None,
+        # A queued delivery keeps its body until the worker is done with it.
+        "body": delivery.body if state.keep_bodies or outcome == "queued" else None,
         "headers": dict(delivery.headers) if delivery.headers is not None else None,
         "remote_addr": delivery.remote_addr,
         "received_at": delivery.received_at,
@@ -225,7 +256,9 @@ def _commit(
         )
     result = Result(outcome, status, event_name, delivery_id, error)
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    if result.ok:
+    if result.deferred:
+        signals.delivery_queued.send(app, event=event, result=result)
+    elif result.ok:
         signals.delivery_handled.send(app, event=event, result=result)
     else:
         signals.delivery_failed.send(app, event=event, result=result, error=error)

@@ -63,6 +63,11 @@ class NachocodeWebhook:
                 "existing extension object."
             )
         state = build_state(app, self.db, self._registry)
+        if state.deferred:
+            # Imported only when switched on: Celery is the optional `celery` extra.
+            from .celery_queue import CeleryQueue
+
+            state.task_queue = CeleryQueue(app, app.extensions["celery"])
         app.extensions["nachocode"] = state
 
         blueprint = make_blueprint()

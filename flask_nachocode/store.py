@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -114,8 +114,8 @@ class Store:
         self.db = db
         self.ledger_enabled = ledger_enabled
         self.metadata: sa.MetaData = db.metadata if db is not None else sa.MetaData()
-        # All three always, so that ``create_all`` and the shared metadata hold the complete set.
-        self.deliveries, self.claims, self.purchases = define_tables(self.metadata)
+        # All of them always, so that ``create_all`` and the shared metadata hold the complete set.
+        self.deliveries, self.claims, self.purchases, self.attempts = define_tables(self.metadata)
         self._lock = threading.Lock()
         self._ready = False
         self._engine: Engine | None = None
@@ -198,7 +198,7 @@ class Store:
     def create_tables(self) -> None:
         """Create the ``nachocode_*`` tables that do not exist yet; safe when several
         workers start at once."""
-        tables = [self.deliveries, self.claims, self.purchases]
+        tables = [self.deliveries, self.claims, self.purchases, self.attempts]
         engine = self.engine
         if engine.dialect.name == "postgresql":
             # Concurrent CREATE TABLEs of one name fail on PostgreSQL even with
@@ -218,15 +218,23 @@ class Store:
                 if attempt == 4:
                     raise
 
-    def claim(self, connection: sa.Connection, event: Event, now: datetime) -> bool:
+    def claim(
+        self, connection: sa.Connection, event: Event, now: datetime, *, with_ledger: bool = True
+    ) -> bool:
         """Claim ``event`` and write its ledger row: the start of the delivery's
         transaction, before any handler runs, on its connection (``session.connection()``).
         False for a duplicate, which wrote nothing. An event without an identity
-        (``unavailable_users``) is never a duplicate.
+        (``unavailable_users``) is never a duplicate. ``with_ledger=False`` claims
+        only: a deferred delivery's ledger row is written by the worker, with its
+        handlers (:meth:`apply_ledger`).
         """
         if event.identity is None:
             return True
-        if not self.ledger_enabled or not isinstance(event, (PurchaseEvent, RefundEvent)):
+        if (
+            not with_ledger
+            or not self.ledger_enabled
+            or not isinstance(event, (PurchaseEvent, RefundEvent))
+        ):
             return self._claim_identity(connection, event.identity, event.name, now)
         if isinstance(event, PurchaseEvent) and connection.dialect.name == "postgresql":
             # One statement, one network round trip fewer than the claim and the row apart.
@@ -240,6 +248,111 @@ class Store:
         else:
             ledger.apply_refund(connection, self.purchases, event, now)
         return True
+
+    def apply_ledger(self, connection: sa.Connection, event: Event, now: datetime) -> None:
+        """Write the ledger row of a claimed purchase or refund (a deferred delivery's
+        worker, before its handlers); :class:`~flask_nachocode.errors.Refuse` as the claim."""
+        if not self.ledger_enabled:
+            return
+        if isinstance(event, PurchaseEvent):
+            ledger.apply_purchase(connection, self.purchases, event, now)
+        elif isinstance(event, RefundEvent):
+            ledger.apply_refund(connection, self.purchases, event, now)
+
+    def release_claim(self, connection: sa.Connection, identity: str | None) -> None:
+        """Give up a claim whose delivery ended without being handled, so that a re-send
+        or a replay is handled instead of answered as a duplicate, as when a
+        synchronous delivery's transaction rolls back."""
+        if identity is not None:
+            connection.execute(sa.delete(self.claims).where(self.claims.c.identity == identity))
+
+    def take_queued(
+        self, connection: sa.Connection, delivery_id: int, attempt: int
+    ) -> sa.Row[Any] | None:
+        """Lock queued delivery ``delivery_id`` for attempt number ``attempt`` until the
+        transaction ends, and return it; None when it is not queued, or when that
+        attempt was made already (a task the broker delivered twice, a re-queue).
+
+        The lock is taken by an UPDATE, which every database supports: a second worker
+        on the same delivery waits for the first one's commit, then finds it no longer
+        queued, or its attempt recorded, and leaves it alone.
+        """
+        table = self.deliveries
+        taken = connection.execute(
+            sa.update(table)
+            .where(table.c.id == delivery_id, table.c.outcome == "queued")
+            .values(outcome="queued")
+        )
+        if taken.rowcount != 1:
+            return None
+        attempts = self.attempts
+        made = connection.execute(
+            sa.select(sa.func.coalesce(sa.func.max(attempts.c.attempt), 0)).where(
+                attempts.c.delivery_id == delivery_id
+            )
+        ).scalar_one()
+        if made != attempt - 1:
+            return None
+        row: sa.Row[Any] = connection.execute(
+            sa.select(table).where(table.c.id == delivery_id)
+        ).one()
+        return row
+
+    def record_attempt(self, connection: sa.Connection, values: dict[str, Any]) -> None:
+        """Insert one attempt of a deferred delivery (the values of every column)."""
+        connection.execute(sa.insert(self.attempts), values)
+
+    def finish_deferred(self, connection: sa.Connection, delivery_id: int, **values: Any) -> None:
+        """Give a deferred delivery its final outcome, status, error and traceback."""
+        table = self.deliveries
+        connection.execute(sa.update(table).where(table.c.id == delivery_id).values(**values))
+
+    def attempts_of(self, delivery_id: int) -> list[sa.Row[Any]]:
+        """The attempts of deferred delivery ``delivery_id``, first attempt first."""
+        attempts = self.attempts
+        query = (
+            sa.select(attempts)
+            .where(attempts.c.delivery_id == delivery_id)
+            .order_by(attempts.c.attempt)
+        )
+        with self.reading() as session:
+            return list(session.execute(query).all())
+
+    def overdue_queued(self, older_than: timedelta) -> list[tuple[int, int]]:
+        """``(delivery id, next attempt number)`` of every queued delivery whose next
+        attempt has been due for longer than ``older_than``, oldest first: the ones
+        whose task a broker may have lost."""
+        table, attempts = self.deliveries, self.attempts
+        made = (
+            sa.select(
+                attempts.c.delivery_id,
+                sa.func.max(attempts.c.attempt).label("made"),
+                sa.func.max(attempts.c.next_attempt_at).label("due_at"),
+            )
+            .group_by(attempts.c.delivery_id)
+            .subquery()
+        )
+        query = (
+            sa.select(table.c.id, table.c.finished_at, made.c.made, made.c.due_at)
+            .select_from(table.outerjoin(made, made.c.delivery_id == table.c.id))
+            .where(table.c.outcome == "queued")
+            .order_by(table.c.id)
+        )
+        with self.reading() as session:
+            rows = session.execute(query).all()
+        # Compared here rather than in SQL: SQLite keeps naive UTC text, and a max()
+        # of a column loses the type that gives its zone back.
+        cutoff = utcnow() - older_than
+        overdue = []
+        for delivery_id, queued_at, made_count, due_at in rows:
+            due = due_at if due_at is not None else queued_at
+            if isinstance(due, str):
+                due = datetime.fromisoformat(due)
+            if due.tzinfo is None:
+                due = due.replace(tzinfo=timezone.utc)
+            if due <= cutoff:
+                overdue.append((int(delivery_id), int(made_count or 0) + 1))
+        return overdue
 
     def _claim_identity(
         self, connection: sa.Connection, identity: str, event_name: str, now: datetime
@@ -365,16 +478,20 @@ class Store:
             return list(session.execute(query).scalars())
 
     def prune(self, older_than: timedelta) -> int:
-        """Delete the deliveries received longer ago than ``older_than``; returns how many.
+        """Delete the deliveries received longer ago than ``older_than``, except queued
+        ones, with their attempts; returns how many.
 
         Claims are kept (they hold only store ids), so a very old purchase re-sent
         from the dashboard is still recognised as a duplicate.
         """
         self.ensure_ready()
-        table = self.deliveries
-        result: Any = self.session.execute(
-            sa.delete(table).where(table.c.received_at < utcnow() - older_than)
+        table, attempts = self.deliveries, self.attempts
+        # A queued delivery is work still to do, however old: never pruned.
+        old = sa.and_(table.c.received_at < utcnow() - older_than, table.c.outcome != "queued")
+        self.session.execute(
+            sa.delete(attempts).where(attempts.c.delivery_id.in_(sa.select(table.c.id).where(old)))
         )
+        result: Any = self.session.execute(sa.delete(table).where(old))
         self.session.commit()
         return int(result.rowcount)
 

@@ -103,7 +103,7 @@ def receive(route: str) -> Response:
         event = load_event(ROUTES_BY_NAME[route].event or infer_event_name(payload), payload)
     except WebhookError as refusal:
         return answer(record(state, delivery, refusal))
-    return answer(dispatch(state, delivery, event))
+    return answer(dispatch(state, delivery, event, defer=state.deferred))
 
 
 def internal_error(error: Exception) -> Response:
@@ -120,12 +120,21 @@ def answer(result: Result) -> Response:
     """The JSON answer for a dispatched or recorded delivery."""
     if result.error is not None:
         return error_answer(result.error, event=result.event_name, delivery=result.delivery_id)
-    response = jsonify(
-        success=True,
-        event=result.event_name,
-        delivery=result.delivery_id,
-        duplicate=result.duplicate,
-    )
+    if result.deferred:
+        response = jsonify(
+            success=True,
+            deferred=True,
+            event=result.event_name,
+            delivery=result.delivery_id,
+            duplicate=False,
+        )
+    else:
+        response = jsonify(
+            success=True,
+            event=result.event_name,
+            delivery=result.delivery_id,
+            duplicate=result.duplicate,
+        )
     response.status_code = result.status
     return response
 
