@@ -30,6 +30,7 @@ from .state import current_state
 from .store import DeliveryFilter, describe_database_error
 from .tables import OUTCOMES
 from .testing import payload_for, refund_payload
+from .worker import requeue
 
 
 def _needs_store(command: Callable[..., None]) -> Callable[..., None]:
@@ -120,6 +121,20 @@ def show(delivery_id: int) -> None:
         lines += ["error:", row.error]
     if row.traceback:
         lines += ["traceback:", row.traceback]
+    attempts = current_state().store.attempts_of(delivery_id)
+    if attempts:
+        lines.append("attempts:")
+    for attempt in attempts:
+        due = attempt.next_attempt_at
+        lines.append(
+            f"  {attempt.attempt}. {attempt.outcome}  started {attempt.started_at.isoformat()}  "
+            f"finished {attempt.finished_at.isoformat()}"
+            + (f"  next attempt {due.isoformat()}" if due is not None else "")
+        )
+        if attempt.error:
+            lines.append(f"     {attempt.error}")
+        if attempt.traceback:
+            lines += [f"     {line}" for line in attempt.traceback.rstrip().splitlines()]
     click.echo(escape_controls("\n".join(lines)))
 
 
@@ -177,12 +192,39 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
         raise SystemExit(1)
 
 
+@nachocode_cli.command("requeue")
+@click.option(
+    "--older-than",
+    "minutes",
+    default=10,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Minutes a queued delivery's next attempt has been due.",
+)
+@with_appcontext
+@_needs_store
+def requeue_command(minutes: int) -> None:
+    """Send again the tasks of queued deliveries that should have run MINUTES ago.
+
+    For a broker that lost its queue (Redis without persistence, a purged queue) or
+    a task that could not be sent. A task that is still in the broker is harmless:
+    whichever runs second does nothing. With NACHOCODE_DEFERRED off, the queued
+    deliveries' attempts run here instead.
+    """
+    state = current_state()
+    sent = requeue(state, timedelta(minutes=minutes))
+    verb = "sent the tasks of" if state.task_queue is not None else "ran"
+    click.echo(
+        f"{verb} {len(sent)} queued deliveries" + "".join(f"\n  {i} (attempt {n})" for i, n in sent)
+    )
+
+
 @nachocode_cli.command("prune")
 @click.option("--older-than", "days", required=True, type=click.IntRange(0), help="Age in days.")
 @with_appcontext
 @_needs_store
 def prune(days: int) -> None:
-    """Delete deliveries received more than DAYS days ago.
+    """Delete deliveries received more than DAYS days ago, except queued ones.
 
     Claims are kept (they hold only store ids), so a very old purchase re-sent
     from the dashboard is still recognised as a duplicate.

@@ -276,6 +276,7 @@ class _Views:
             event_fields=event_fields,
             event_errors=event_errors,
             replays=store.replays_of(delivery_id),
+            attempts=store.attempts_of(delivery_id),
             replayable=row.outcome in REPLAYABLE and row.body is not None,
             replayable_outcomes=REPLAYABLE,
         )

@@ -60,6 +60,9 @@ def run_attempt(state: AppState, delivery_id: int, attempt: int) -> Result | Non
             return None
         event: Event | None = None
         savepoint = session.begin_nested()
+        # Fetched again: the SAVEPOINT is only emitted when the session hands out its
+        # connection inside the nested transaction.
+        connection = session.connection()
         try:
             event = load_event(row.event, json.loads(bytes(row.body)))
             handlers = state.handlers(event.name)
