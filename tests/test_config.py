@@ -67,6 +67,12 @@ def test_the_url_prefix_mounts_the_routes(make_app: AppFactory, prefix: str, url
     ({"NACHOCODE_WEBHOOK_KEY": 12345}, "NACHOCODE_WEBHOOK_KEY must be a string or a list of strings"),
     ({"NACHOCODE_WEBHOOK_KEY": b"key"}, "NACHOCODE_WEBHOOK_KEY must be a string or a list of strings"),
     ({"NACHOCODE_WEBHOOK_KEY": {"key": "value"}}, "NACHOCODE_WEBHOOK_KEY must be a string or a list of strings"),
+    ({"NACHOCODE_DEFERRED": True}, r"NACHOCODE_DEFERRED needs the app's Celery instance in app.extensions\['celery'\]"),
+    ({"NACHOCODE_RETRY_DELAYS": "30,120"}, "NACHOCODE_RETRY_DELAYS must be a list of seconds"),
+    ({"NACHOCODE_RETRY_DELAYS": [30, -1]}, "NACHOCODE_RETRY_DELAYS must be a list of seconds"),
+    ({"NACHOCODE_RETRY_DELAYS": [30, "120"]}, "NACHOCODE_RETRY_DELAYS must be a list of seconds"),
+    ({"NACHOCODE_RETRY_DELAYS": [True]}, "NACHOCODE_RETRY_DELAYS must be a list of seconds"),
+    ({"NACHOCODE_RETRY_DELAYS": None}, "NACHOCODE_RETRY_DELAYS must be a list of seconds"),
 ])
 def test_bad_values_stop_init_app(make_app: AppFactory, config: dict[str, Any], message: str) -> None:
     with pytest.raises(RuntimeError, match=message):

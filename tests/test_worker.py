@@ -1,10 +1,13 @@
-"""Deferred handling (``NACHOCODE_DEFERRED``) against real processes: gunicorn
-answers, a real Celery worker handles, on SQLite and PostgreSQL, with Redis as
-the broker (and RabbitMQ once, to show nothing depends on Redis).
+"""Deferred handling (``NACHOCODE_DEFERRED``): the worker's lifecycle in-process,
+on Celery's own in-process modes (eager, and the memory broker that no worker
+reads), then against real processes: gunicorn answers, a real Celery worker
+handles, on SQLite and PostgreSQL, with Redis as the broker (and RabbitMQ once,
+to show nothing depends on Redis).
 
-Needs NACHOCODE_TEST_REDIS_URL (a Redis database that is flushed: give it one of
-its own, e.g. redis://127.0.0.1:6379/7) and, for the RabbitMQ run,
-NACHOCODE_TEST_RABBITMQ_URL; skipped without them.
+The real-process tests carry the ``integration`` marker and need
+NACHOCODE_TEST_REDIS_URL (a Redis database that is flushed: give it one of its
+own, e.g. redis://127.0.0.1:6379/7) and, for the RabbitMQ run,
+NACHOCODE_TEST_RABBITMQ_URL; they are skipped without them.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from typing import Any
 import pytest
 import requests
 import sqlalchemy as sa
-
-from flask_nachocode.testing import purchase_payload
-
+from celery import Celery
 from conftest import WEBHOOK_KEY
+from flask import Flask
 from live import BIN, ROOT, free_port, gunicorn_args, live_server
 
-pytestmark = pytest.mark.integration
+from flask_nachocode import NachocodeWebhook, Refuse, delivery_failed, delivery_retry
+from flask_nachocode.testing import post_delivery, purchase_payload
 
 REDIS_URL = os.environ.get("NACHOCODE_TEST_REDIS_URL")
 RABBITMQ_URL = os.environ.get("NACHOCODE_TEST_RABBITMQ_URL")
@@ -39,7 +42,8 @@ PATIENCE = 60.0
 
 
 def identity_of(payload: dict[str, Any]) -> str:
-    return f"purchase:{payload['os']}:{payload['data'].get('orderId') or payload['data']['transactionId']}"
+    data = payload["data"]
+    return f"purchase:{payload['os']}:{data.get('orderId') or data['transactionId']}"
 
 
 class DeferredRun:
@@ -100,34 +104,21 @@ class DeferredRun:
         that a test can kill it whole; returns once it is ready."""
         self._worker_logs += 1
         log_path = self.directory / f"worker-{self._worker_logs}.log"
-        log = open(log_path, "wb")
-        process = subprocess.Popen(
-            [
-                str(BIN / "celery"),
-                "-A",
-                "apps.deferred_app:celery_app",
-                "worker",
-                "--pool",
-                "prefork",
-                "--concurrency",
-                "2",
-                "--queues",
-                self.queue,
-                "--hostname",
-                f"{self.queue}-{self._worker_logs}@%h",
-                "--loglevel",
-                "INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        command = [
+            str(BIN / "celery"), "-A", "apps.deferred_app:celery_app", "worker",
+            "--pool", "prefork", "--concurrency", "2", "--queues", self.queue,
+            "--hostname", f"{self.queue}-{self._worker_logs}@%h", "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ]  # fmt: skip
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.workers.append(process)
         wait_for(
             lambda: b" ready." in log_path.read_bytes(),
@@ -218,6 +209,138 @@ def wait_for(
     return time.monotonic() - started
 
 
+# --- In-process: Celery eager (tasks run at once, retries without waiting) or a
+# memory broker that no worker reads (deliveries stay queued) ---
+
+
+def make_deferred_app(
+    tmp_path: Path, url: str, handler: Callable[[Any], None], *, eager: bool, **config: Any
+) -> Flask:
+    app = Flask("deferred_in_process", instance_path=str(tmp_path / "instance"))
+    app.config.update(
+        TESTING=True,
+        NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY,
+        NACHOCODE_DATABASE_URI=url,
+        NACHOCODE_DEFERRED=True,
+        NACHOCODE_RETRY_DELAYS=[0, 0],
+        **config,
+    )
+    app.extensions["celery"] = Celery(
+        "deferred_in_process", broker="memory://", task_always_eager=eager
+    )
+    NachocodeWebhook(app).on_purchase(handler)
+    return app
+
+
+def rows_of(url: str, sql: str) -> list[Any]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(sa.text(sql)))
+    finally:
+        engine.dispose()
+
+
+def test_refuse_ends_a_deferred_delivery_as_refused_without_retries(
+    tmp_path: Path, database_url: str
+) -> None:
+    def refuse(event: Any) -> None:
+        raise Refuse("no such user", status=404, code="unknown_user")
+
+    app = make_deferred_app(tmp_path, database_url, refuse, eager=True)
+    failed: list[Any] = []
+    retried: list[Any] = []
+    with delivery_failed.connected_to(lambda s, **kw: failed.append(kw), app), \
+            delivery_retry.connected_to(lambda s, **kw: retried.append(kw), app):  # fmt: skip
+        answer = post_delivery(app.test_client(), "purchase", purchase_payload())
+    assert answer.status_code == 202
+    [row] = rows_of(database_url, "SELECT id, outcome, status, error FROM nachocode_deliveries")
+    assert (row.outcome, row.status, row.error) == ("refused", 404, "no such user")
+    attempts = rows_of(database_url, "SELECT attempt, outcome FROM nachocode_attempts")
+    assert [tuple(a) for a in attempts] == [(1, "refused")]
+    assert rows_of(database_url, "SELECT identity FROM nachocode_claims") == []
+    assert [kw["result"].outcome for kw in failed] == ["refused"]
+    assert retried == []
+
+
+def test_every_failed_attempt_is_signalled_and_the_last_fails_the_delivery(
+    tmp_path: Path, database_url: str
+) -> None:
+    def broken(event: Any) -> None:
+        raise RuntimeError("grant API down")
+
+    app = make_deferred_app(tmp_path, database_url, broken, eager=True)
+    failed: list[Any] = []
+    retried: list[Any] = []
+    with delivery_failed.connected_to(lambda s, **kw: failed.append(kw), app), \
+            delivery_retry.connected_to(lambda s, **kw: retried.append(kw), app):  # fmt: skip
+        answer = post_delivery(app.test_client(), "purchase", purchase_payload())
+    assert (answer.status_code, answer.get_json()["deferred"]) == (202, True)
+    assert [(kw["attempt"], str(kw["error"])) for kw in retried] == [
+        (1, "grant API down"),
+        (2, "grant API down"),
+    ]
+    assert all(kw["next_attempt_at"] is not None for kw in retried)
+    [failure] = failed
+    assert (failure["result"].outcome, failure["result"].status) == ("failed", 500)
+    [row] = rows_of(database_url, "SELECT outcome, error, traceback FROM nachocode_deliveries")
+    assert row.outcome == "failed"
+    assert row.error == "RuntimeError: grant API down"
+    assert "raise RuntimeError" in row.traceback
+
+
+def test_without_kept_bodies_the_body_is_kept_only_while_queued(
+    tmp_path: Path, database_url: str
+) -> None:
+    app = make_deferred_app(
+        tmp_path, database_url, lambda event: None, eager=False, NACHOCODE_KEEP_BODIES=False
+    )
+    post_delivery(app.test_client(), "purchase", purchase_payload())
+    [queued] = rows_of(database_url, "SELECT outcome, body FROM nachocode_deliveries")
+    assert queued.outcome == "queued"
+    assert queued.body is not None
+    result = app.test_cli_runner().invoke(args=["nachocode", "requeue", "--older-than", "0"])
+    assert result.output.startswith("sent the tasks of 1 queued deliveries")
+    # Sent to a broker no worker reads: run the attempt as the worker would.
+    from flask_nachocode.state import current_state
+    from flask_nachocode.worker import run_attempt
+
+    with app.app_context():
+        assert run_attempt(current_state(), 1, 1) is not None
+        assert run_attempt(current_state(), 1, 1) is None  # the same task again: nothing
+    [handled] = rows_of(database_url, "SELECT outcome, body FROM nachocode_deliveries")
+    assert (handled.outcome, handled.body) == ("handled", None)
+
+
+def test_queued_deliveries_are_never_pruned_and_run_by_requeue_once_deferral_is_off(
+    tmp_path: Path, database_url: str
+) -> None:
+    effects: list[str] = []
+    app = make_deferred_app(tmp_path, database_url, lambda e: effects.append("x"), eager=False)
+    for _ in range(2):
+        post_delivery(app.test_client(), "purchase", purchase_payload())
+    cli = app.test_cli_runner()
+    assert cli.invoke(args=["nachocode", "prune", "--older-than", "0"]).output.startswith(
+        "deleted 0 deliveries"
+    )
+    listed = cli.invoke(args=["nachocode", "deliveries", "--status", "queued"]).output
+    assert listed.count("queued") == 2
+
+    synchronous = Flask("synchronous_again", instance_path=str(tmp_path / "instance"))
+    synchronous.config.update(
+        NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY, NACHOCODE_DATABASE_URI=database_url
+    )
+    NachocodeWebhook(synchronous).on_purchase(lambda e: effects.append("y"))
+    runner = synchronous.test_cli_runner()
+    waiting = runner.invoke(args=["nachocode", "requeue", "--older-than", "60"])
+    assert waiting.output.startswith("ran 0 queued deliveries")
+    ran = runner.invoke(args=["nachocode", "requeue"] + ["--older-than", "0"])
+    assert ran.output.startswith("ran 2 queued deliveries")
+    assert effects == ["y", "y"]
+    outcomes = rows_of(database_url, "SELECT outcome FROM nachocode_deliveries ORDER BY id")
+    assert [row.outcome for row in outcomes] == ["handled", "handled"]
+
+
 @pytest.fixture(params=["redis"])
 def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
     yield from _broker(request.param)
@@ -253,6 +376,7 @@ def deferred(database_url: str, broker_url: str, tmp_path: Path) -> Iterator[Def
             connection.default_channel.queue_delete(run.queue)
 
 
+@pytest.mark.integration
 def test_answered_202_at_once_then_handled_exactly_once(deferred: DeferredRun) -> None:
     deferred.start_worker()
     purchase = purchase_payload()
@@ -275,7 +399,9 @@ def test_answered_202_at_once_then_handled_exactly_once(deferred: DeferredRun) -
     assert (attempt.attempt, attempt.outcome, attempt.next_attempt_at) == (1, "handled", None)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("database", ["postgresql"])
+@pytest.mark.integration
 def test_nothing_depends_on_redis(
     database: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -295,6 +421,7 @@ def test_nothing_depends_on_redis(
                 connection.default_channel.queue_delete(run.queue)
 
 
+@pytest.mark.integration
 def test_ten_identical_deliveries_at_once_one_202_nine_duplicates_one_effect(
     deferred: DeferredRun,
 ) -> None:
@@ -321,6 +448,7 @@ def test_ten_identical_deliveries_at_once_one_202_nine_duplicates_one_effect(
     assert deferred.effects() == [identity_of(purchase)]
 
 
+@pytest.mark.integration
 def test_a_handler_failing_twice_is_handled_on_the_third_attempt(deferred: DeferredRun) -> None:
     deferred.file("fail_times").write_text("2")
     deferred.start_worker()
@@ -340,6 +468,7 @@ def test_a_handler_failing_twice_is_handled_on_the_third_attempt(deferred: Defer
     assert deferred.effects() == [identity_of(purchase)]
 
 
+@pytest.mark.integration
 def test_a_handler_that_always_fails_ends_failed_then_replays_once_fixed(
     deferred: DeferredRun,
 ) -> None:
@@ -361,7 +490,8 @@ def test_a_handler_that_always_fails_ends_failed_then_replays_once_fixed(
     assert deferred.effects() == []
     assert deferred.query("SELECT count(*) FROM nachocode_claims")[0][0] == 0
     shown = deferred.flask("show", str(delivery))
-    assert "3. failed" in shown.stdout and "the grant API is down" in shown.stdout
+    assert "3. failed" in shown.stdout
+    assert "the grant API is down" in shown.stdout
 
     deferred.file("fail").unlink()
     replayed = deferred.flask("replay", "--failed")
@@ -400,10 +530,12 @@ def _kill_mid_handler(run: DeferredRun) -> dict[str, float]:
     return figures
 
 
+@pytest.mark.integration
 def test_a_worker_killed_mid_handler_then_restarted_has_one_effect(deferred: DeferredRun) -> None:
     _kill_mid_handler(deferred)
 
 
+@pytest.mark.integration
 def test_without_a_worker_deliveries_stay_queued_until_one_starts(deferred: DeferredRun) -> None:
     purchases = [purchase_payload() for _ in range(3)]
     with deferred.server():
@@ -419,6 +551,7 @@ def test_without_a_worker_deliveries_stay_queued_until_one_starts(deferred: Defe
     assert sorted(deferred.effects()) == sorted(identity_of(p) for p in purchases)
 
 
+@pytest.mark.integration
 def test_a_flushed_broker_loses_the_tasks_and_requeue_recovers_them(deferred: DeferredRun) -> None:
     import redis
 

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from apps.counter_app import effects_table
 from celery import Celery, Task
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
-from apps.counter_app import effects_table
 from flask_nachocode import NachocodeWebhook
 
 db = SQLAlchemy()
