@@ -105,6 +105,16 @@ class HandledAnswerSchema(Schema):
     )
 
 
+class QueuedAnswerSchema(HandledAnswerSchema):
+    """The answer to a delivery kept for a worker (``NACHOCODE_DEFERRED``)."""
+
+    deferred = fields.Boolean(
+        required=True,
+        validate=validate.OneOf([True]),
+        metadata={"description": "Kept as queued; a worker runs the handlers, with retries."},
+    )
+
+
 class ErrorAnswerSchema(Schema):
     """The one error answer (:func:`flask_nachocode.errors.error_answer`)."""
 
@@ -174,6 +184,8 @@ def build_document(state: AppState) -> dict[str, Any]:
         spec.components.schema(component, extra, schema=SCHEMAS[event])
     spec.components.schema("HandledAnswer", schema=HandledAnswerSchema)
     spec.components.schema("ErrorAnswer", schema=ErrorAnswerSchema)
+    if state.deferred:
+        spec.components.schema("QueuedAnswer", schema=QueuedAnswerSchema)
     if state.keys:
         spec.components.security_scheme(
             "webhookKey",
@@ -191,6 +203,12 @@ def build_document(state: AppState) -> dict[str, Any]:
             "content": {"application/json": {"schema": "HandledAnswer"}},
         }
     }
+    if state.deferred:
+        responses["200"]["description"] = "A duplicate of a queued or handled event."
+        responses["202"] = {
+            "description": "Valid and claimed: kept as queued for a worker to handle.",
+            "content": {"application/json": {"schema": "QueuedAnswer"}},
+        }
     for refusal, description in REFUSALS:
         if refusal is not Unauthorized or state.keys:
             responses[str(refusal.status)] = {"description": description, **error}

@@ -152,3 +152,34 @@ def test_the_documents_examples_are_valid_and_handled(make_app: MakeApp) -> None
             assert answer.status_code == 200, answer.json
             count += 1
     assert count == len(received) == 5  # purchase and refund on each platform, unavailable_users
+
+
+def test_with_deferral_the_202_answer_is_documented_and_matches(tmp_path: Any) -> None:
+    from celery import Celery
+    from flask import Flask
+
+    from flask_nachocode import NachocodeWebhook
+
+    app = Flask("deferred_openapi", instance_path=str(tmp_path))
+    app.config.update(
+        TESTING=True,
+        NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY,
+        NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'nachocode.db'}",
+        NACHOCODE_DEFERRED=True,
+    )
+    # A broker no worker reads: the delivery stays queued.
+    app.extensions["celery"] = Celery("deferred_openapi", broker="memory://")
+    NachocodeWebhook(app).on_purchase(lambda event: None)
+    document = fetch_document(app)
+    responses = document["paths"]["/nachocode/webhooks/purchase"]["post"]["responses"]
+    assert responses["202"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/QueuedAnswer"
+    }
+    client = app.test_client()
+    purchase = purchase_payload()
+    queued = post_delivery(client, "purchase", purchase)
+    duplicate = post_delivery(client, "purchase", purchase)
+    assert [queued.status_code, duplicate.status_code] == [202, 200]
+    validator(document, "QueuedAnswer").validate(queued.json)
+    validator(document, "HandledAnswer").validate(duplicate.json)
+    assert not validator(document, "QueuedAnswer").is_valid(duplicate.json)
