@@ -118,6 +118,7 @@ class Store:
         self.deliveries, self.claims, self.purchases, self.attempts = define_tables(self.metadata)
         self._lock = threading.Lock()
         self._ready = False
+        self._attempts_table_exists = False
         self._engine: Engine | None = None
         self.session: Any
         if db is not None:
@@ -307,8 +308,19 @@ class Store:
         table = self.deliveries
         connection.execute(sa.update(table).where(table.c.id == delivery_id).values(**values))
 
+    def has_attempts_table(self) -> bool:
+        """Whether ``nachocode_attempts`` exists: a database made before deferral, whose
+        migration has not added it yet, must keep working for ``show``, the inspector
+        and ``prune``. Asked again until it is there."""
+        if not self._attempts_table_exists:
+            self.ensure_ready()
+            self._attempts_table_exists = sa.inspect(self.engine).has_table(self.attempts.name)
+        return self._attempts_table_exists
+
     def attempts_of(self, delivery_id: int) -> list[sa.Row[Any]]:
         """The attempts of deferred delivery ``delivery_id``, first attempt first."""
+        if not self.has_attempts_table():
+            return []
         attempts = self.attempts
         query = (
             sa.select(attempts)
@@ -488,9 +500,12 @@ class Store:
         table, attempts = self.deliveries, self.attempts
         # A queued delivery is work still to do, however old: never pruned.
         old = sa.and_(table.c.received_at < utcnow() - older_than, table.c.outcome != "queued")
-        self.session.execute(
-            sa.delete(attempts).where(attempts.c.delivery_id.in_(sa.select(table.c.id).where(old)))
-        )
+        if self.has_attempts_table():
+            self.session.execute(
+                sa.delete(attempts).where(
+                    attempts.c.delivery_id.in_(sa.select(table.c.id).where(old))
+                )
+            )
         result: Any = self.session.execute(sa.delete(table).where(old))
         self.session.commit()
         return int(result.rowcount)

@@ -308,3 +308,23 @@ def test_the_portable_claim_refuses_a_second_insert_and_keeps_the_transaction(
     finally:
         claims.drop(engine)
         engine.dispose()
+
+
+def test_a_database_made_before_deferral_keeps_working_without_the_attempts_table(
+    database_url: str, store_apps: Any
+) -> None:
+    """An app with ``db=`` whose migrations have not added ``nachocode_attempts`` yet:
+    deliveries, ``show``, the inspector's data and ``prune`` work as before."""
+    store_app = store_apps(database_url, "shared_db")
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE nachocode_attempts")
+    engine.dispose()
+    answer = post_delivery(store_app.client, "purchase", purchase_payload())
+    assert answer.status_code == 200
+    cli = store_app.app.test_cli_runner()
+    shown = cli.invoke(args=["nachocode", "show", str(answer.get_json()["delivery"])])
+    assert shown.exit_code == 0, shown.output
+    assert "handled (200)" in shown.output
+    pruned = cli.invoke(args=["nachocode", "prune", "--older-than", "0"])
+    assert pruned.output.startswith("deleted 1 deliveries"), pruned.output
