@@ -38,7 +38,8 @@ class NachocodeWebhook:
     ``NACHOCODE_DATABASE_URI``.
 
     Handlers run synchronously inside the request, in registration order
-    (decorated ones first, then ``NACHOCODE_HANDLERS``). One extension object can
+    (decorated ones first, then ``NACHOCODE_HANDLERS``), or in a Celery worker
+    with ``NACHOCODE_DEFERRED``. One extension object can
     serve several apps; its decorated handlers apply to all of them.
     """
 
