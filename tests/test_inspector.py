@@ -520,3 +520,49 @@ def test_with_the_apps_own_flask_sqlalchemy_db(tmp_path: Path) -> None:
     client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": token})
     assert handlers.handled == ["frank"]
     assert '<span class="badge handled" id="outcome">' in client.get(f"/nachocode/deliveries/{delivery}").text
+
+
+def test_a_deferred_delivery_shows_it_is_queued_then_each_attempt(tmp_path: Any) -> None:
+    from celery import Celery
+
+    from flask_nachocode.state import current_state
+    from flask_nachocode.worker import run_attempt
+
+    app = Flask("deferred_inspector", instance_path=str(tmp_path))
+    app.config.update(
+        TESTING=True,
+        SECRET_KEY=SECRET_KEY,
+        NACHOCODE_WEBHOOK_KEY="key",
+        NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'nachocode.db'}",
+        NACHOCODE_INSPECTOR=True,
+        NACHOCODE_INSPECTOR_TOKEN=TOKEN,
+        NACHOCODE_DEFERRED=True,
+        NACHOCODE_RETRY_DELAYS=[60],
+    )
+    # A broker no worker reads: the test runs the attempts itself, as a worker would.
+    app.extensions["celery"] = Celery("deferred_inspector", broker="memory://")
+    handlers = FailingHandlers(NachocodeWebhook(app))
+    client = app.test_client()
+    assert client.get(f"/nachocode/deliveries?token={TOKEN}").status_code == 303
+    delivery = send(client)
+    page = client.get(f"/nachocode/deliveries/{delivery}").text
+    assert 'id="outcome">queued<' in page
+    assert "Answered 202 and queued" in page
+    assert 'id="attempts"' not in page
+
+    handlers.failing = True
+    with app.app_context():
+        run_attempt(current_state(), delivery, 1)
+    page = client.get(f"/nachocode/deliveries/{delivery}").text
+    assert "the next attempt is due" in page
+    assert "RuntimeError: the grant service is down" in page
+    assert "raise RuntimeError" in page  # the attempt's traceback
+
+    handlers.failing = False
+    with app.app_context():
+        run_attempt(current_state(), delivery, 2)
+    page = client.get(f"/nachocode/deliveries/{delivery}").text
+    assert 'id="outcome">handled<' in page
+    assert "Answered 202 and queued" not in page
+    rows = re.findall(r"<tr>\s*<td>(\d)</td>\s*<td><span class=\"badge (\w+)\"", page)
+    assert rows == [("1", "failed"), ("2", "handled")]
