@@ -10,5 +10,6 @@ from __future__ import annotations
 
 from . import create_app
 
-flask_app = create_app()
+# The worker exists for deferral only: on here, whatever the environment says.
+flask_app = create_app({"NACHOCODE_DEFERRED": True})
 celery_app = flask_app.extensions["celery"]
