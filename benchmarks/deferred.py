@@ -113,6 +113,19 @@ def post_sequentially(port: int, count: int, ids: list[int] | None = None) -> li
     return seconds
 
 
+def wait_until_handled(engine: sa.Engine, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as connection:
+            queued = connection.exec_driver_sql(
+                "SELECT count(*) FROM nachocode_deliveries WHERE outcome = 'queued'"
+            ).scalar_one()
+        if not queued:
+            return
+        time.sleep(0.2)
+    raise RuntimeError("the worker did not handle every delivery in time")
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
@@ -192,15 +205,8 @@ def main() -> None:
                         answers["paused"] += post_sequentially(ports["deferred"], count)
                     finally:
                         os.killpg(worker.pid, signal.SIGCONT)
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    with engine.connect() as connection:
-                        queued = connection.exec_driver_sql(
-                            "SELECT count(*) FROM nachocode_deliveries WHERE outcome = 'queued'"
-                        ).scalar_one()
-                    if not queued:
-                        break
-                    time.sleep(0.2)
+                    # The next round's deliveries must not queue behind this backlog.
+                    wait_until_handled(engine)
                 with engine.connect() as connection:
                     # Those of the rounds with the worker running (not paused).
                     handled_after = [
