@@ -142,8 +142,9 @@ def main() -> None:
     if not args.postgres or not args.redis:
         sys.exit("needs a PostgreSQL URL and a Redis URL (see the docstring)")
 
-    from live import BIN, free_port, gunicorn_args, live_server
     from redis import Redis
+
+    from support.live import BIN, free_port, gunicorn_args, live_server
 
     Redis.from_url(args.redis).flushdb()
     queue = f"bench-{uuid.uuid4().hex[:8]}"

@@ -28,15 +28,21 @@ import pytest
 import requests
 import sqlalchemy as sa
 from celery import Celery
-from conftest import WEBHOOK_KEY
 from flask import Flask
-from live import BIN, ROOT, free_port, gunicorn_args, live_server
 
 from flask_nachocode import NachocodeWebhook, Refuse, delivery_failed, delivery_retry
 from flask_nachocode.testing import post_delivery, purchase_payload
 
+from support.common import WEBHOOK_KEY
+from support.live import BIN, ROOT, free_port, gunicorn_args, live_server
+
+#: Every test here runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.every_database
+
 REDIS_URL = os.environ.get("NACHOCODE_TEST_REDIS_URL")
 RABBITMQ_URL = os.environ.get("NACHOCODE_TEST_RABBITMQ_URL")
+#: Run in a process of its own, with the app's environment.
+CREATE_TABLES = "from support.deferred_app import app, db\nwith app.app_context(): db.create_all()"
 #: Seconds a test waits for the worker before it fails.
 PATIENCE = 60.0
 
@@ -78,7 +84,7 @@ class DeferredRun:
 
     def flask(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(BIN / "flask"), "--app", "apps.deferred_app", "nachocode", *args],
+            [str(BIN / "flask"), "--app", "support.deferred_app", "nachocode", *args],
             cwd=ROOT,
             env={**os.environ, **self.env},
             capture_output=True,
@@ -90,7 +96,7 @@ class DeferredRun:
     def server(self) -> Iterator[str]:
         port = free_port()
         with live_server(
-            gunicorn_args("apps.deferred_app:app", port, workers=2),
+            gunicorn_args("support.deferred_app:app", port, workers=2),
             port=port,
             env=self.env,
             log_path=self.directory / "gunicorn.log",
@@ -105,7 +111,7 @@ class DeferredRun:
         self._worker_logs += 1
         log_path = self.directory / f"worker-{self._worker_logs}.log"
         command = [
-            str(BIN / "celery"), "-A", "apps.deferred_app:celery_app", "worker",
+            str(BIN / "celery"), "-A", "support.deferred_app:celery_app", "worker",
             "--pool", "prefork", "--concurrency", "2", "--queues", self.queue,
             "--hostname", f"{self.queue}-{self._worker_logs}@%h", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
@@ -164,7 +170,7 @@ class DeferredRun:
             engine.dispose()
 
     def effects(self) -> list[str]:
-        return [row[0] for row in self.query("SELECT identity FROM deferred_effects ORDER BY id")]
+        return [row[0] for row in self.query("SELECT identity FROM test_effects ORDER BY id")]
 
     def outcomes(self) -> list[str]:
         return [
@@ -366,7 +372,7 @@ def _broker(kind: str) -> Iterator[str]:
 @pytest.fixture
 def deferred(database_url: str, broker_url: str, tmp_path: Path) -> Iterator[DeferredRun]:
     run = DeferredRun(database_url, broker_url, tmp_path)
-    run.python("from apps.deferred_app import app, db\nwith app.app_context(): db.create_all()")
+    run.python(CREATE_TABLES)
     yield run
     run.stop_workers()
     if broker_url.startswith("amqp"):
@@ -400,17 +406,12 @@ def test_answered_202_at_once_then_handled_exactly_once(deferred: DeferredRun) -
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("database", ["postgresql"])
-@pytest.mark.integration
-def test_nothing_depends_on_redis(
-    database: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> None:
+def test_nothing_depends_on_redis(postgres_url: str, tmp_path: Path) -> None:
     """The same run on RabbitMQ, with a worker killed mid-handler: the broker gives
     the unacknowledged task back the moment the worker's connection drops."""
-    url = str(request.getfixturevalue("postgres_url"))
     for broker in _broker("rabbitmq"):
-        run = DeferredRun(url, broker, tmp_path)
-        run.python("from apps.deferred_app import app, db\nwith app.app_context(): db.create_all()")
+        run = DeferredRun(postgres_url, broker, tmp_path)
+        run.python(CREATE_TABLES)
         try:
             _kill_mid_handler(run)
         finally:

@@ -1,11 +1,12 @@
 """A test app with NACHOCODE_DEFERRED, run by gunicorn and by a real Celery worker
-(``celery -A apps.deferred_app:celery_app worker``), set up as in Flask's
+(``celery -A support.deferred_app:celery_app worker``), set up as in Flask's
 "Background Tasks with Celery" pattern.
 
 Configured by environment variables:
   DEFERRED_APP_DATABASE_URL  the database (SQLite file or PostgreSQL); the app shares
                              its Flask-SQLAlchemy ``db``, so the handler's effect row
-                             commits with the delivery's move to ``handled``
+                             (in ``test_effects``) commits with the delivery's move to
+                             ``handled``
   DEFERRED_APP_BROKER_URL    the Celery broker (Redis or RabbitMQ)
   DEFERRED_APP_QUEUE         the queue's name (each test run its own)
   DEFERRED_APP_DIR           a directory through which the test steers the handler:
@@ -26,15 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from apps.counter_app import effects_table
 from celery import Celery, Task
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 from flask_nachocode import NachocodeWebhook
 
+from support.effects_app import effects_table
+
 db = SQLAlchemy()
-deferred_effects = effects_table(db.metadata, "deferred_effects")
+deferred_effects = effects_table(db.metadata)
 nachocode = NachocodeWebhook(db=db)
 
 
