@@ -4,6 +4,7 @@ signals and the slow-delivery warning."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -24,8 +25,8 @@ from flask_nachocode import (
     delivery_handled,
     delivery_received,
 )
-from flask_nachocode.schemas import MAX_COUNT
-from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
+from flask_nachocode.schemas import MAX_COUNT, MAX_ID_LENGTH
+from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload, unavailable_users_payload
 
 AppFactory = Callable[..., "tuple[Flask, NachocodeWebhook]"]
 AUTH = {"Authorization": f"Bearer {WEBHOOK_KEY}"}
@@ -60,8 +61,8 @@ def app_and_calls(make_app: AppFactory) -> tuple[Flask, list[Any]]:
     return app, calls
 
 
-def post_raw(app: Flask, url: str, data: bytes | str, content_type: str = "application/json", **kwargs: Any) -> Any:
-    return app.test_client().post(url, data=data, headers={**AUTH, "Content-Type": content_type}, **kwargs)
+def post_raw(app: Flask, url: str, data: bytes | str, content_type: str = "application/json", headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    return app.test_client().post(url, data=data, headers={**AUTH, "Content-Type": content_type, **(headers or {})}, **kwargs)
 
 
 # -- handled ------------------------------------------------------------------------
@@ -121,6 +122,20 @@ def test_400_for_a_body_that_is_not_a_json_object(app_and_calls: Any, data: byte
     assert calls == []
     [row] = stored_deliveries(app)
     assert (row.outcome, row.status, row.event, bytes(row.body)) == ("invalid", 400, "purchase", data)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate, gzip", "br"])
+def test_415_for_a_compressed_body(app_and_calls: Any, encoding: str) -> None:
+    # RFC 9110 15.5.16: an unsupported content coding is a 415 naming what is accepted.
+    app, calls = app_and_calls
+    response = post_raw(app, URLS["purchase"], gzip.compress(json.dumps(purchase_payload()).encode()), headers={"Content-Encoding": encoding})
+    answer = check_answer(response, 415)
+    assert answer["error"] == "unsupported_media_type" and "Content-Encoding" in answer["message"]
+    assert response.headers["Accept-Encoding"] == "identity"
+    assert calls == []
+    assert [(row.outcome, row.status) for row in stored_deliveries(app)] == [("invalid", 415)]
+    identity = post_raw(app, URLS["purchase"], json.dumps(purchase_payload()), headers={"Content-Encoding": "identity"})
+    check_answer(identity, 200)
 
 
 @pytest.mark.parametrize("content_type", [
@@ -255,6 +270,8 @@ def test_422_when_the_all_events_url_cannot_tell_the_event(app_and_calls: Any, b
     app, calls = app_and_calls
     answer = check_answer(post_delivery(app.test_client(), "any", body), 422)
     assert reason in answer["message"]
+    # Every 422 has `errors`; a reason about the whole body is under `_body`.
+    assert answer["errors"] == {"_body": [answer["message"]]}
     assert answer["event"] is None
     assert calls == []
     assert [row.outcome for row in stored_deliveries(app)] == ["invalid"]
@@ -286,9 +303,60 @@ def test_refunds_of_the_largest_quantity_cannot_overflow_the_ledger(make_app: Ap
     refund_all = refund_payload(purchase, refund_quantity=MAX_COUNT, refunded_at="2030-01-01T00:00:00Z")
     check_answer(post_delivery(app.test_client(), "refund", refund_all), 200)
     one_more = refund_payload(purchase, refund_quantity=MAX_COUNT, refunded_at="2030-01-02T00:00:00Z")
-    assert check_answer(post_delivery(app.test_client(), "refund", one_more), 422)["error"] == "refund_exceeds_quantity"
+    refused = check_answer(post_delivery(app.test_client(), "refund", one_more), 422)
+    assert refused["error"] == "refund_exceeds_quantity"
+    assert refused["errors"] == {"_body": [refused["message"]]}
     too_many = check_answer(post_delivery(app.test_client(), "purchase", purchase_payload(quantity=MAX_COUNT + 1)), 422)
     assert list(too_many["errors"]) == ["quantity"]
+
+
+@pytest.mark.parametrize("marker", ["refundedAt", "refundQuantity", "tokenNotFoundUserIds"])
+def test_a_null_marker_does_not_decide_the_event(app_and_calls: Any, marker: str) -> None:
+    # /webhooks/purchase takes a purchase carrying "refundedAt": null; so must the all-events URL.
+    app, calls = app_and_calls
+    for route in ("purchase", "any"):
+        answer = check_answer(post_delivery(app.test_client(), route, {**purchase_payload(), marker: None}), 200)
+        assert (answer["event"], answer["duplicate"]) == ("purchase", False)
+    assert [call.name for call in calls] == ["purchase", "purchase"]
+    only_nulls = check_answer(post_delivery(app.test_client(), "any", {"refundedAt": None, "requestedAt": None}), 422)
+    assert "fits no event" in only_nulls["errors"]["_body"][0]
+
+
+HANGUL = "".join(chr(0xAC00 + (index * 7919) % 11172) for index in range(950))
+
+
+def test_ids_are_bounded_so_that_every_database_can_index_them(make_app: AppFactory, database_url: str) -> None:
+    # 950 Hangul syllables are 2,850 bytes: past PostgreSQL's B-tree entry limit, which
+    # made this purchase a 503 forever. Ids are bounded at 256 characters on every database.
+    app, nachocode = make_app(NACHOCODE_DATABASE_URI=database_url)
+    calls: list[Any] = []
+    nachocode.on_purchase(calls.append)
+    nachocode.on_unavailable_users(calls.append)
+    client = app.test_client()
+
+    too_long = check_answer(post_delivery(client, "purchase", purchase_payload(userId=HANGUL)), 422)
+    assert too_long["errors"] == {"userId": [f"Length must be between 1 and {MAX_ID_LENGTH}."]}
+    for field in ("nachoProductId", "productId"):
+        assert list(check_answer(post_delivery(client, "purchase", purchase_payload(**{field: "p" * 257})), 422)["errors"]) == [field]
+    push = check_answer(post_delivery(client, "unavailable_users", unavailable_users_payload(tokenInvalidUserIds=["u" * 257])), 422)
+    assert list(push["errors"]) == ["tokenInvalidUserIds.0"]
+    # An invalid body with such a userId is recorded too (its userId is in the body only).
+    invalid = check_answer(post_delivery(client, "any", {"userId": HANGUL, "fits": "no event"}), 422)
+    assert invalid["errors"]["_body"]
+    # The longest id accepted, in the widest characters, fits the indexes.
+    longest = purchase_payload(userId=HANGUL[:MAX_ID_LENGTH], nachoProductId=HANGUL[:MAX_ID_LENGTH])
+    check_answer(post_delivery(client, "purchase", longest), 200)
+    assert [call.user_id for call in calls] == [HANGUL[:MAX_ID_LENGTH]]
+
+    rows = stored_deliveries(app)
+    assert [(row.outcome, row.status) for row in rows] == [("invalid", 422)] * 5 + [("handled", 200)]
+    assert json.loads(rows[0].body)["userId"] == json.loads(rows[4].body)["userId"] == HANGUL
+    assert rows[0].user_id is None and rows[4].user_id is None
+    assert rows[5].user_id == HANGUL[:MAX_ID_LENGTH]
+    with app.app_context():
+        assert [p.user_id for p in nachocode.ledger.purchases_of(HANGUL[:MAX_ID_LENGTH], environment=None)] == [HANGUL[:MAX_ID_LENGTH]]
+        # Longer than any id: nothing to find, and nothing asked of the database.
+        assert nachocode.ledger.purchases_of(HANGUL, environment=None) == []
 
 
 # -- 501 and 500 ------------------------------------------------------------------------
@@ -476,6 +544,36 @@ def test_signals_for_received_handled_and_failed(app_and_calls: Any) -> None:
     assert duplicate["result"].duplicate is True
     assert failed["event"] is None
     assert (failed["result"].status, failed["error"].status) == (422, 422)
+
+
+@pytest.mark.parametrize("signal", [delivery_handled, delivery_failed], ids=["handled", "failed"])
+def test_a_raising_receiver_is_logged_and_the_answer_is_what_was_stored(
+    make_app: AppFactory, database_url: str, caplog: pytest.LogCaptureFixture, signal: Any
+) -> None:
+    # TESTING off: Flask would otherwise re-raise an escaped exception into the test.
+    app, nachocode = make_app(NACHOCODE_DATABASE_URI=database_url, TESTING=False)
+    nachocode.on_purchase(lambda event: None)
+    later: list[str] = []
+
+    def broken_metrics(sender: Flask, **extra: Any) -> None:
+        raise ZeroDivisionError("metrics-bug-4e1a")
+
+    purchase = purchase_payload()
+    with signal.connected_to(broken_metrics, app), signal.connected_to(lambda sender, **extra: later.append(extra["result"].outcome), app), \
+            caplog.at_level(logging.ERROR, logger="flask_nachocode"):
+        handled = check_answer(post_delivery(app.test_client(), "purchase", purchase), 200)
+        duplicate = check_answer(post_delivery(app.test_client(), "purchase", purchase), 200)
+        invalid = check_answer(post_delivery(app.test_client(), "purchase", {"userId": "u"}), 422)
+    assert (handled["duplicate"], duplicate["duplicate"], invalid["error"]) == (False, True, "invalid_event")
+    rows = stored_deliveries(app)
+    assert [(row.id, row.outcome, row.status) for row in rows] == [
+        (handled["delivery"], "handled", 200), (duplicate["delivery"], "duplicate", 200), (invalid["delivery"], "invalid", 422)
+    ]
+    raised = [record for record in caplog.records if record.exc_info and record.exc_info[0] is ZeroDivisionError]
+    expected = ["handled", "duplicate"] if signal is delivery_handled else ["invalid"]
+    assert [record.getMessage().rsplit(" ", 1)[-1] for record in raised] == expected
+    assert all(signal.name in record.getMessage() for record in raised)
+    assert later == expected  # the receivers after the broken one still ran
 
 
 def test_signals_are_sent_only_for_their_app(app_and_calls: Any) -> None:

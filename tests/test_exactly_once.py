@@ -5,6 +5,7 @@ concurrent identical deliveries across gunicorn workers handled once."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
+from flask_nachocode.delivery import DELIVERY_BUDGET_SECONDS
 from flask_nachocode.testing import (
     post_delivery,
     purchase_payload,
@@ -134,6 +136,48 @@ def test_one_commit_per_delivery_on_the_happy_path(make_store_app: Any) -> None:
         assert post_delivery(store_app.client, event, payload).status_code == 200
         assert len(commits) == before + 1, event
     assert len(store_app.effects()) == 4  # the handlers' writes were in those commits
+
+
+def test_a_delivery_waiting_on_a_stuck_transaction_gives_up_inside_the_budget(
+    make_store_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A network partition left a transaction open holding the purchase's claim (on
+    # SQLite: the database's write lock). A re-send used to wait until gunicorn killed
+    # the worker; it must answer a JSON 503 while Nachocode still listens.
+    store_app = make_store_app()
+    assert post_delivery(store_app.client, "purchase", purchase_payload()).status_code == 200  # tables made
+    purchase = purchase_payload()
+    stuck_engine = sa.create_engine(store_app.url, poolclass=sa.pool.NullPool)
+    stuck = stuck_engine.connect()
+    if stuck.dialect.name == "sqlite":
+        stuck.exec_driver_sql("BEGIN IMMEDIATE")
+    stuck.execute(
+        sa.text("INSERT INTO nachocode_claims (identity, event, claimed_at) VALUES (:identity, 'purchase', CURRENT_TIMESTAMP)"),
+        {"identity": identity_of(purchase)},
+    )
+    answers: list[Any] = []
+    waiting = threading.Thread(target=lambda: answers.append(post_delivery(store_app.client, "purchase", purchase)))
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        waiting.start()
+        # Generous: the point is that it answers at all, not how fast (benchmarks measure that).
+        waiting.join(timeout=3 * DELIVERY_BUDGET_SECONDS)
+    gave_up = not waiting.is_alive()
+    stuck.rollback()
+    stuck.close()
+    stuck_engine.dispose()
+    waiting.join()
+    assert gave_up, "the delivery kept waiting on the stuck transaction"
+    [answer] = answers
+    assert answer.status_code == 503 and answer.mimetype == "application/json"
+    assert answer.get_json()["error"] == "store_unavailable"
+    assert "another transaction holds" in answer.get_json()["message"]
+    assert any("gave up after waiting 5 s for a lock" in record.getMessage() for record in caplog.records)
+    assert identity_of(purchase) not in store_app.effects()  # no handler ran
+
+    # The stuck transaction gone, the re-send is handled.
+    again = post_delivery(store_app.client, "purchase", purchase)
+    assert (again.status_code, again.get_json()["duplicate"]) == (200, False)
+    assert identity_of(purchase) in store_app.effects()
 
 
 # --- the database unreachable ---

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from flask_nachocode import NachocodeWebhook
+from flask_nachocode.delivery import REDACTED
 from flask_nachocode.store import SQLITE_BUSY_TIMEOUT_MS, resolve_database_uri
 from flask_nachocode.testing import post_delivery, purchase_payload, unavailable_users_payload
 
@@ -121,9 +122,20 @@ def test_the_bearer_key_never_reaches_the_database_or_the_logs(
     store_app.client.post(
         "/nachocode/webhooks/purchase",
         json=purchase_payload(),
-        headers={"Authorization": f"bearer {key}", "Proxy-Authorization": f"Bearer {key}"},
+        headers={
+            "Authorization": f"bearer {key}",
+            "Proxy-Authorization": f"Bearer {key}",
+            # An API gateway that copies the key into a header of its own.
+            "X-Forwarded-Authorization": f"Bearer {key}",
+            "X-Request-Id": "req-42",
+        },
     )
     assert len(store_app.deliveries()) == 6
+    raw = store_app.deliveries()[-1].headers
+    headers = json.loads(raw) if isinstance(raw, str) else raw
+    assert headers["X-Forwarded-Authorization"] == REDACTED
+    assert headers["X-Request-Id"] == "req-42"
+    assert "Authorization" not in headers and "Proxy-Authorization" not in headers
     assert "SELECT" in caplog.text or "INSERT" in caplog.text  # the statements were logged
     assert key not in caplog.text
 
@@ -308,3 +320,31 @@ def test_the_portable_claim_refuses_a_second_insert_and_keeps_the_transaction(
     finally:
         claims.drop(engine)
         engine.dispose()
+
+
+def test_missing_tables_are_a_503_whose_log_says_what_to_run(
+    database_url: str, store_apps: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With db= the tables are the app's to create; forgetting to is a 503 for every
+    # delivery (nothing was handled), and both the first use and each failure say why.
+    store_app = store_apps(database_url, "shared_db", create_tables=False)
+    hint = "run `flask nachocode init-db`, or create them with your app's tables (db.create_all() or a migration)"
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        answer = post_delivery(store_app.client, "purchase", purchase_payload())
+    assert answer.status_code == 503 and answer.get_json()["error"] == "store_unavailable"
+    [warning, error] = [record.getMessage() for record in caplog.records]
+    assert "the tables nachocode_deliveries, nachocode_claims, nachocode_purchases are missing" in warning
+    assert hint in warning
+    assert "delivery not recorded" in error and "the nachocode tables are missing: " + hint in error
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        post_delivery(store_app.client, "purchase", purchase_payload())
+    # The warning once, at first use; the hint on every failure.
+    assert [hint in record.getMessage() and "not recorded" in record.getMessage() for record in caplog.records] == [True]
+    listed = store_app.app.test_cli_runner().invoke(args=["nachocode", "deliveries"])
+    assert listed.exit_code == 1 and hint in listed.output and "Traceback" not in listed.output
+
+    with store_app.app.app_context():
+        store_app.db.create_all()
+    assert post_delivery(store_app.client, "purchase", purchase_payload()).status_code == 200
