@@ -5,13 +5,12 @@ The schemas follow Nachocode's field tables (``shared/nachocode/README.md``):
 every documented field is required, numbers must be JSON numbers (not strings,
 not booleans), timestamps are ISO 8601 UTC. Unknown fields are accepted, since
 Nachocode may add some; the event keeps the original object on ``event.raw``.
-Schemas are built once at import: building one per request is a measurable cost.
+Schemas are built once at import, not per request.
 
 The fields make their checks in ``_deserialize``, in one pass, rather than through
-validators: marshmallow calls validators through an ``And()`` it builds on every
-call, and with three on most fields that was a quarter of a purchase's load. The
-OpenAPI document (:mod:`flask_nachocode.openapi`) reads their bounds from the
-attributes they keep.
+validators, which marshmallow runs through an ``And()`` it builds on every call
+(the manual's performance page has the figures). The OpenAPI document
+(:mod:`flask_nachocode.openapi`) reads their bounds from the attributes they keep.
 """
 
 from __future__ import annotations
@@ -60,11 +59,8 @@ class _SelfChecking(fields.Field):  # type: ignore[type-arg]
     def deserialize(
         self, value: Any, attr: str | None = None, data: Any = None, **kwargs: Any
     ) -> Any:
-        # Around _deserialize, marshmallow's deserialize deals with missing and null
-        # values, field-level hooks and validators, and runs the validators through an
-        # And() it builds on every call, even when there are none: more than half of
-        # what a field costs. A value that is there, for a field given no validators
-        # or hooks, needs nothing but _deserialize.
+        # marshmallow's deserialize wraps _deserialize in missing/null handling, hooks
+        # and validators; a present value of a field with none of those needs only it.
         if value is missing or value is None or self.validators or self._hooked:
             return super().deserialize(value, attr, data, **kwargs)
         return self._deserialize(value, attr, data, **kwargs)
@@ -265,8 +261,7 @@ def _count() -> BoundedInteger:
 
 
 # The schemas validate; their ``build`` makes the typed object of what ``load``
-# returned. A post_load hook would do the same, but marshmallow's dispatch of it
-# costs about 2 µs per schema, and a purchase goes through two.
+# returned: a post_load hook would do the same through marshmallow's slower dispatch.
 
 
 class PlayStoreDataSchema(Schema):
