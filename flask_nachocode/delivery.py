@@ -54,7 +54,9 @@ def storable_headers(headers: Any, keys: tuple[bytes, ...]) -> dict[str, str]:
     for name, value in headers.items():
         if name.lower() in _SECRET_HEADERS:
             continue
-        raw = value.encode("utf-8", "surrogateescape")
+        # WSGI hands header values over as latin-1 text: encoding back gives the bytes
+        # sent, which hold a key's UTF-8 bytes however the key is spelled.
+        raw = value.encode("latin-1", "replace")
         stored[name] = REDACTED if any(key in raw for key in keys) else value
     return stored
 
