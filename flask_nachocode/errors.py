@@ -96,8 +96,9 @@ class HandlerFailed(WebhookError):
 
 
 class InternalError(WebhookError):
-    """Anything else that went wrong outside the handlers (a bug, or a signal
-    receiver that raised): still one JSON answer, logged by Flask with its traceback."""
+    """Anything else that went wrong outside the handlers (a bug, or a
+    ``delivery_received`` receiver that raised): still one JSON answer, logged by
+    Flask with its traceback."""
 
     status = 500
     code = "internal_error"

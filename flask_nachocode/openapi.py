@@ -94,7 +94,11 @@ REFUSALS: list[tuple[type[WebhookError], str]] = [
         NoHandler,
         "No handler is registered for the event; the delivery is stored and can be replayed.",
     ),
-    (StoreUnavailable, "The delivery store could not be reached; nothing was handled."),
+    (
+        StoreUnavailable,
+        "The delivery store could not be reached, its tables are missing, or another "
+        "transaction held this delivery's lock for 5 s; nothing was handled.",
+    ),
 ]
 
 

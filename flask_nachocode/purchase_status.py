@@ -12,9 +12,9 @@ the grant, a cached grant would outlive a refund):
 - 200 ``{"success": true, "status": "granted" | "partially_refunded" | "refunded", ...}``
   once the purchase was handled;
 - 404 ``{"success": false, "status": "pending"}`` before that, and also when
-  ``userId`` is missing or is not the buyer's: a wrong user id looks exactly
-  like a purchase that has not arrived, so the route tells nobody which
-  purchases exist;
+  ``userId`` is missing or is not the buyer's (or could be nobody's: a NUL, or
+  longer than any user id): a wrong user id looks exactly like a purchase that
+  has not arrived, so the route tells nobody which purchases exist;
 - 400 ``bad_iap_log_id`` when the id is not a non-negative integer (a bug in
   the caller, not a question about a purchase);
 - 503 ``store_unavailable`` when the database cannot be read.
