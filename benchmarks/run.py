@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from live import free_port, gunicorn_args, live_server, worker_pids  # noqa: E402
+from support.live import free_port, gunicorn_args, live_server, worker_pids  # noqa: E402
 
 from benchmarks.apps import KEY, PATH, prepare_database  # noqa: E402
 

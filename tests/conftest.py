@@ -1,11 +1,23 @@
-"""Shared fixtures: apps, databases (SQLite always, PostgreSQL when configured), bodies."""
+"""Shared fixtures: the one app factory (``make_app``) and what builds on it.
+
+``make_app`` builds an app with the extension on one store *variant*: a database
+(an SQLite file, or PostgreSQL when NACHOCODE_TEST_POSTGRES_URL is set) and a mode
+(``own_engine``: the extension's engine on NACHOCODE_DATABASE_URI; ``shared_db``:
+``NachocodeWebhook(app, db=db)`` with the app's Flask-SQLAlchemy ``db``). A test
+runs on SQLite with the own engine unless it is marked:
+
+``@pytest.mark.every_database``  runs it on SQLite and on PostgreSQL;
+``@pytest.mark.every_mode``      runs it with the own engine and with a shared db;
+``@pytest.mark.every_store``     both: all four variants.
+ ``database_url`` and
+``store_mode`` name the variant, for tests that need them without an app.
+"""
 
 from __future__ import annotations
 
-import json
-import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -14,36 +26,35 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_nachocode import NachocodeWebhook
 
-FIXTURES = Path(__file__).parent / "fixtures"
-WEBHOOK_KEY = "test-key-7d4c"
+from support.common import POSTGRES_URL, WEBHOOK_KEY, reset_postgres
+from support.effects_app import effects_table
+from support.fuzz import Harness
 
-#: A PostgreSQL URL for the store tests, e.g.
-#: postgresql+psycopg://postgres@127.0.0.1:5432/test. Its public schema is
-#: wiped before each test that uses it: point it at a throwaway database.
-POSTGRES_URL = os.environ.get("NACHOCODE_TEST_POSTGRES_URL")
-
-
-def load_fixture(name: str) -> dict[str, Any]:
-    """One of Nachocode's documented example bodies (copied from shared/nachocode/fixtures)."""
-    return json.loads((FIXTURES / f"{name}.json").read_text())
+DATABASES = ("sqlite", "postgresql")
+MODES = ("own_engine", "shared_db")
 
 
-def delivery_rows(app: Flask) -> int:
-    """How many deliveries ``app``'s store holds."""
-    with app.app_context():
-        store = app.extensions["nachocode"].store
-        store.ensure_ready()
-        total = store.session.execute(sa.select(sa.func.count()).select_from(store.deliveries)).scalar_one()
-        store.session.rollback()  # end the read: SQLite writers must not wait on it
-        return int(total)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrise ``store_variant`` as the test's marks ask (see the module docstring)."""
+    if "store_variant" not in metafunc.fixturenames:
+        return
+    marked = {
+        name
+        for name in ("every_database", "every_mode", "every_store")
+        if metafunc.definition.get_closest_marker(name)
+    }
+    databases = DATABASES if marked & {"every_database", "every_store"} else ("sqlite",)
+    modes = MODES if marked & {"every_mode", "every_store"} else ("own_engine",)
+    variants = [(database, mode) for database in databases for mode in modes]
+    if len(variants) > 1:
+        ids = [f"{database}-{mode}" for database, mode in variants]
+        metafunc.parametrize("store_variant", variants, indirect=True, ids=ids)
 
 
-def reset_postgres(url: str) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as connection:
-        connection.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
-        connection.exec_driver_sql("CREATE SCHEMA public")
-    engine.dispose()
+@pytest.fixture
+def store_variant(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(database, mode) of the test's variant; SQLite and the own engine when unmarked."""
+    return getattr(request, "param", ("sqlite", "own_engine"))  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -54,77 +65,44 @@ def postgres_url() -> str:
     return POSTGRES_URL
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each test using this runs on an SQLite file and on PostgreSQL."""
-    if request.param == "sqlite":
+@pytest.fixture
+def database_url(
+    request: pytest.FixtureRequest, store_variant: tuple[str, str], tmp_path: Path
+) -> str:
+    """The variant's database: an SQLite file in ``tmp_path``, or PostgreSQL (wiped)."""
+    if store_variant[0] == "sqlite":
         return f"sqlite:///{tmp_path / 'nachocode.db'}"
     return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture
-def make_app(tmp_path: Path) -> Callable[..., tuple[Flask, NachocodeWebhook]]:
-    """Build a fresh app with the extension; keyword arguments are config."""
-
-    def make(**config: Any) -> tuple[Flask, NachocodeWebhook]:
-        app = Flask("nachocode_test_app", instance_path=str(tmp_path / "instance"))
-        app.config.update(
-            TESTING=True,
-            NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY,
-            NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'nachocode.db'}",
-        )
-        app.config.update(config)
-        return app, NachocodeWebhook(app)
-
-    return make
+def store_mode(store_variant: tuple[str, str]) -> str:
+    return store_variant[1]
 
 
-def stored_deliveries(app: Flask) -> list[Any]:
-    """Every delivery the app's store holds, oldest first (rows with ``outcome``,
-    ``status``, ``event``, ``body``, ``headers``, ``traceback``...)."""
-    store = app.extensions["nachocode"].store
-    with app.app_context():
-        store.ensure_ready()
-        rows = store.session.execute(sa.select(store.deliveries).order_by(store.deliveries.c.id)).all()
-        store.session.rollback()
-    return list(rows)
+class TestApp:
+    """An app built by ``make_app``. Unpacks as ``app, ext = make_app()``.
 
-
-# --- Delivery store: the same tests on the extension's own engine and on a shared db ---
-
-
-class StoreApp:
-    """An app whose handlers record their effects, for the store tests.
-
-    ``mode`` is ``"own_engine"`` (the extension's engine on NACHOCODE_DATABASE_URI)
-    or ``"shared_db"`` (``NachocodeWebhook(app, db=db)``). Every event's handler
-    writes one row to ``test_effects``: with the shared db through ``db.session``,
-    so it commits or rolls back with the delivery; with the own engine into
-    ``effects_seen`` (its writes are not the extension's to roll back). Set
-    ``broken`` to make the handler write its effect and then raise.
+    ``db`` is the app's Flask-SQLAlchemy ``db`` in the shared-db mode (else None);
+    ``url`` the database the store is on.
     """
+
+    __test__ = False  # not a test class, whatever its name
 
     def __init__(self, app: Flask, ext: NachocodeWebhook, db: Any, url: str, mode: str) -> None:
         self.app, self.ext, self.db, self.url, self.mode = app, ext, db, url, mode
         self.client = app.test_client()
-        self.broken: bool | Callable[[Any], bool] = False
-        self.effects_seen: list[str] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.app, self.ext))
 
     @property
     def store(self) -> Any:
         return self.app.extensions["nachocode"].store
 
-    def effects(self) -> list[str]:
-        """The identity (or event name) of every handler run that took effect."""
-        if self.db is None:
-            return list(self.effects_seen)
-        with self.app.app_context():
-            rows = self.db.session.execute(sa.text("SELECT identity FROM test_effects ORDER BY id"))
-            return [row[0] for row in rows]
-
     def rows(self, table: str, url: str | None = None) -> list[Any]:
         """Every row of ``table``, read on a connection of its own (to ``url``
-        instead of the app's database URL when given)."""
+        instead of the app's database when given)."""
         engine = sa.create_engine(url or self.url, poolclass=sa.pool.NullPool)
         try:
             with engine.connect() as connection:
@@ -136,118 +114,122 @@ class StoreApp:
         return self.rows("nachocode_deliveries")
 
     def close(self) -> None:
+        """Dispose of the engines: idle pooled connections would add up across
+        tests on a shared PostgreSQL server."""
         with self.app.app_context():
             engine = self.store._engine if self.db is None else self.db.engine
             if engine is not None:
                 engine.dispose()
 
 
-@pytest.fixture(params=["own_engine", "shared_db"])
-def store_mode(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+class EffectsApp(TestApp):
+    """A :class:`TestApp` whose handlers (one per event) record their effects.
+
+    With the shared db each effect is a row of ``test_effects`` written through
+    ``db.session``, so it commits or rolls back with the delivery; with the own
+    engine it goes to ``effects_seen`` (its writes are not the extension's to roll
+    back). Set ``broken`` (or a function of the event) to make the handler write
+    its effect and then raise.
+    """
+
+    def __init__(self, built: TestApp, effects: sa.Table | None) -> None:
+        super().__init__(built.app, built.ext, built.db, built.url, built.mode)
+        self.broken: bool | Callable[[Any], bool] = False
+        self.effects_seen: list[str] = []
+
+        def record_effect(event: Any) -> None:
+            identity = event.identity or event.name
+            if effects is not None:
+                self.db.session.execute(
+                    sa.insert(effects).values(identity=identity, event=event.name)
+                )
+            else:
+                self.effects_seen.append(identity)
+            broken = self.broken
+            if broken(event) if callable(broken) else broken:
+                raise RuntimeError(f"handler bug while handling {identity}")
+
+        for name in ("purchase", "refund", "unavailable_users"):
+            self.ext.handler(name)(record_effect)
+
+    def effects(self) -> list[str]:
+        """The identity (or event name) of every handler run that took effect."""
+        if self.db is None:
+            return list(self.effects_seen)
+        with self.app.app_context():
+            rows = self.db.session.execute(sa.text("SELECT identity FROM test_effects ORDER BY id"))
+            return [row[0] for row in rows]
 
 
-def build_store_app(url: str, mode: str, instance_path: str, *, create_tables: bool = True, **config: Any) -> StoreApp:
-    """A :class:`StoreApp` on ``url`` in ``mode``; keyword arguments are config.
+@pytest.fixture
+def make_app(
+    store_variant: tuple[str, str], request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., TestApp]]:
+    """``make_app(**config)`` builds a fresh :class:`TestApp` on the test's store
+    variant; keyword arguments are config. ``url=`` puts it on another database,
     ``create_tables=False`` leaves a shared db without tables."""
-    from flask_sqlalchemy import SQLAlchemy
+    database, mode = store_variant
+    built: list[TestApp] = []
 
-    app = Flask("nachocode_store_app", instance_path=instance_path)
-    app.config.update({"TESTING": True, "NACHOCODE_WEBHOOK_KEY": WEBHOOK_KEY, **config})
-    db = None
-    if mode == "shared_db":
-        db = SQLAlchemy()
-        from apps.counter_app import effects_table as define_effects
-
-        effects_table = define_effects(db.metadata, "test_effects")
-        app.config["SQLALCHEMY_DATABASE_URI"] = url
-        db.init_app(app)
-        ext = NachocodeWebhook(app, db=db)
-    else:
-        app.config["NACHOCODE_DATABASE_URI"] = url
-        ext = NachocodeWebhook(app)
-    store_app = StoreApp(app, ext, db, url, mode)
-
-    def record_effect(event: Any) -> None:
-        identity = event.identity or event.name
-        if db is not None:
-            db.session.execute(sa.insert(effects_table).values(identity=identity))
+    def make(*, url: str | None = None, create_tables: bool = True, **config: Any) -> TestApp:
+        if url is None:
+            url = str(request.getfixturevalue("database_url"))
+        app = Flask("nachocode_test_app", instance_path=str(tmp_path / "instance"))
+        app.config.update(TESTING=True, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY)
+        db = None
+        if mode == "shared_db":
+            db = SQLAlchemy()
+            effects_table(db.metadata)
+            app.config["SQLALCHEMY_DATABASE_URI"] = url
+            app.config.update(config)
+            db.init_app(app)
+            ext = NachocodeWebhook(app, db=db)
+            if create_tables:
+                with app.app_context():
+                    db.create_all()
         else:
-            store_app.effects_seen.append(identity)
-        broken = store_app.broken
-        if broken(event) if callable(broken) else broken:
-            raise RuntimeError(f"handler bug while handling {identity}")
+            app.config["NACHOCODE_DATABASE_URI"] = url
+            app.config.update(config)
+            ext = NachocodeWebhook(app)
+        built.append(TestApp(app, ext, db, url, mode))
+        return built[-1]
 
-    for name in ("purchase", "refund", "unavailable_users"):
-        ext.handler(name)(record_effect)
-    if db is not None and create_tables:
-        with app.app_context():
-            db.create_all()
-    return store_app
+    yield make
+    for test_app in built:
+        test_app.close()
 
 
 @pytest.fixture
-def store_apps(tmp_path: Path) -> Any:
-    """``store_apps(url, mode, **config)`` builds a :class:`StoreApp` and disposes
-    of its engines after the test (other test runs share the PostgreSQL server)."""
-    made: list[StoreApp] = []
+def make_effects_app(make_app: Callable[..., TestApp]) -> Callable[..., EffectsApp]:
+    """``make_effects_app(**config)``: an :class:`EffectsApp` built by ``make_app``."""
 
-    def build(url: str, mode: str, **config: Any) -> StoreApp:
-        made.append(build_store_app(url, mode, str(tmp_path / "instance"), **config))
-        return made[-1]
-
-    yield build
-    for store_app in made:
-        store_app.close()
-
-
-@pytest.fixture
-def make_store_app(database_url: str, store_mode: str, store_apps: Any) -> Any:
-    """Build a :class:`StoreApp` on ``database_url`` (SQLite and PostgreSQL) in
-    ``store_mode`` (own engine and shared db): each test using it runs four times.
-    Keyword arguments as for :func:`build_store_app`, plus ``url=``."""
-
-    def make(*, url: str | None = None, **config: Any) -> StoreApp:
-        return store_apps(url or database_url, store_mode, **config)  # type: ignore[no-any-return]
+    def make(**config: Any) -> EffectsApp:
+        built = make_app(**config)
+        effects = built.db.metadata.tables["test_effects"] if built.db is not None else None
+        return EffectsApp(built, effects)
 
     return make
 
 
-@pytest.fixture(params=["own-engine", "shared-db"])
-def make_ledger_app(
-    request: pytest.FixtureRequest, database_url: str, tmp_path: Path
-) -> Iterator[Callable[..., tuple[Flask, NachocodeWebhook]]]:
-    """Build an app whose store is on ``database_url`` (SQLite and PostgreSQL),
-    set up both ways: the extension's own engine, and the app's Flask-SQLAlchemy
-    ``db`` shared with the extension. Keyword arguments are config."""
-    apps: list[Flask] = []
+@pytest.fixture
+def app_and_calls(make_app: Callable[..., TestApp]) -> tuple[Flask, list[Any]]:
+    """An app built by ``make_app`` with a recording handler for every event."""
+    app, nachocode = make_app()
+    calls: list[Any] = []
+    for name in ("purchase", "refund", "unavailable_users"):
+        nachocode.handler(name)(calls.append)
+    return app, calls
 
-    def make(**config: Any) -> tuple[Flask, NachocodeWebhook]:
-        app = Flask("nachocode_test_app", instance_path=str(tmp_path / "instance"))
-        app.config.update(TESTING=True, NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY)
-        if request.param == "own-engine":
-            app.config.update(NACHOCODE_DATABASE_URI=database_url, **config)
-            ext = NachocodeWebhook(app)
-        else:
-            app.config.update(SQLALCHEMY_DATABASE_URI=database_url, **config)
-            db = SQLAlchemy()
-            db.init_app(app)
-            ext = NachocodeWebhook(app, db=db)
-            with app.app_context():
-                db.create_all()
-        apps.append(app)
-        return app, ext
 
-    yield make
-    # Idle pooled connections would add up across tests on a shared PostgreSQL server.
-    for app in apps:
-        with app.app_context():
-            app.extensions["nachocode"].store.engine.dispose()
+@pytest.fixture
+def harness(make_app: Callable[..., TestApp]) -> Harness:
+    """An app built by ``make_app`` whose handlers record their calls (property tests)."""
+    return Harness(make_app)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Print what the reliability tests tried (tests/figures.py), when any ran."""
-    from figures import FIGURES, write_figures
+    """Print what the reliability tests tried (tests/support/figures.py), when any ran."""
+    from support.figures import FIGURES, write_figures
 
     if FIGURES:
         terminalreporter.section("reliability figures")

@@ -1,13 +1,20 @@
-"""The delivery inspector's server side, through Flask's test client: when it is
-reachable, how it is protected, CSRF on replay, escaping, filters and paging."""
+"""The delivery inspector. Its server side through Flask's test client: when it is
+reachable, how it is protected, CSRF on replay, escaping, filters and paging. Then
+in a real headless Chromium (marked ``integration`` and ``browser``) against a
+real server (``flask run``), with deliveries sent by ``flask nachocode send``;
+screenshots of each page go to ``test-artifacts/inspector/``."""
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import re
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from flask import Flask, abort, request
@@ -17,7 +24,13 @@ from flask_nachocode import NachocodeWebhook
 from flask_nachocode.state import CONFIG_DEFAULTS
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
 
-from conftest import WEBHOOK_KEY
+from support.browser import chromium
+from support.common import WEBHOOK_KEY
+from support.live import BIN, ROOT, flask_run_args, free_port, live_server
+from support.served_app import BROKEN_MARKER, INSPECTOR_TOKEN, INSTANCE_ENV
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Dialog, Page
 
 TOKEN = "inspector-token-5f1e9a2c"
 SECRET_KEY = "inspector-test-secret"
@@ -68,7 +81,10 @@ def inspector(make_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> Callab
 
     def make(**config: Any) -> tuple[Flask, FailingHandlers, FlaskClient]:
         app, ext = make_app(
-            SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN, **config
+            SECRET_KEY=SECRET_KEY,
+            NACHOCODE_INSPECTOR=True,
+            NACHOCODE_INSPECTOR_TOKEN=TOKEN,
+            **config,
         )
         handlers = FailingHandlers(ext)
         client = app.test_client()
@@ -92,7 +108,11 @@ def test_off_by_default(make_app: Callable[..., Any]) -> None:
     assert CONFIG_DEFAULTS["NACHOCODE_INSPECTOR_DECORATORS"] == []
     app, _ = make_app(SECRET_KEY=SECRET_KEY, DEBUG=True)
     client = app.test_client()
-    for path in ("/nachocode/deliveries", "/nachocode/deliveries/1", "/nachocode/inspector-static/inspector.css"):
+    for path in (
+        "/nachocode/deliveries",
+        "/nachocode/deliveries/1",
+        "/nachocode/inspector-static/inspector.css",
+    ):
         assert client.get(path).status_code == 404
     assert not [rule for rule in app.url_map.iter_rules() if "inspector" in rule.endpoint]
 
@@ -102,7 +122,8 @@ def test_unprotected_outside_debug_answers_404_and_warns(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
         app, _ = make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True)
-    assert "without protection" in caplog.text and "answer 404" in caplog.text
+    assert "without protection" in caplog.text
+    assert "answer 404" in caplog.text
     client = app.test_client()
     delivery = send(client)
     for path in (
@@ -120,7 +141,8 @@ def test_unprotected_in_debug_mode_is_open_and_warns(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
         app, _ = make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, DEBUG=True)
-    assert "without protection" in caplog.text and "debug mode" in caplog.text
+    assert "without protection" in caplog.text
+    assert "debug mode" in caplog.text
     assert app.test_client().get("/nachocode/deliveries").status_code == 200
 
 
@@ -137,7 +159,10 @@ def test_protected_inspector_logs_no_warning(
     [
         ({"NACHOCODE_INSPECTOR_TOKEN": "short"}, "at least 16 characters"),
         ({"NACHOCODE_INSPECTOR_TOKEN": TOKEN, "SECRET_KEY": None}, "SECRET_KEY"),
-        ({"NACHOCODE_INSPECTOR_DECORATORS": ["no_such_module_xyz:login_required"]}, "cannot import"),
+        (
+            {"NACHOCODE_INSPECTOR_DECORATORS": ["no_such_module_xyz:login_required"]},
+            "cannot import",
+        ),
         ({"NACHOCODE_INSPECTOR_DECORATORS": [42]}, "not callable"),
     ],
 )
@@ -152,7 +177,9 @@ def test_unusable_config_is_refused_at_start(
 
 
 def test_token_is_given_once_then_kept_in_the_session(make_app: Callable[..., Any]) -> None:
-    app, _ = make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN)
+    app, _ = make_app(
+        SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN
+    )
     client = app.test_client()
     assert client.get("/nachocode/deliveries").status_code == 403
     assert client.get("/nachocode/deliveries?token=" + TOKEN[:-1] + "x").status_code == 403
@@ -172,8 +199,12 @@ def test_token_is_given_once_then_kept_in_the_session(make_app: Callable[..., An
     assert app.test_client().get("/nachocode/deliveries").status_code == 403  # another browser
 
 
-def test_changing_the_token_signs_sessions_out(make_app: Callable[..., Any], tmp_path: Path) -> None:
-    app, _ = make_app(SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN)
+def test_changing_the_token_signs_sessions_out(
+    make_app: Callable[..., Any], tmp_path: Path
+) -> None:
+    app, _ = make_app(
+        SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_TOKEN=TOKEN
+    )
     client = app.test_client()
     client.get(f"/nachocode/deliveries?token={TOKEN}")
     cookie = client.get_cookie("session")
@@ -196,12 +227,18 @@ def test_changing_the_token_signs_sessions_out(make_app: Callable[..., Any], tmp
 
 def test_decorators_wrap_every_view(make_app: Callable[..., Any]) -> None:
     app, ext = make_app(
-        SECRET_KEY=SECRET_KEY, NACHOCODE_INSPECTOR=True, NACHOCODE_INSPECTOR_DECORATORS=[require_admin]
+        SECRET_KEY=SECRET_KEY,
+        NACHOCODE_INSPECTOR=True,
+        NACHOCODE_INSPECTOR_DECORATORS=[require_admin],
     )
     FailingHandlers(ext)
     client = app.test_client()
     delivery = send(client)
-    paths = ["/nachocode/deliveries", "/nachocode/deliveries/poll", f"/nachocode/deliveries/{delivery}"]
+    paths = [
+        "/nachocode/deliveries",
+        "/nachocode/deliveries/poll",
+        f"/nachocode/deliveries/{delivery}",
+    ]
     for path in paths:
         assert client.get(path).status_code == 401, path
         assert client.get(path, headers={"X-Admin": "yes"}).status_code == 200, path
@@ -247,7 +284,9 @@ def test_list_filters_and_search(inspector: Callable[..., Any], database_url: st
     handled = send(client, userId="alice", iapLogId=700001)
     handlers.failing = True
     failed = send(client, userId="bob", iapLogId=700002)
-    refund = post_delivery(client, "refund", refund_payload(userId="carol")).json["delivery"]  # no handler
+    refund = post_delivery(client, "refund", refund_payload(userId="carol")).json[
+        "delivery"
+    ]  # no handler
 
     assert ids_on(client.get("/nachocode/deliveries").text) == [refund, failed, handled]
     assert ids_on(client.get("/nachocode/deliveries?outcome=failed").text) == [failed]
@@ -255,7 +294,9 @@ def test_list_filters_and_search(inspector: Callable[..., Any], database_url: st
     assert ids_on(client.get("/nachocode/deliveries?event=purchase").text) == [failed, handled]
     assert ids_on(client.get("/nachocode/deliveries?q=alice").text) == [handled]
     assert ids_on(client.get("/nachocode/deliveries?q=700002").text) == [failed]
-    assert ids_on(client.get("/nachocode/deliveries?event=purchase&outcome=handled&q=bob").text) == []
+    assert (
+        ids_on(client.get("/nachocode/deliveries?event=purchase&outcome=handled&q=bob").text) == []
+    )
     assert "No deliveries match" in client.get("/nachocode/deliveries?q=nobody").text
 
 
@@ -270,16 +311,32 @@ def test_replays_are_listed_only_on_request(inspector: Callable[..., Any]) -> No
 
     page = client.get("/nachocode/deliveries?outcome=failed").text
     assert ids_on(page) == [failed]
-    assert ids_on(client.get("/nachocode/deliveries?outcome=failed&replays=1").text) == [replay, failed]
-    assert ids_on(client.get("/nachocode/deliveries/poll?after=0&replays=1").json["html"]) == [replay, failed]
+    assert ids_on(client.get("/nachocode/deliveries?outcome=failed&replays=1").text) == [
+        replay,
+        failed,
+    ]
+    assert ids_on(client.get("/nachocode/deliveries/poll?after=0&replays=1").json["html"]) == [
+        replay,
+        failed,
+    ]
     assert 'name="replays" value="1" checked' in client.get("/nachocode/deliveries?replays=1").text
 
 
 @pytest.mark.parametrize(
     "query",
-    ["outcome=lost", "event=payment", "before=abc", "after=-1", "per_page=0", "per_page=999", "q=" + "x" * 600,
-     # Other scripts' digits are digits to str.isdigit and int(): "٣" is 3, "３" too.
-     "per_page=%D9%A3", "before=%EF%BC%93", "after=%D9%A3"]
+    [
+        "outcome=lost",
+        "event=payment",
+        "before=abc",
+        "after=-1",
+        "per_page=0",
+        "per_page=999",
+        "q=" + "x" * 600,
+        # Other scripts' digits are digits to str.isdigit and int(): "٣" is 3, "３" too.
+        "per_page=%D9%A3",
+        "before=%EF%BC%93",
+        "after=%D9%A3",
+    ],
 )
 def test_bad_list_arguments_are_a_clear_400(inspector: Callable[..., Any], query: str) -> None:
     _, _, client = inspector()
@@ -308,7 +365,8 @@ def test_paging_newest_first(inspector: Callable[..., Any]) -> None:
     assert newer
     assert ids_on(client.get(newer.group(1).replace("&amp;", "&")).text) == newest_first[3:6]
     # Older pages do not poll: their rows would otherwise be pushed by new ones.
-    assert "data-poll-url" not in second and "data-poll-url" in first
+    assert "data-poll-url" not in second
+    assert "data-poll-url" in first
 
 
 def test_poll_returns_only_newer_rows_that_match_the_filters(inspector: Callable[..., Any]) -> None:
@@ -316,7 +374,8 @@ def test_poll_returns_only_newer_rows_that_match_the_filters(inspector: Callable
     first = send(client)
     page = client.get("/nachocode/deliveries?outcome=failed").text
     poll_url = re.search(r'data-poll-url="([^"]+)"', page)
-    assert poll_url and poll_url.group(1) == "/nachocode/deliveries/poll?outcome=failed"
+    assert poll_url
+    assert poll_url.group(1) == "/nachocode/deliveries/poll?outcome=failed"
 
     nothing = client.get(f"/nachocode/deliveries/poll?after={first}").json
     assert nothing == {"count": 0, "html": "", "latest": first}
@@ -324,9 +383,11 @@ def test_poll_returns_only_newer_rows_that_match_the_filters(inspector: Callable
     handlers.failing = True
     failed = send(client, userId=XSS)
     answer = client.get(f"/nachocode/deliveries/poll?outcome=failed&after={first}").json
-    assert answer["count"] == 1 and answer["latest"] == failed
+    assert answer["count"] == 1
+    assert answer["latest"] == failed
     assert ids_on(answer["html"]) == [failed]
-    assert "<script>" not in answer["html"] and "&lt;script&gt;" in answer["html"]
+    assert "<script>" not in answer["html"]
+    assert "&lt;script&gt;" in answer["html"]
 
 
 # -- one delivery ----------------------------------------------------------------------------
@@ -341,9 +402,11 @@ def test_detail_shows_headers_without_authorization_body_event_and_traceback(
     page = client.get(f"/nachocode/deliveries/{delivery}").text
 
     assert "Content-Type</dt><dd>application/json" in page
-    assert "Authorization</dt>" not in page and WEBHOOK_KEY not in page
-    assert '&#34;iapLogId&#34;: 424242,\n' in page  # pretty-printed, one field a line
-    assert "PurchaseEvent" in page and "<dt>iap_log_id</dt><dd>424242</dd>" in page
+    assert "Authorization</dt>" not in page
+    assert WEBHOOK_KEY not in page
+    assert "&#34;iapLogId&#34;: 424242,\n" in page  # pretty-printed, one field a line
+    assert "PurchaseEvent" in page
+    assert "<dt>iap_log_id</dt><dd>424242</dd>" in page
     assert '<p class="error">' in page
     assert "RuntimeError: the grant service is down" in page
     assert 'id="replay"' in page
@@ -356,7 +419,8 @@ def test_detail_shows_validation_errors_of_an_invalid_body(inspector: Callable[.
     response = post_delivery(client, "purchase", purchase_payload(quantity="two"))
     assert response.status_code == 422
     page = client.get(f"/nachocode/deliveries/{response.json['delivery']}").text
-    assert "not a valid purchase event" in page and "<dt>quantity</dt>" in page
+    assert "not a valid purchase event" in page
+    assert "<dt>quantity</dt>" in page
     assert 'id="replay"' not in page  # invalid deliveries are not replayed
 
 
@@ -367,11 +431,19 @@ def test_everything_from_a_delivery_is_escaped(inspector: Callable[..., Any]) ->
     response = client.post(
         "/nachocode/webhooks/purchase",
         json=payload,
-        headers={"Authorization": f"Bearer {WEBHOOK_KEY}", "X-Evil": "<b onmouseover=alert(1)>hi</b>"},
+        headers={
+            "Authorization": f"Bearer {WEBHOOK_KEY}",
+            "X-Evil": "<b onmouseover=alert(1)>hi</b>",
+        },
     )
     delivery = response.json["delivery"]
-    for page in (client.get("/nachocode/deliveries").text, client.get(f"/nachocode/deliveries/{delivery}").text):
-        assert "<script>" not in page and "<img" not in page and "<b " not in page
+    for page in (
+        client.get("/nachocode/deliveries").text,
+        client.get(f"/nachocode/deliveries/{delivery}").text,
+    ):
+        assert "<script>" not in page
+        assert "<img" not in page
+        assert "<b " not in page
         assert "&lt;script&gt;alert(" in page
     detail = client.get(f"/nachocode/deliveries/{delivery}").text
     assert "&lt;/pre&gt;&lt;img src=x onerror=alert(1)&gt;" in detail
@@ -381,7 +453,8 @@ def test_everything_from_a_delivery_is_escaped(inspector: Callable[..., Any]) ->
 def test_templates_never_mark_data_safe() -> None:
     for template in TEMPLATES.glob("*.html"):
         text = template.read_text()
-        assert "|safe" not in text.replace(" ", "") and "autoescape false" not in text, template.name
+        assert "|safe" not in text.replace(" ", ""), template.name
+        assert "autoescape false" not in text, template.name
 
 
 def test_pages_send_a_strict_content_security_policy(inspector: Callable[..., Any]) -> None:
@@ -403,7 +476,9 @@ def test_replay_after_fixing_the_handler(inspector: Callable[..., Any], database
     page = client.get(f"/nachocode/deliveries/{delivery}").text
 
     handlers.failing = False
-    response = client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": csrf_of(page)})
+    response = client.post(
+        f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": csrf_of(page)}
+    )
     assert response.status_code == 303
     assert response.headers["Location"] == f"/nachocode/deliveries/{delivery}"
     assert handlers.handled == ["erin"]
@@ -425,21 +500,33 @@ def test_replay_still_failing_is_reported(inspector: Callable[..., Any]) -> None
     client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": csrf_of(page)})
     after = client.get(f"/nachocode/deliveries/{delivery}").text
     assert "failed (500): a handler raised an exception" in after
-    assert 'id="replay"' in after and "Replayed 1×" in after
+    assert 'id="replay"' in after
+    assert "Replayed 1×" in after
 
 
 @pytest.mark.parametrize("token", [None, "", "forged-token"])
 def test_replay_without_the_sessions_csrf_token_is_refused(
     inspector: Callable[..., Any], token: str | None
 ) -> None:
-    _, handlers, client = inspector()
+    app, handlers, client = inspector()
     handlers.failing = True
     delivery = send(client)
+    replays = [
+        re.sub(r"<[^>]*delivery_id>", str(delivery), rule.rule)
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint.startswith("nachocode.inspector") and "POST" in (rule.methods or ())
+    ]
+    assert replays == [f"/nachocode/deliveries/{delivery}/replay"]
+    # Without the inspector token nothing is replayed; the webhook key opens nothing here.
+    stranger = app.test_client()
+    for headers in ({}, {"Authorization": f"Bearer {WEBHOOK_KEY}"}):
+        assert stranger.post(replays[0], headers=headers).status_code == 403
     client.get(f"/nachocode/deliveries/{delivery}")  # the session has a CSRF token now
     handlers.failing = False
     data = {} if token is None else {"nachocode_csrf": token}
     response = client.post(f"/nachocode/deliveries/{delivery}/replay", data=data)
-    assert response.status_code == 400 and "CSRF" in response.text
+    assert response.status_code == 400
+    assert "CSRF" in response.text
     assert handlers.handled == []
     assert ids_on(client.get("/nachocode/deliveries").text) == [delivery]
 
@@ -452,7 +539,9 @@ def test_a_csrf_token_from_another_session_is_refused(inspector: Callable[..., A
     attacker.get(f"/nachocode/deliveries?token={TOKEN}")
     their_token = csrf_of(attacker.get(f"/nachocode/deliveries/{delivery}").text)
     client.get(f"/nachocode/deliveries/{delivery}")
-    response = client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": their_token})
+    response = client.post(
+        f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": their_token}
+    )
     assert response.status_code == 400
 
 
@@ -463,7 +552,9 @@ def test_replaying_a_handled_delivery_changes_nothing(inspector: Callable[..., A
     handlers.failing = True
     failed = send(client)
     token = csrf_of(client.get(f"/nachocode/deliveries/{failed}").text)
-    response = client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": token})
+    response = client.post(
+        f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": token}
+    )
     assert response.status_code == 303
     page = client.get(f"/nachocode/deliveries/{delivery}").text
     # Refused as not replayable, or (where replay allows it) answered as a duplicate:
@@ -471,7 +562,9 @@ def test_replaying_a_handled_delivery_changes_nothing(inspector: Callable[..., A
     assert "Not replayed: delivery" in page or "duplicate (200)" in page
     assert len(handlers.handled) == 1
     for missing in (999999, 2**64):
-        response = client.post(f"/nachocode/deliveries/{missing}/replay", data={"nachocode_csrf": token})
+        response = client.post(
+            f"/nachocode/deliveries/{missing}/replay", data={"nachocode_csrf": token}
+        )
         assert response.status_code == 404
 
 
@@ -489,8 +582,12 @@ def test_detail_of_a_body_that_is_not_json(inspector: Callable[..., Any]) -> Non
     assert "No event could be read" in page
 
 
-def test_a_store_that_cannot_be_reached_is_a_503_page(inspector: Callable[..., Any], tmp_path: Path) -> None:
-    _, _, client = inspector(NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'missing' / 'dir' / 'n.db'}")
+def test_a_store_that_cannot_be_reached_is_a_503_page(
+    inspector: Callable[..., Any], tmp_path: Path
+) -> None:
+    _, _, client = inspector(
+        NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'missing' / 'dir' / 'n.db'}"
+    )
     for path in ("/nachocode/deliveries", "/nachocode/deliveries/poll", "/nachocode/deliveries/1"):
         response = client.get(path)
         assert response.status_code == 503, path
@@ -522,7 +619,10 @@ def test_with_the_apps_own_flask_sqlalchemy_db(tmp_path: Path) -> None:
     handlers.failing = False
     client.post(f"/nachocode/deliveries/{delivery}/replay", data={"nachocode_csrf": token})
     assert handlers.handled == ["frank"]
-    assert '<span class="badge handled" id="outcome">' in client.get(f"/nachocode/deliveries/{delivery}").text
+    assert (
+        '<span class="badge handled" id="outcome">'
+        in client.get(f"/nachocode/deliveries/{delivery}").text
+    )
 
 
 def test_unicode_digits_are_no_delivery_id(inspector: Callable[..., Any]) -> None:
@@ -534,15 +634,17 @@ def test_unicode_digits_are_no_delivery_id(inspector: Callable[..., Any]) -> Non
     for text in ("%D9%A3", "%EF%BC%93", "3a"):
         assert client.get(f"/nachocode/deliveries/{text}").status_code == 404, text
     token = csrf_of(client.get("/nachocode/deliveries/3").text)
-    assert client.post("/nachocode/deliveries/%D9%A3/replay", data={"nachocode_csrf": token}).status_code == 404
+    replay = client.post("/nachocode/deliveries/%D9%A3/replay", data={"nachocode_csrf": token})
+    assert replay.status_code == 404
     # Nor an iapLogId to search for.
     assert ids_on(client.get("/nachocode/deliveries?q=%D9%A3").text) == []
 
 
+@pytest.mark.every_database
 def test_a_nul_in_the_search_is_a_400_not_a_store_error(
-    inspector: Callable[..., Any], database_url: str, caplog: pytest.LogCaptureFixture
+    inspector: Callable[..., Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    _, _, client = inspector(NACHOCODE_DATABASE_URI=database_url)
+    _, _, client = inspector()
     send(client)
     with caplog.at_level(logging.ERROR):
         response = client.get("/nachocode/deliveries?q=%00")
@@ -555,7 +657,8 @@ def test_a_nul_in_the_search_is_a_400_not_a_store_error(
 def test_the_url_spelling_of_unavailable_users_filters_too(inspector: Callable[..., Any]) -> None:
     _, _, client = inspector()
     send(client)
-    pushed = post_delivery(client, "unavailable_users", {"tokenNotFoundUserIds": [], "tokenInvalidUserIds": ["u"]}).json["delivery"]
+    body = {"tokenNotFoundUserIds": [], "tokenInvalidUserIds": ["u"]}
+    pushed = post_delivery(client, "unavailable_users", body).json["delivery"]
     for spelling in ("unavailable_users", "unavailable-users"):
         assert ids_on(client.get(f"/nachocode/deliveries?event={spelling}").text) == [pushed]
 
@@ -578,4 +681,218 @@ def test_a_deeply_nested_body_is_shown_as_received(inspector: Callable[..., Any]
 
     # A shallow body is still indented.
     shallow = send(client, userId="shallow")
-    assert '\n  &#34;userId&#34;: &#34;shallow&#34;,' in client.get(f"/nachocode/deliveries/{shallow}").text
+    page = client.get(f"/nachocode/deliveries/{shallow}").text
+    assert "\n  &#34;userId&#34;: &#34;shallow&#34;," in page
+
+
+# -- in a real browser, against a real server (integration, browser) ------------------------
+
+SERVED_APP = "tests/support/served_app.py"
+
+ARTIFACTS = ROOT / "test-artifacts" / "inspector"
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+#: How long to wait for a page to show what the server did; polling runs every 2 s.
+WAIT_MS = 20_000
+
+OpenPage = Callable[..., "Page"]
+
+
+@pytest.fixture(scope="module")
+def served_instance(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("inspector-app")
+
+
+@pytest.fixture(scope="module")
+def served_env(served_instance: Path) -> dict[str, str]:
+    return {INSTANCE_ENV: str(served_instance), "FLASK_APP": SERVED_APP}
+
+
+@pytest.fixture(scope="module")
+def served_url(served_env: dict[str, str], served_instance: Path) -> Iterator[str]:
+    port = free_port()
+    log_path = served_instance / "server.log"
+    with live_server(
+        flask_run_args(SERVED_APP, port), port=port, env=served_env, log_path=log_path
+    ) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as browser:  # skips without Chromium or Playwright
+        yield browser
+
+
+@pytest.fixture
+def open_page(browser: Browser, served_url: str) -> Iterator[OpenPage]:
+    """A page in a fresh browser session, signed in with the token."""
+    contexts = []
+
+    from playwright.sync_api import expect
+
+    def open_page(viewport: dict[str, int] = DESKTOP) -> Page:
+        context = browser.new_context(viewport=viewport, base_url=served_url)  # type: ignore[arg-type]
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(f"/nachocode/deliveries?token={INSPECTOR_TOKEN}")
+        # Signed in, and the token is gone from the address bar.
+        expect(page).to_have_url(f"{served_url}/nachocode/deliveries")
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+@pytest.fixture
+def broken_handler(served_instance: Path) -> Iterator[Path]:
+    """The marker file that makes the purchase handler fail; removed afterwards."""
+    marker = served_instance / BROKEN_MARKER
+    marker.touch()
+    yield marker
+    marker.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def send_with_cli(served_env: dict[str, str], served_url: str) -> Callable[..., int]:
+    """Run ``flask nachocode send purchase --set FIELD=VALUE ...`` as a user
+    does; return the id of the delivery it created."""
+
+    def run(*assignments: str) -> int:
+        command = [
+            str(BIN / "flask"),
+            "nachocode",
+            "send",
+            "purchase",
+            "--url",
+            f"{served_url}/nachocode/webhooks/purchase",
+        ]
+        for assignment in assignments:
+            command += ["--set", assignment]
+        result = subprocess.run(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **served_env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        answer: dict[str, Any] = json.loads(result.stdout[result.stdout.index("{") :])
+        return int(answer["delivery"])
+
+    return run
+
+
+def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def fits_the_width(page: Page) -> bool:
+    return bool(page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))
+
+
+@pytest.mark.integration
+@pytest.mark.browser  # .ci/matrix leaves these out
+def test_deliveries_arrive_live_and_a_failed_one_is_replayed(
+    open_page: OpenPage, send_with_cli: Callable[..., int], served_instance: Path, served_url: str
+) -> None:
+    from playwright.sync_api import expect
+
+    send = send_with_cli
+    page = open_page()
+    page.evaluate("window.notReloaded = true")
+
+    handled = send("userId=live-alice")
+    handled_row = page.locator(f'tr[data-id="{handled}"]')
+    expect(handled_row.locator("td.outcome")).to_contain_text("handled")
+    expect(handled_row.locator("td.user")).to_have_text("live-alice")
+
+    (served_instance / BROKEN_MARKER).touch()
+    try:
+        failed = send("userId=live-bob")
+    finally:
+        (served_instance / BROKEN_MARKER).unlink()
+    failed_row = page.locator(f'tr[data-id="{failed}"]')
+    expect(failed_row.locator("td.outcome")).to_contain_text("failed")
+    expect(failed_row.locator("td.status")).to_have_text("500")
+    expect(page.locator("tr.delivery").first).to_have_attribute(
+        "data-id", str(failed)
+    )  # newest first
+    assert page.evaluate("window.notReloaded") is True, "the rows came by reloading the page"
+    screenshot(page, "deliveries")
+
+    failed_row.locator("td.user").click()  # the whole row opens the delivery
+    expect(page).to_have_url(f"{served_url}/nachocode/deliveries/{failed}")
+    expect(page.locator("#outcome")).to_have_text("failed")
+    expect(page.locator("pre.traceback")).to_contain_text("RuntimeError: the coin service is down")
+    expect(page.locator("#body")).to_contain_text('"userId": "live-bob"')
+    expect(page.locator("dl.headers")).not_to_contain_text("Authorization")
+    screenshot(page, "delivery-failed")
+
+    page.locator("#replay").click()  # the handler is fixed: the marker is gone
+    expect(page.locator("#outcome")).to_have_text("handled")
+    expect(page.locator(".flash")).to_contain_text("handled (200)")
+    expect(page.locator("#replays tr.delivery")).to_have_count(1)
+    expect(page.locator("#replay")).to_have_count(0)
+    screenshot(page, "delivery-replayed")
+
+    page.goto("/nachocode/deliveries?outcome=failed")
+    expect(page.locator(f'tr[data-id="{failed}"]')).to_have_count(0)
+    page.goto("/nachocode/deliveries?q=live-bob")
+    expect(page.locator(f'tr[data-id="{failed}"] td.outcome')).to_contain_text("handled")
+
+
+@pytest.mark.integration
+@pytest.mark.browser  # .ci/matrix leaves these out
+def test_a_script_in_a_delivery_is_shown_as_text(
+    open_page: OpenPage, send_with_cli: Callable[..., int]
+) -> None:
+    from playwright.sync_api import expect
+
+    page = open_page()
+    dialogs: list[str] = []
+
+    def record(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", record)
+
+    delivery = send_with_cli(f"userId={XSS}")
+    cell = page.locator(f'tr[data-id="{delivery}"] td.user')
+    expect(cell).to_have_text(XSS)  # arrived through the live update
+    page.reload()
+    expect(cell).to_have_text(XSS)  # rendered with the page
+    cell.click()
+    expect(page.locator("dd.user")).to_have_text(XSS)
+    expect(page.locator("#body")).to_contain_text('"userId": "<script>alert(\\"xss\\")</script>"')
+    screenshot(page, "delivery-xss")
+
+    assert dialogs == []
+    # The only script on the page is the inspector's own.
+    assert page.locator("script").count() == 1
+    assert str(page.locator("script").get_attribute("src")).endswith("/inspector.js")
+
+
+@pytest.mark.integration
+@pytest.mark.browser  # .ci/matrix leaves these out
+def test_pages_fit_a_phone(
+    open_page: OpenPage, send_with_cli: Callable[..., int], broken_handler: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    delivery = send_with_cli("userId=phone-user-with-a-rather-long-identifier-0123456789")
+    page = open_page(PHONE)
+    expect(page.locator(f'tr[data-id="{delivery}"]')).to_be_visible()
+    expect(page.locator("table#deliveries thead")).to_be_hidden()  # rows are cards on a phone
+    assert fits_the_width(page)
+    screenshot(page, "deliveries-phone")
+
+    page.goto(f"/nachocode/deliveries/{delivery}")
+    expect(page.locator("pre.traceback")).to_be_visible()
+    expect(page.locator("#replay")).to_be_visible()
+    assert fits_the_width(page)
+    screenshot(page, "delivery-phone")

@@ -3,10 +3,10 @@ route the front end polls after Nachocode.iap.purchase succeeds."""
 
 from __future__ import annotations
 
-import logging
-
 import functools
-from typing import Any, Callable
+import logging
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from flask import Flask, abort, request
@@ -31,10 +31,10 @@ def require_session(view: Callable[..., Any]) -> Callable[..., Any]:
 
 @pytest.fixture
 def make_status_app(
-    make_ledger_app: Callable[..., tuple[Flask, NachocodeWebhook]],
+    make_app: Callable[..., tuple[Flask, NachocodeWebhook]],
 ) -> Callable[..., tuple[Flask, NachocodeWebhook]]:
     def make(**config: Any) -> tuple[Flask, NachocodeWebhook]:
-        app, ext = make_ledger_app(**{"NACHOCODE_PURCHASE_STATUS_ROUTE": True, **config})
+        app, ext = make_app(**{"NACHOCODE_PURCHASE_STATUS_ROUTE": True, **config})
         ext.on_purchase(lambda event: None)
         ext.on_refund(lambda event: None)
         return app, ext
@@ -49,11 +49,14 @@ def app(make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> Flask
 
 def status(app: Flask, iap_log_id: Any, user_id: str | None = "test-user", **headers: str) -> Any:
     query = {} if user_id is None else {"userId": user_id}
-    answer = app.test_client().get(f"/nachocode/purchases/{iap_log_id}", query_string=query, headers=headers)
+    answer = app.test_client().get(
+        f"/nachocode/purchases/{iap_log_id}", query_string=query, headers=headers
+    )
     assert answer.headers["Cache-Control"] == "no-store"
     return answer
 
 
+@pytest.mark.every_store
 def test_pending_until_the_purchase_is_handled_then_granted(app: Flask) -> None:
     bought = purchase_payload(quantity=2)
     before = status(app, bought["iapLogId"])
@@ -81,6 +84,7 @@ def test_pending_until_the_purchase_is_handled_then_granted(app: Flask) -> None:
     assert "transactionId" not in after.get_data(as_text=True)  # no store ids to the device
 
 
+@pytest.mark.every_store
 def test_refunds_show_in_the_status(app: Flask) -> None:
     bought = purchase_payload(quantity=2, environment="production")
     client = app.test_client()
@@ -90,14 +94,21 @@ def test_refunds_show_in_the_status(app: Flask) -> None:
     post_delivery(client, "refund", partial)
     body = status(app, bought["iapLogId"]).get_json()
     assert (body["status"], body["netQuantity"], body["refundedAt"]) == (
-        "partially_refunded", 1, partial["refundedAt"],
+        "partially_refunded",
+        1,
+        partial["refundedAt"],
     )
 
-    post_delivery(client, "refund", refund_payload(bought, refundQuantity=1, refundedAt="2099-01-01T00:00:00.000Z"))
+    post_delivery(
+        client,
+        "refund",
+        refund_payload(bought, refundQuantity=1, refundedAt="2099-01-01T00:00:00.000Z"),
+    )
     body = status(app, bought["iapLogId"]).get_json()
     assert (body["status"], body["netQuantity"]) == ("refunded", 0)
 
 
+@pytest.mark.every_store
 @pytest.mark.parametrize("user_id", ["someone-else", "", None, "TEST-USER", "test-user "])
 def test_another_user_cannot_tell_the_purchase_exists(app: Flask, user_id: str | None) -> None:
     bought = purchase_payload()
@@ -110,6 +121,7 @@ def test_another_user_cannot_tell_the_purchase_exists(app: Flask, user_id: str |
     assert dict(answer.headers) == dict(never_made.headers)
 
 
+@pytest.mark.every_store
 def test_a_refund_alone_does_not_make_a_purchase_arrive(app: Flask) -> None:
     bought = purchase_payload()
     post_delivery(app.test_client(), "refund", refund_payload(bought, refundQuantity=1))
@@ -117,6 +129,7 @@ def test_a_refund_alone_does_not_make_a_purchase_arrive(app: Flask) -> None:
     assert (answer.status_code, answer.get_json()) == (404, PENDING)
 
 
+@pytest.mark.every_store
 def test_a_purchase_whose_handler_failed_stays_pending(
     make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]],
 ) -> None:
@@ -131,6 +144,7 @@ def test_a_purchase_whose_handler_failed_stays_pending(
     assert status(app, bought["iapLogId"]).status_code == 404
 
 
+@pytest.mark.every_store
 @pytest.mark.parametrize("bad_id", ["abc", "-1", "1.5", "9" * 19, "9" * 40, "%C2%B2", "%D9%A3"])
 def test_an_id_that_is_no_iap_log_id_is_a_bad_request(app: Flask, bad_id: str) -> None:
     answer = status(app, bad_id)
@@ -139,20 +153,28 @@ def test_an_id_that_is_no_iap_log_id_is_a_bad_request(app: Flask, bad_id: str) -
     assert answer.get_json()["success"] is False
 
 
-def test_the_route_is_off_by_default(make_ledger_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
-    app, _ = make_ledger_app()
+@pytest.mark.every_store
+def test_the_route_is_off_by_default(
+    make_app: Callable[..., tuple[Flask, NachocodeWebhook]],
+) -> None:
+    app, _ = make_app()
     assert "nachocode.purchase_status" not in app.view_functions
     assert app.test_client().get("/nachocode/purchases/1?userId=u").status_code == 404
 
 
-def test_it_follows_the_url_prefix(make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
+@pytest.mark.every_store
+def test_it_follows_the_url_prefix(
+    make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]],
+) -> None:
     app, _ = make_status_app(NACHOCODE_URL_PREFIX="/hooks/nacho")
     bought = purchase_payload()
     post_delivery(app.test_client(), "purchase", bought)
     answer = app.test_client().get(f"/hooks/nacho/purchases/{bought['iapLogId']}?userId=test-user")
-    assert answer.status_code == 200 and answer.headers["Cache-Control"] == "no-store"
+    assert answer.status_code == 200
+    assert answer.headers["Cache-Control"] == "no-store"
 
 
+@pytest.mark.every_store
 @pytest.mark.parametrize("decorator", [require_session, f"{__name__}:require_session"])
 def test_the_apps_decorator_guards_the_route(
     make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]], decorator: Any
@@ -167,10 +189,14 @@ def test_the_apps_decorator_guards_the_route(
     assert status(app, bought["iapLogId"], **{"X-Session-User": "intruder"}).status_code == 401
 
     allowed = status(app, bought["iapLogId"], **{"X-Session-User": "test-user"})
-    assert allowed.status_code == 200 and allowed.get_json()["status"] == "granted"
+    assert allowed.status_code == 200
+    assert allowed.get_json()["status"] == "granted"
 
 
-def test_decorators_wrap_outermost_first(make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
+@pytest.mark.every_store
+def test_decorators_wrap_outermost_first(
+    make_status_app: Callable[..., tuple[Flask, NachocodeWebhook]],
+) -> None:
     calls: list[str] = []
 
     def tracing(name: str) -> Callable[..., Any]:
@@ -183,12 +209,16 @@ def test_decorators_wrap_outermost_first(make_status_app: Callable[..., tuple[Fl
 
         return decorator
 
-    app, _ = make_status_app(NACHOCODE_PURCHASE_STATUS_DECORATORS=[tracing("outer"), tracing("inner")])
+    app, _ = make_status_app(
+        NACHOCODE_PURCHASE_STATUS_DECORATORS=[tracing("outer"), tracing("inner")]
+    )
     status(app, 1)
     assert calls == ["outer", "inner"]
 
 
-def test_the_route_needs_the_ledger(make_app: Callable[..., tuple[Flask, NachocodeWebhook]]) -> None:
+def test_the_route_needs_the_ledger(
+    make_app: Callable[..., tuple[Flask, NachocodeWebhook]],
+) -> None:
     with pytest.raises(RuntimeError, match="NACHOCODE_LEDGER"):
         make_app(NACHOCODE_PURCHASE_STATUS_ROUTE=True, NACHOCODE_LEDGER=False)
 
@@ -197,7 +227,10 @@ def test_an_unimportable_decorator_is_a_clear_start_up_error(
     make_app: Callable[..., tuple[Flask, NachocodeWebhook]],
 ) -> None:
     with pytest.raises(RuntimeError, match="NACHOCODE_PURCHASE_STATUS_DECORATORS"):
-        make_app(NACHOCODE_PURCHASE_STATUS_ROUTE=True, NACHOCODE_PURCHASE_STATUS_DECORATORS=["nowhere:login"])
+        make_app(
+            NACHOCODE_PURCHASE_STATUS_ROUTE=True,
+            NACHOCODE_PURCHASE_STATUS_DECORATORS=["nowhere:login"],
+        )
 
 
 def test_an_unreachable_database_answers_503_not_pending(
@@ -208,10 +241,14 @@ def test_an_unreachable_database_answers_503_not_pending(
         NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'no-such-folder' / 'nachocode.db'}",
     )
     answer = status(app, 1)
-    assert answer.status_code == 503 and answer.get_json()["error"] == "store_unavailable"
+    assert answer.status_code == 503
+    assert answer.get_json()["error"] == "store_unavailable"
 
 
-@pytest.mark.parametrize("user_id", ["\x00", "test-user\x00", "u" * 257], ids=["nul", "nul-suffix", "too-long"])
+@pytest.mark.every_store
+@pytest.mark.parametrize(
+    "user_id", ["\x00", "test-user\x00", "u" * 257], ids=["nul", "nul-suffix", "too-long"]
+)
 def test_a_user_id_no_purchase_can_have_is_pending_not_an_error(
     app: Flask, user_id: str, caplog: pytest.LogCaptureFixture
 ) -> None:

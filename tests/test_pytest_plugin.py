@@ -40,7 +40,9 @@ def app(tmp_path: Path, received: list[Any]) -> Flask:
 
 
 @pytest.mark.parametrize("event", ["purchase", "refund", "unavailable_users"])
-def test_post_without_a_body_delivers_a_fresh_valid_one(nachocode_post: Any, received: list[Any], event: str) -> None:
+def test_post_without_a_body_delivers_a_fresh_valid_one(
+    nachocode_post: Any, received: list[Any], event: str
+) -> None:
     first = nachocode_post(event)
     second = nachocode_post(event)
     assert first.status_code == second.status_code == 200
@@ -57,7 +59,12 @@ def test_payload_overrides_reach_the_handler(
     assert nachocode_post("purchase", body).status_code == 200
     (event,) = received
     assert isinstance(event, PurchaseEvent)
-    assert (event.os, event.user_id, event.quantity, str(event.price)) == (platform, "u-1", 3, "4.99")
+    assert (event.os, event.user_id, event.quantity, str(event.price)) == (
+        platform,
+        "u-1",
+        3,
+        "4.99",
+    )
     assert event.raw == body
 
 
@@ -83,15 +90,21 @@ def test_a_refund_of_a_purchase_names_the_same_store_purchase(
     assert refunded.refund_quantity == 1
 
 
-def test_the_all_events_url_and_for_event(nachocode_payloads: Any, nachocode_post: Any, received: list[Any]) -> None:
+def test_the_all_events_url_and_for_event(
+    nachocode_payloads: Any, nachocode_post: Any, received: list[Any]
+) -> None:
     body = nachocode_payloads.for_event("unavailable_users", token_invalid_user_ids=["gone"])
     answer = nachocode_post("any", body)
-    assert answer.status_code == 200 and answer.json["event"] == "unavailable_users"
+    assert answer.status_code == 200
+    assert answer.json["event"] == "unavailable_users"
     (event,) = received
-    assert isinstance(event, UnavailableUsersEvent) and event.token_invalid_user_ids == ["gone"]
+    assert isinstance(event, UnavailableUsersEvent)
+    assert event.token_invalid_user_ids == ["gone"]
 
 
-def test_a_wrong_key_is_refused_before_any_handler(nachocode_post: Any, received: list[Any]) -> None:
+def test_a_wrong_key_is_refused_before_any_handler(
+    nachocode_post: Any, received: list[Any]
+) -> None:
     answer = nachocode_post("purchase", key="not-the-key")
     assert answer.status_code == 401
     assert answer.json["error"] == "unauthorized"
@@ -117,8 +130,9 @@ def test_the_manual_example_passes_with_the_installed_plugin(pytester: pytest.Py
     # In a subprocess with a fresh interpreter: the plugin must come from the
     # installed entry point, and the example shop's module globals stay its own.
     pytester.makepyfile(test_shop_coins=manual_example())
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--rootdir={pytester.path}",
-                                           "-o", f"pythonpath={ROOT}")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--rootdir={pytester.path}", "-o", f"pythonpath={ROOT}"
+    )
     result.assert_outcomes(passed=3)
 
 
@@ -126,7 +140,9 @@ def test_post_without_an_app_fixture_says_what_is_missing(pytester: pytest.Pytes
     pytester.makepyfile("def test_it(nachocode_post):\n    pass\n")
     result = pytester.runpytest()
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*nachocode_post needs an `app` fixture that returns your Flask app*"])
+    result.stdout.fnmatch_lines(
+        ["*nachocode_post needs an `app` fixture that returns your Flask app*"]
+    )
 
 
 def test_the_plugin_can_be_switched_off(pytester: pytest.Pytester) -> None:

@@ -3,15 +3,17 @@ serving several apps."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-from conftest import load_fixture
 from flask import Flask
 
 from flask_nachocode import NachocodeWebhook, PurchaseEvent, RefundEvent, UnavailableUsersEvent
 from flask_nachocode.testing import post_delivery, purchase_payload
+
+from support.common import load_fixture
 
 AppFactory = Callable[..., "tuple[Flask, NachocodeWebhook]"]
 
@@ -33,15 +35,28 @@ def _clear_calls() -> None:
     CALLS.clear()
 
 
-FIXTURE_OF = {"purchase": "purchase-ios", "refund": "refund-ios", "unavailable_users": "unavailable-users"}
-EVENT_CLASS = {"purchase": PurchaseEvent, "refund": RefundEvent, "unavailable_users": UnavailableUsersEvent}
+FIXTURE_OF = {
+    "purchase": "purchase-ios",
+    "refund": "refund-ios",
+    "unavailable_users": "unavailable-users",
+}
+EVENT_CLASS = {
+    "purchase": PurchaseEvent,
+    "refund": RefundEvent,
+    "unavailable_users": UnavailableUsersEvent,
+}
 
 
-@pytest.mark.parametrize(("decorator", "name"), [
-    *[(f"on_{name}", name) for name in FIXTURE_OF],
-    *[("handler", name) for name in FIXTURE_OF],
-])
-def test_each_decorator_receives_its_typed_event(make_app: AppFactory, decorator: str, name: str) -> None:
+@pytest.mark.parametrize(
+    ("decorator", "name"),
+    [
+        *[(f"on_{name}", name) for name in FIXTURE_OF],
+        *[("handler", name) for name in FIXTURE_OF],
+    ],
+)
+def test_each_decorator_receives_its_typed_event(
+    make_app: AppFactory, decorator: str, name: str
+) -> None:
     app, nachocode = make_app()
     seen: list[Any] = []
 
@@ -57,9 +72,11 @@ def test_each_decorator_receives_its_typed_event(make_app: AppFactory, decorator
 
 
 def test_handlers_run_in_registration_order_decorated_first(make_app: AppFactory) -> None:
-    app, nachocode = make_app(NACHOCODE_HANDLERS={
-        "purchase": [f"{__name__}:config_handler_two", f"{__name__}:config_handler_one"],
-    })
+    app, nachocode = make_app(
+        NACHOCODE_HANDLERS={
+            "purchase": [f"{__name__}:config_handler_two", f"{__name__}:config_handler_one"],
+        }
+    )
     nachocode.on_purchase(lambda event: CALLS.append(("first", event)))
     nachocode.handler("purchase")(lambda event: CALLS.append(("second", event)))
     nachocode.on_purchase(lambda event: CALLS.append(("third", event)))
@@ -87,12 +104,15 @@ def test_an_unknown_event_name_raises_at_decoration_time(name: str) -> None:
         nachocode.handler(name)
 
 
-@pytest.mark.parametrize("entry", [
-    f"{__name__}:config_handler_one",
-    [f"{__name__}:config_handler_one"],
-    (f"{__name__}:config_handler_one", f"{__name__}:config_handler_two"),
-    f"{__name__}.config_handler_one",  # werkzeug's import_string takes a dot too
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        f"{__name__}:config_handler_one",
+        [f"{__name__}:config_handler_one"],
+        (f"{__name__}:config_handler_one", f"{__name__}:config_handler_two"),
+        f"{__name__}.config_handler_one",  # werkzeug's import_string takes a dot too
+    ],
+)
 def test_config_handlers_as_a_string_or_a_list(make_app: AppFactory, entry: Any) -> None:
     app, _ = make_app(NACHOCODE_HANDLERS={"refund": entry})
     assert post_delivery(app.test_client(), "refund", load_fixture("refund-ios")).status_code == 200
@@ -101,15 +121,36 @@ def test_config_handlers_as_a_string_or_a_list(make_app: AppFactory, entry: Any)
     assert isinstance(CALLS[0][1], RefundEvent)
 
 
-@pytest.mark.parametrize(("handlers", "message"), [
-    ({"purchases": f"{__name__}:config_handler_one"}, r"NACHOCODE_HANDLERS\['purchases'\]: unknown event"),
-    ({"purchase": "no_such_module_xyz:grant"}, r"NACHOCODE_HANDLERS\['purchase'\]: cannot import 'no_such_module_xyz:grant'"),
-    ({"purchase": f"{__name__}:no_such_function"}, rf"NACHOCODE_HANDLERS\['purchase'\]: cannot import '{__name__}:no_such_function'"),
-    ({"refund": [f"{__name__}:config_handler_one", f"{__name__}:NOT_CALLABLE"]}, r"NACHOCODE_HANDLERS\['refund'\]: .*NOT_CALLABLE' is not callable"),
-    ({"refund": [config_handler_one]}, r"NACHOCODE_HANDLERS\['refund'\]: <function config_handler_one.*is not a 'package.module:function' string"),
-    ({"unavailable_users": [None]}, r"NACHOCODE_HANDLERS\['unavailable_users'\]: None is not"),
-])
-def test_a_bad_config_entry_stops_init_app_naming_it(make_app: AppFactory, handlers: Any, message: str) -> None:
+@pytest.mark.parametrize(
+    ("handlers", "message"),
+    [
+        (
+            {"purchases": f"{__name__}:config_handler_one"},
+            r"NACHOCODE_HANDLERS\['purchases'\]: unknown event",
+        ),
+        (
+            {"purchase": "no_such_module_xyz:grant"},
+            r"NACHOCODE_HANDLERS\['purchase'\]: cannot import 'no_such_module_xyz:grant'",
+        ),
+        (
+            {"purchase": f"{__name__}:no_such_function"},
+            rf"NACHOCODE_HANDLERS\['purchase'\]: cannot import '{__name__}:no_such_function'",
+        ),
+        (
+            {"refund": [f"{__name__}:config_handler_one", f"{__name__}:NOT_CALLABLE"]},
+            r"NACHOCODE_HANDLERS\['refund'\]: .*NOT_CALLABLE' is not callable",
+        ),
+        (
+            {"refund": [config_handler_one]},
+            r"NACHOCODE_HANDLERS\['refund'\]: <function config_handler_one"
+            r".*is not a 'package.module:function' string",
+        ),
+        ({"unavailable_users": [None]}, r"NACHOCODE_HANDLERS\['unavailable_users'\]: None is not"),
+    ],
+)
+def test_a_bad_config_entry_stops_init_app_naming_it(
+    make_app: AppFactory, handlers: Any, message: str
+) -> None:
     with pytest.raises(RuntimeError, match=message):
         make_app(NACHOCODE_HANDLERS=handlers)
 
@@ -140,7 +181,9 @@ def test_one_extension_serves_two_apps(tmp_path: Path) -> None:
             NACHOCODE_WEBHOOK_KEY=key,
             NACHOCODE_URL_PREFIX=prefix,
             NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / name}.db",
-            NACHOCODE_HANDLERS={"purchase": f"{__name__}:config_handler_one"} if name == "shop_b" else {},
+            NACHOCODE_HANDLERS={"purchase": f"{__name__}:config_handler_one"}
+            if name == "shop_b"
+            else {},
         )
         nachocode.init_app(app)
         apps.append(app)
@@ -150,7 +193,10 @@ def test_one_extension_serves_two_apps(tmp_path: Path) -> None:
     assert post_delivery(app_a.test_client(), "purchase", body_a).status_code == 200
     assert post_delivery(app_b.test_client(), "purchase", body_b).status_code == 200
     # Each app keeps its own key, prefix, config handlers and store.
-    assert post_delivery(app_a.test_client(), "purchase", purchase_payload(), key="key-b").status_code == 401
+    assert (
+        post_delivery(app_a.test_client(), "purchase", purchase_payload(), key="key-b").status_code
+        == 401
+    )
     assert app_b.test_client().post("/nachocode/webhooks/purchase", json=body_b).status_code == 404
     assert seen == [("shop_a", "alice"), ("shop_b", "bob")]
     assert [who for who, _ in CALLS] == ["config-one"]

@@ -217,7 +217,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     @app.get("/receipt/<int:iap_log_id>")
     def receipt(iap_log_id: int) -> str:
         status_url = url_for(
-            "nachocode.purchase_status", iap_log_id=iap_log_id, userId=request.args.get("userId", "")
+            "nachocode.purchase_status",
+            iap_log_id=iap_log_id,
+            userId=request.args.get("userId", ""),
         )
         return render_template_string(
             RECEIPT_PAGE, status_url=status_url, give_up_ms=app.config["SHOP_STATUS_GIVE_UP_MS"]
@@ -227,13 +229,19 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def purchases(user_id: str) -> Any:
         # Sandbox too: the shop shows test purchases, marked by their environment.
         found = nachocode.ledger.purchases_of(user_id, environment=None)
-        return jsonify([
-            {
-                "iapLogId": p.iap_log_id, "productId": p.product_id, "environment": p.environment,
-                "status": p.status, "quantity": p.quantity, "netQuantity": p.net_quantity,
-            }
-            for p in found
-        ])
+        return jsonify(
+            [
+                {
+                    "iapLogId": p.iap_log_id,
+                    "productId": p.product_id,
+                    "environment": p.environment,
+                    "status": p.status,
+                    "quantity": p.quantity,
+                    "netQuantity": p.net_quantity,
+                }
+                for p in found
+            ]
+        )
 
     @app.post("/push-tokens/<user_id>/<token>")
     def register_push_token(user_id: str, token: str) -> Any:

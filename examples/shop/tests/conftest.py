@@ -11,11 +11,13 @@ from shop import create_app
 
 @pytest.fixture
 def app(tmp_path: Path) -> Flask:
-    return create_app({
-        "TESTING": True,
-        "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'shop.db'}",
-        "NACHOCODE_WEBHOOK_KEY": "shop-test-key",
-    })
+    return create_app(
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'shop.db'}",
+            "NACHOCODE_WEBHOOK_KEY": "shop-test-key",
+        }
+    )
 
 
 @pytest.fixture

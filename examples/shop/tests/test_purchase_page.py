@@ -4,8 +4,10 @@ against the shop served by ``flask run``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -13,7 +15,9 @@ from flask import Flask
 
 from examples.shop import create_app
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
-from live import flask_run_args, free_port, live_server
+
+from support.browser import chromium
+from support.live import flask_run_args, free_port, live_server
 
 KEY = "shop-test-key"
 
@@ -21,7 +25,11 @@ KEY = "shop-test-key"
 @pytest.fixture
 def shop(tmp_path: Path) -> Flask:
     return create_app(
-        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'shop.db'}", "NACHOCODE_WEBHOOK_KEY": KEY}
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'shop.db'}",
+            "NACHOCODE_WEBHOOK_KEY": KEY,
+        }
     )
 
 
@@ -35,8 +43,12 @@ def test_a_refund_before_its_purchase_never_grants_the_refunded_coins(shop: Flas
     assert client.get("/balances").get_json() == {"ann": 1000}
     assert client.get("/users/ann/purchases").get_json() == [
         {
-            "iapLogId": bought["iapLogId"], "productId": "coins_500", "environment": "sandbox",
-            "status": "partially_refunded", "quantity": 3, "netQuantity": 2,
+            "iapLogId": bought["iapLogId"],
+            "productId": "coins_500",
+            "environment": "sandbox",
+            "status": "partially_refunded",
+            "quantity": 3,
+            "netQuantity": 2,
         }
     ]
 
@@ -55,20 +67,18 @@ def test_the_receipt_page_polls_the_status_route_of_its_user(shop: Flask) -> Non
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    # Imported here so that the tests above still run where there is no browser.
-    browser_support = pytest.importorskip("browser", reason="needs tests/ on sys.path")
-    with browser_support.chromium() as chromium:
-        page = chromium.new_page()
+    with chromium() as browser:  # skips without Chromium or Playwright
+        page = browser.new_page()
         page.set_default_timeout(30_000)
         yield page
 
 
 @pytest.fixture
-def served_shop(tmp_path: Path) -> Callable[..., ContextManager[str]]:
+def served_shop(tmp_path: Path) -> Callable[..., AbstractContextManager[str]]:
     """Serve the shop with ``flask run`` on its own SQLite file; keyword arguments
     become ``FLASK_*`` config."""
 
-    def serve(**config: str) -> ContextManager[str]:
+    def serve(**config: str) -> AbstractContextManager[str]:
         port = free_port()
         env = {
             "FLASK_SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'shop.db'}",
@@ -76,7 +86,10 @@ def served_shop(tmp_path: Path) -> Callable[..., ContextManager[str]]:
             **{f"FLASK_{name}": value for name, value in config.items()},
         }
         return live_server(
-            flask_run_args("examples/shop", port), port=port, env=env, log_path=tmp_path / "shop.log"
+            flask_run_args("examples/shop", port),
+            port=port,
+            env=env,
+            log_path=tmp_path / "shop.log",
         )
 
     return serve
@@ -84,7 +97,9 @@ def served_shop(tmp_path: Path) -> Callable[..., ContextManager[str]]:
 
 def send_purchase(base_url: str, payload: dict[str, Any]) -> None:
     answer = requests.post(
-        f"{base_url}/nachocode/webhooks/purchase", json=payload, headers={"Authorization": f"Bearer {KEY}"}
+        f"{base_url}/nachocode/webhooks/purchase",
+        json=payload,
+        headers={"Authorization": f"Bearer {KEY}"},
     )
     assert answer.status_code == 200, answer.text
 
@@ -100,12 +115,16 @@ def status_line(page: Any) -> tuple[str, str]:
 def wait_until_settled(page: Any) -> tuple[str, str]:
     """Wait until the page leaves "processing", then the status line. A bound on
     waiting, not a timing assertion: the page normally gets there well under a second."""
-    page.wait_for_function("document.querySelector('#purchase-status').dataset.state !== 'processing'")
+    page.wait_for_function(
+        "document.querySelector('#purchase-status').dataset.state !== 'processing'"
+    )
     return status_line(page)
 
 
+@pytest.mark.integration
+@pytest.mark.browser  # .ci/matrix leaves these out
 def test_processing_until_the_webhook_lands_then_granted(
-    browser: Any, served_shop: Callable[..., ContextManager[str]]
+    browser: Any, served_shop: Callable[..., AbstractContextManager[str]]
 ) -> None:
     bought = purchase_payload(productId="coins_500", quantity=2, userId="ann")
     with served_shop() as url:
@@ -114,12 +133,15 @@ def test_processing_until_the_webhook_lands_then_granted(
 
         send_purchase(url, bought)
         assert wait_until_settled(browser) == (
-            "granted", "Thank you! 2 × coins_500 added to your account.",
+            "granted",
+            "Thank you! 2 × coins_500 added to your account.",
         )
 
 
+@pytest.mark.integration
+@pytest.mark.browser
 def test_a_late_webhook_shows_still_processing_and_check_again_finds_it(
-    browser: Any, served_shop: Callable[..., ContextManager[str]]
+    browser: Any, served_shop: Callable[..., AbstractContextManager[str]]
 ) -> None:
     bought = purchase_payload(productId="coins_500", userId="ann")
     with served_shop(SHOP_STATUS_GIVE_UP_MS="1500") as url:
@@ -131,7 +153,8 @@ def test_a_late_webhook_shows_still_processing_and_check_again_finds_it(
         send_purchase(url, bought)
         check_again.click()
         assert wait_until_settled(browser) == (
-            "granted", "Thank you! 1 × coins_500 added to your account.",
+            "granted",
+            "Thank you! 1 × coins_500 added to your account.",
         )
 
         # Another user's receipt for the same purchase never learns it exists.

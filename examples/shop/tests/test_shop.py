@@ -5,9 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from flask.testing import FlaskClient
-from shop import create_app
 
-from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload, unavailable_users_payload
+from flask_nachocode.testing import (
+    post_delivery,
+    purchase_payload,
+    refund_payload,
+    unavailable_users_payload,
+)
+from shop import create_app
 
 COINS = "coins_500"  # 500 coins per unit
 
@@ -17,8 +22,11 @@ def balances(client: FlaskClient) -> dict[str, int]:
 
 
 def test_a_purchase_grants_coins(client: FlaskClient) -> None:
-    response = post_delivery(client, "purchase", purchase_payload(user_id="ann", product_id=COINS, quantity=3))
-    assert response.status_code == 200 and response.get_json()["success"] is True
+    response = post_delivery(
+        client, "purchase", purchase_payload(user_id="ann", product_id=COINS, quantity=3)
+    )
+    assert response.status_code == 200
+    assert response.get_json()["success"] is True
     assert balances(client) == {"ann": 1500}
     assert "ann" in client.get("/").get_data(as_text=True)
 
@@ -29,7 +37,11 @@ def test_a_partial_refund_takes_back_only_the_refunded_units(client: FlaskClient
     response = post_delivery(client, "refund", refund_payload(purchase, refund_quantity=1))
     assert response.status_code == 200
     assert balances(client) == {"ann": 1000}
-    post_delivery(client, "refund", refund_payload(purchase, refund_quantity=2, refunded_at="2030-01-01T00:00:00.000Z"))
+    post_delivery(
+        client,
+        "refund",
+        refund_payload(purchase, refund_quantity=2, refunded_at="2030-01-01T00:00:00.000Z"),
+    )
     assert balances(client) == {"ann": 0}
 
 
@@ -37,7 +49,11 @@ def test_a_refund_of_more_than_was_bought_is_refused(client: FlaskClient) -> Non
     purchase = purchase_payload(user_id="ann", product_id=COINS, quantity=2)
     post_delivery(client, "purchase", purchase)
     post_delivery(client, "refund", refund_payload(purchase, refund_quantity=2))
-    again = post_delivery(client, "refund", refund_payload(purchase, refund_quantity=1, refunded_at="2030-01-01T00:00:00.000Z"))
+    again = post_delivery(
+        client,
+        "refund",
+        refund_payload(purchase, refund_quantity=1, refunded_at="2030-01-01T00:00:00.000Z"),
+    )
     assert again.status_code == 422
     assert balances(client) == {"ann": 0}
 
@@ -52,23 +68,33 @@ def test_a_duplicate_purchase_is_not_granted_twice(client: FlaskClient) -> None:
 
 
 def test_an_unknown_product_is_refused_with_its_message(client: FlaskClient) -> None:
-    response = post_delivery(client, "purchase", purchase_payload(user_id="ann", product_id="gems_10"))
+    response = post_delivery(
+        client, "purchase", purchase_payload(user_id="ann", product_id="gems_10")
+    )
     assert response.status_code == 422
     body = response.get_json()
-    assert (body["success"], body["error"], body["message"]) == (False, "unknown_product", "unknown product gems_10")
+    assert (body["success"], body["error"], body["message"]) == (
+        False,
+        "unknown_product",
+        "unknown product gems_10",
+    )
     assert balances(client) == {}
 
 
 def test_unavailable_users_forget_their_push_tokens(client: FlaskClient) -> None:
     for user in ("ann", "bob", "cat"):
         assert client.post(f"/push-tokens/{user}/token-{user}").status_code == 200
-    body = unavailable_users_payload(token_not_found_user_ids=["ann"], token_invalid_user_ids=["cat", "nobody"])
+    body = unavailable_users_payload(
+        token_not_found_user_ids=["ann"], token_invalid_user_ids=["cat", "nobody"]
+    )
     assert post_delivery(client, "unavailable_users", body).status_code == 200
     assert client.get("/push-tokens").get_json() == {"bob": "token-bob"}
 
 
 def test_deliveries_without_the_key_are_refused(client: FlaskClient) -> None:
-    response = post_delivery(client, "purchase", purchase_payload(product_id=COINS), key="not-the-key")
+    response = post_delivery(
+        client, "purchase", purchase_payload(product_id=COINS), key="not-the-key"
+    )
     assert response.status_code == 401
     assert balances(client) == {}
 

@@ -7,13 +7,13 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -38,32 +38,38 @@ def live_server(
     Output goes to ``log_path`` so a failing test can show what the server said.
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                output = log_path.read_text(errors="replace") if log_path else ""
-                raise RuntimeError(f"server exited with {process.returncode}:\n{output}")
-            try:
-                requests.get(base_url + ready_path, timeout=1)
-                break
-            except (requests.ConnectionError, requests.Timeout):  # a loaded machine starts slowly
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server on port {port} did not start in {timeout} s") from None
-                time.sleep(0.1)
-        yield base_url
-    finally:
-        process.terminate()
+    with ExitStack() as closing:
+        log = closing.enter_context(open(log_path, "wb")) if log_path else subprocess.DEVNULL
+        process = subprocess.Popen(
+            args, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
+        base_url = f"http://127.0.0.1:{port}"
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if log_path:
-            log.close()  # type: ignore[union-attr]
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    output = log_path.read_text(errors="replace") if log_path else ""
+                    raise RuntimeError(f"server exited with {process.returncode}:\n{output}")
+                try:
+                    requests.get(base_url + ready_path, timeout=1)
+                    break
+                except (
+                    requests.ConnectionError,
+                    requests.Timeout,
+                ):  # a loaded machine starts slowly
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"server on port {port} did not start in {timeout} s"
+                        ) from None
+                    time.sleep(0.1)
+            yield base_url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def flask_run_args(app: str, port: int) -> list[str]:
@@ -72,8 +78,16 @@ def flask_run_args(app: str, port: int) -> list[str]:
 
 def gunicorn_args(app: str, port: int, workers: int) -> list[str]:
     return [
-        str(BIN / "gunicorn"), "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
-        "--worker-class", "sync", "--timeout", "60", app,
+        str(BIN / "gunicorn"),
+        "--workers",
+        str(workers),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--worker-class",
+        "sync",
+        "--timeout",
+        "60",
+        app,
     ]
 
 

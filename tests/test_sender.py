@@ -1,4 +1,5 @@
-"""`flask nachocode send` and `urls`: end to end against a real `flask run` server."""
+"""`flask nachocode send`, the HTTP sender: end to end against a real `flask run`
+server (tests/support/served_app.py), as a user runs it."""
 
 from __future__ import annotations
 
@@ -7,17 +8,21 @@ import os
 import socket
 import subprocess
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
-from conftest import FIXTURES, WEBHOOK_KEY
-from live import BIN, ROOT, flask_run_args, free_port, live_server
 
 from flask_nachocode.sender import LAST_SENT_FILE
-from recording_app import INSTANCE_ENV, KEY_ENV
 
-APP = "tests/recording_app.py"
+from support.common import FIXTURES, WEBHOOK_KEY
+from support.live import BIN, ROOT, flask_run_args, free_port, live_server
+from support.served_app import INSTANCE_ENV, KEY_ENV
+
+pytestmark = pytest.mark.integration  # a real server, and a process per send
+
+APP = "tests/support/served_app.py"
 
 Send = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -53,8 +58,12 @@ def send(app_env: dict[str, str], base_url: str) -> Send:
             path = {"unavailable_users": "unavailable-users"}.get(event, event)
             command += ["--url", f"{base_url}/nachocode/webhooks/{path}"]
         return subprocess.run(
-            command, cwd=ROOT, env={**os.environ, **app_env},
-            capture_output=True, text=True, timeout=60,
+            command,
+            cwd=ROOT,
+            env={**os.environ, **app_env},
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     return run
@@ -78,17 +87,26 @@ def answer_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "event, platform",
-    [("purchase", "ios"), ("purchase", "android"), ("refund", "ios"), ("refund", "android"),
-     ("unavailable_users", None)],
+    ("event", "platform"),
+    [
+        ("purchase", "ios"),
+        ("purchase", "android"),
+        ("refund", "ios"),
+        ("refund", "android"),
+        ("unavailable_users", None),
+    ],
 )
-def test_send_reaches_the_handler(send: Send, instance: Path, event: str, platform: str | None) -> None:
+def test_send_reaches_the_handler(
+    send: Send, instance: Path, event: str, platform: str | None
+) -> None:
     before = len(handled(instance))
     result = send(event, *(["--os", platform] if platform else []))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[1].startswith("200 OK in ")
     answer = answer_of(result)
-    assert answer["success"] is True and answer["event"] == event and answer["duplicate"] is False
+    assert answer["success"] is True
+    assert answer["event"] == event
+    assert answer["duplicate"] is False
     records = handled(instance)
     assert len(records) == before + 1
     assert records[-1]["event"] == event
@@ -130,7 +148,8 @@ def test_refund_refunds_the_last_purchase_on_its_platform(send: Send, instance: 
     purchase = last_sent(instance, "purchase")
     assert send("refund", "--os", "ios").returncode == 0
     refund = last_sent(instance, "refund")
-    assert refund["data"] == purchase["data"] and refund["iapLogId"] == purchase["iapLogId"]
+    assert refund["data"] == purchase["data"]
+    assert refund["iapLogId"] == purchase["iapLogId"]
     assert handled(instance)[-1]["store_id"] == purchase["data"]["transactionId"]
     # Another platform has no purchase to refund: a fresh one is made up.
     assert send("refund", "--os", "android").returncode == 0
@@ -141,16 +160,27 @@ def test_set_reaches_nested_fields_and_keeps_types(send: Send, instance: Path) -
     before = handled(instance)
     result = send("purchase", "--set", "userId.first=x")
     # A path through a string is refused before anything is sent.
-    assert result.returncode == 2 and "userId.first: userId is not an object" in result.stderr
+    assert result.returncode == 2
+    assert "userId.first: userId is not an object" in result.stderr
     assert handled(instance) == before
     result = send(
-        "purchase", "--os", "android", "--set", "data.orderId=GPA.TEST-SET", "--set", "quantity=3",
-        "--set", "price=9.99", "--set", 'userId="42"',
+        "purchase",
+        "--os",
+        "android",
+        "--set",
+        "data.orderId=GPA.TEST-SET",
+        "--set",
+        "quantity=3",
+        "--set",
+        "price=9.99",
+        "--set",
+        'userId="42"',
     )
     assert result.returncode == 0, result.stdout + result.stderr
     record = handled(instance)[-1]
     assert record["store_id"] == "GPA.TEST-SET"
-    assert record["quantity"] == 3 and record["price"] == "9.99"
+    assert record["quantity"] == 3
+    assert record["price"] == "9.99"
     assert record["raw"]["userId"] == "42"
 
 
@@ -164,7 +194,9 @@ def test_set_a_wrong_type_shows_the_refusal(send: Send) -> None:
 def test_file_is_sent_as_given(send: Send, instance: Path) -> None:
     result = send("refund", "--file", str(FIXTURES / "refund-android-partial.json"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert handled(instance)[-1]["raw"] == json.loads((FIXTURES / "refund-android-partial.json").read_text())
+    assert handled(instance)[-1]["raw"] == json.loads(
+        (FIXTURES / "refund-android-partial.json").read_text()
+    )
 
 
 def test_wrong_key_exits_non_zero(send: Send, instance: Path) -> None:
@@ -202,43 +234,16 @@ def test_no_answer_within_10_seconds_exits_non_zero(send: Send) -> None:
     assert "within 10 s" in result.stderr
 
 
-def test_repeat_without_a_previous_body_is_refused(send: Send, tmp_path: Path, app_env: dict[str, str]) -> None:
+def test_repeat_without_a_previous_body_is_refused(
+    send: Send, tmp_path: Path, app_env: dict[str, str]
+) -> None:
     result = subprocess.run(
         [str(BIN / "flask"), "nachocode", "send", "refund", "--repeat"],
-        cwd=ROOT, env={**os.environ, **app_env, INSTANCE_ENV: str(tmp_path)},
-        capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **app_env, INSTANCE_ENV: str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     assert "no refund body was sent from here yet" in result.stderr
-
-
-def test_urls_labels_each_route_and_never_shows_the_key(make_app: Callable[..., Any]) -> None:
-    app, _ = make_app(NACHOCODE_URL_PREFIX="/hooks/nacho")
-    result = app.test_cli_runner().invoke(args=["nachocode", "urls", "--base-url", "https://shop.example/"])
-    assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    assert lines[:4] == [
-        "In-app purchase: purchase webhook URL           https://shop.example/hooks/nacho/webhooks/purchase",
-        "In-app purchase: refund webhook URL             https://shop.example/hooks/nacho/webhooks/refund",
-        "Push: unavailable users webhook URL             https://shop.example/hooks/nacho/webhooks/unavailable-users",
-        "All events on one URL (event told by the body)  https://shop.example/hooks/nacho/webhooks",
-    ]
-    assert lines[4] == "OpenAPI document of these routes: https://shop.example/hooks/nacho/openapi.json"
-    assert "webhook key: configured (1 key)" in result.output
-    assert WEBHOOK_KEY not in result.output
-
-
-def test_urls_says_when_no_key_is_configured(make_app: Callable[..., Any]) -> None:
-    app, _ = make_app(NACHOCODE_WEBHOOK_KEY=None)
-    result = app.test_cli_runner().invoke(args=["nachocode", "urls"])
-    assert result.exit_code == 0
-    assert "http://127.0.0.1:5000/nachocode/webhooks/purchase" in result.output
-    assert "webhook key: not configured" in result.output
-    app, _ = make_app(NACHOCODE_OPENAPI=False)
-    assert "OpenAPI" not in app.test_cli_runner().invoke(args=["nachocode", "urls"]).output
-
-
-def test_urls_refuses_a_base_url_that_is_not_http(make_app: Callable[..., Any]) -> None:
-    app, _ = make_app()
-    result = app.test_cli_runner().invoke(args=["nachocode", "urls", "--base-url", "shop.example"])
-    assert result.exit_code == 2 and "not an http:// or https:// URL" in result.output

@@ -1,7 +1,7 @@
-"""The reliability figures: what the fuzz, load and fault tests tried and found.
+"""The reliability figures: what the fuzz, load, fault and key-leak tests tried and found.
 
 Tests add to :data:`FIGURES`; the run prints the tally at the end and writes it
-to ``test-artifacts/reliability-figures.json`` (the README quotes these).
+to ``test-artifacts/reliability-figures.json`` (the manual's reliability page quotes one run).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 FIGURES: Counter[str] = Counter()
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 def count(name: str, amount: int = 1) -> None:

@@ -58,7 +58,7 @@ class TcpProxy:
         while not self._closing.is_set():
             try:
                 client, _ = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if self._cut.is_set():
                 client.close()
