@@ -17,7 +17,7 @@ from .delivery import DELIVERY_BUDGET_SECONDS
 from .delivery import replay as replay_delivery
 from .display import escape_controls, pretty_json
 from .errors import WebhookError
-from .events import EVENT_NAMES, ROUTES, ROUTES_BY_EVENT
+from .events import EVENT_SPELLINGS, ROUTES, ROUTES_BY_EVENT
 from .sender import (
     DEFAULT_BASE_URL,
     deliver,
@@ -48,6 +48,19 @@ def _needs_store(command: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
+class EventChoice(click.Choice):  # type: ignore[type-arg]
+    """An event name, in either spelling (``unavailable_users`` or the URL's
+    ``unavailable-users``); converted to the event name."""
+
+    name = "event"
+
+    def __init__(self) -> None:
+        super().__init__(list(EVENT_SPELLINGS))
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return EVENT_SPELLINGS[super().convert(value, param, ctx)]
+
+
 @click.group("nachocode")
 def nachocode_cli() -> None:
     """Nachocode webhooks: the delivery store, replay and retention, and
@@ -68,7 +81,7 @@ def init_db() -> None:
 
 @nachocode_cli.command("deliveries")
 @click.option("--status", "outcome", type=click.Choice(OUTCOMES), help="Latest outcome.")
-@click.option("--event", type=click.Choice(EVENT_NAMES))
+@click.option("--event", type=EventChoice())
 @click.option(
     "--replays",
     is_flag=True,
@@ -212,7 +225,13 @@ def requeue_command(minutes: int) -> None:
     deliveries' attempts run here instead.
     """
     state = current_state()
-    sent = requeue(state, timedelta(minutes=minutes))
+    try:
+        sent = requeue(state, timedelta(minutes=minutes))
+    except OverflowError:
+        raise click.BadParameter(
+            f"{minutes} minutes ago is before the calendar's first year",
+            param_hint="'--older-than'",
+        ) from None
     verb = "sent the tasks of" if state.task_queue is not None else "ran"
     click.echo(
         f"{verb} {len(sent)} queued deliveries" + "".join(f"\n  {i} (attempt {n})" for i, n in sent)
@@ -229,7 +248,12 @@ def prune(days: int) -> None:
     Claims are kept (they hold only store ids), so a very old purchase re-sent
     from the dashboard is still recognised as a duplicate.
     """
-    deleted = current_state().store.prune(timedelta(days=days))
+    try:
+        deleted = current_state().store.prune(timedelta(days=days))
+    except OverflowError:
+        raise click.BadParameter(
+            f"{days} days ago is before the calendar's first year", param_hint="'--older-than'"
+        ) from None
     click.echo(f"deleted {deleted} deliveries older than {days} days")
 
 
@@ -283,7 +307,7 @@ def urls(base_url: str) -> None:
 
 
 @nachocode_cli.command("send")
-@click.argument("event", type=click.Choice(EVENT_NAMES))
+@click.argument("event", type=EventChoice())
 @click.option(
     "--url", help=f"Where to POST. Default: this app's route for EVENT on {DEFAULT_BASE_URL}."
 )

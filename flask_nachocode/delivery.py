@@ -24,14 +24,13 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from flask import current_app
 
 from . import signals
 from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookError
 from .events import ROUTES_BY_NAME, Event, utcnow
-from .schemas import load_event
+from .schemas import MAX_ID_LENGTH, load_event
 from .state import AppState
-from .store import describe_database_error
+from .store import LOCK_TIMEOUT_SECONDS, describe_database_error, is_lock_timeout
 from .tables import REPLAYABLE
 
 logger = logging.getLogger("flask_nachocode")
@@ -43,11 +42,27 @@ DELIVERY_BUDGET_SECONDS = 10.0
 SLOW_DELIVERY_SECONDS = DELIVERY_BUDGET_SECONDS / 2
 
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+#: What a stored header value that held a webhook key is replaced with.
+REDACTED = "[redacted: held the webhook key]"
 
 
-def storable_headers(headers: Any) -> dict[str, str]:
-    """Request headers minus credentials: the key must never reach the database."""
-    return {name: value for name, value in headers.items() if name.lower() not in _SECRET_HEADERS}
+def storable_headers(headers: Any, keys: tuple[bytes, ...]) -> dict[str, str]:
+    """Request headers as they may be stored: the key must never reach the database.
+
+    The credential headers are left out, and any other header whose value holds one
+    of ``keys`` is kept with its value redacted: a proxy or API gateway may copy
+    the key into a header of its own (``X-Forwarded-Authorization``), and the
+    redacted header tells whoever reads the delivery that it does.
+    """
+    stored: dict[str, str] = {}
+    for name, value in headers.items():
+        if name.lower() in _SECRET_HEADERS:
+            continue
+        # WSGI hands header values over as latin-1 text: encoding back gives the bytes
+        # sent, which hold a key's UTF-8 bytes however the key is spelled.
+        raw = value.encode("latin-1", "replace")
+        stored[name] = REDACTED if any(key in raw for key in keys) else value
+    return stored
 
 
 @dataclass
@@ -224,7 +239,7 @@ def _commit(
         "outcome": outcome,
         "status": status,
         "identity": getattr(event, "identity", None),
-        "user_id": _storable_text(user_id) if isinstance(user_id, str) else None,
+        "user_id": _storable_user_id(user_id),
         "iap_log_id": iap_log_id if _is_storable_id(iap_log_id) else None,
         # A queued delivery keeps its body until the worker is done with it.
         "body": delivery.body if state.keep_bodies or outcome == "queued" else None,
@@ -255,18 +270,29 @@ def _commit(
             outcome,
         )
     result = Result(outcome, status, event_name, delivery_id, error)
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    # Sent after the commit: the answer is what was stored, whatever a receiver does.
     if result.deferred:
-        signals.delivery_queued.send(app, event=event, result=result)
+        signals.send_after_commit(signals.delivery_queued, event=event, result=result)
     elif result.ok:
-        signals.delivery_handled.send(app, event=event, result=result)
+        signals.send_after_commit(signals.delivery_handled, event=event, result=result)
     else:
-        signals.delivery_failed.send(app, event=event, result=result, error=error)
+        signals.send_after_commit(signals.delivery_failed, event=event, result=result, error=error)
     return result
 
 
 def _store_unavailable(state: AppState, error: sa.exc.SQLAlchemyError) -> StoreUnavailable:
     state.store.rollback_quietly()
+    if is_lock_timeout(error):
+        logger.warning(
+            "nachocode delivery gave up after waiting %.0f s for a lock another transaction "
+            "holds (a copy of it being handled, or a transaction left open), not recorded: %s",
+            LOCK_TIMEOUT_SECONDS,
+            describe_database_error(error),
+        )
+        return StoreUnavailable(
+            "another transaction holds this delivery's claim or the database's write lock; "
+            "nothing was handled, re-send this delivery later"
+        )
     logger.error(
         "nachocode store unavailable, delivery not recorded: %s", describe_database_error(error)
     )
@@ -285,6 +311,16 @@ def _storable_text(text: str) -> str:
     # (JSON's "\\ud800" escape); an invalid body's userId or an exception message
     # may hold either. Escaped, the delivery is still recorded instead of a 503 or 500.
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _storable_user_id(value: Any) -> str | None:
+    # An invalid body's userId can be anything: one longer than a valid one would
+    # not fit the column's index on PostgreSQL (a 503 no re-send can cure). The
+    # stored body still holds it.
+    if not isinstance(value, str):
+        return None
+    text = _storable_text(value)
+    return text if len(text) <= MAX_ID_LENGTH else None
 
 
 def _is_storable_id(value: Any) -> bool:

@@ -14,11 +14,21 @@ live inside handlers. Each is sent with the app as sender.
 - ``delivery_retry``: with ``NACHOCODE_DEFERRED``, an attempt's handler raised and
   another attempt is due; ``event``, ``result`` (still ``queued``), ``error`` (what the
   handler raised), ``attempt`` (its number, from 1) and ``next_attempt_at``.
+
+All but ``delivery_received`` are sent after the delivery (or the attempt) was
+committed: a receiver that raises is logged, the other receivers still run, and the
+answer stays what was stored.
 """
 
 from __future__ import annotations
 
-from blinker import Namespace
+import logging
+from typing import Any
+
+from blinker import NamedSignal, Namespace
+from flask import current_app
+
+logger = logging.getLogger("flask_nachocode")
 
 _signals = Namespace()
 
@@ -27,3 +37,19 @@ delivery_handled = _signals.signal("nachocode-delivery-handled")
 delivery_failed = _signals.signal("nachocode-delivery-failed")
 delivery_queued = _signals.signal("nachocode-delivery-queued")
 delivery_retry = _signals.signal("nachocode-delivery-retry")
+
+
+def send_after_commit(signal: NamedSignal, **kwargs: Any) -> None:
+    """Send ``signal`` with the current app as sender to each receiver in turn,
+    logging (with its traceback) a receiver that raises instead of letting it turn
+    a stored outcome into a different answer."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    for receiver in signal.receivers_for(app):
+        try:
+            receiver(app, **kwargs)
+        except Exception:
+            logger.exception(
+                "nachocode: a receiver of %s raised; the delivery was stored and answered as %s",
+                signal.name,
+                kwargs["result"].outcome,
+            )

@@ -33,7 +33,7 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 
 from . import ledger
 from .events import Event, PurchaseEvent, RefundEvent, utcnow
-from .schemas import MAX_ID
+from .schemas import MAX_ID, parse_id
 from .tables import REPLAYABLE, conflict_insert, define_tables
 
 if TYPE_CHECKING:
@@ -41,9 +41,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flask_nachocode")
 
-#: How long an SQLite connection waits for another process's write to finish
-#: before giving up with "database is locked"; longer than Nachocode's 10 s.
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: How long a delivery waits for a lock another transaction holds before it gives
+#: up and is answered 503: on PostgreSQL a claim row that a copy of the same event
+#: being handled (or a transaction left open) holds, on SQLite the database's write
+#: lock. Half of Nachocode's 10 s, so that the answer still arrives in time and a
+#: few stuck deliveries cannot keep every worker waiting until it is killed.
+LOCK_TIMEOUT_SECONDS = 5.0
+#: SQLite's busy timeout: the same limit, also for the app's own engine with ``db=``
+#: (Python's sqlite3 module waits 5 s by default too).
+SQLITE_BUSY_TIMEOUT_MS = int(LOCK_TIMEOUT_SECONDS * 1000)
+#: Set at the start of each delivery's transaction on PostgreSQL; ``SET LOCAL`` ends
+#: with the transaction, so the app's own use of a shared ``db`` is left as it was.
+_PG_LOCK_TIMEOUT = f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT_SECONDS * 1000)}ms'"
+
+#: What to run when the tables are missing, for the log and the CLI.
+CREATE_TABLES_HINT = (
+    "run `flask nachocode init-db`, or create them with your app's tables "
+    "(db.create_all() or a migration)"
+)
 
 #: pg_advisory_xact_lock key that serialises creating the tables ("nachocod").
 _CREATE_TABLES_LOCK = 0x6E6163686F636F64
@@ -57,7 +72,37 @@ def describe_database_error(error: BaseException) -> str:
     """
     cause = getattr(error, "orig", None) or error
     reason = (str(cause).splitlines() or [""])[0][:200]
-    return f"{type(cause).__name__}: {reason}"
+    described = f"{type(cause).__name__}: {reason}"
+    if is_missing_table(error):
+        return f"{described}; the nachocode tables are missing: {CREATE_TABLES_HINT}"
+    return described
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    # psycopg 3 names it sqlstate, psycopg2 pgcode.
+    cause = getattr(error, "orig", None)
+    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+
+
+def _mysql_code(error: BaseException) -> int | None:
+    args = getattr(getattr(error, "orig", None), "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def is_missing_table(error: BaseException) -> bool:
+    """Whether a database error says that a table does not exist."""
+    if _sqlstate(error) == "42P01" or _mysql_code(error) == 1146:
+        return True
+    return "no such table" in str(getattr(error, "orig", error))
+
+
+def is_lock_timeout(error: BaseException) -> bool:
+    """Whether a database error is a wait for another transaction's lock that gave up
+    (:data:`LOCK_TIMEOUT_SECONDS`): PostgreSQL's ``lock_not_available``, SQLite's
+    "database is locked", MySQL's lock wait timeout."""
+    if _sqlstate(error) == "55P03" or _mysql_code(error) == 1205:
+        return True
+    return "database is locked" in str(getattr(error, "orig", error))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any, *args: Any) -> None:
@@ -181,13 +226,15 @@ class Store:
                 self.create_tables()
                 if engine.dialect.name == "sqlite":
                     _warn_if_flask_sqlalchemy_shares_the_file(engine)
-            elif engine.dialect.name == "sqlite":
-                # The app's SQLite database: the tables are the app's (create_all or
-                # migrations), but its connections must survive several workers.
-                if not sa.event.contains(engine, "checkout", _sqlite_pragmas):
+            else:
+                # The app's SQLite database: its connections must survive several workers.
+                if engine.dialect.name == "sqlite" and not sa.event.contains(
+                    engine, "checkout", _sqlite_pragmas
+                ):
                     sa.event.listen(engine, "checkout", _sqlite_pragmas)
-                with engine.connect() as connection:
-                    connection.exec_driver_sql("SELECT 1")  # reachable now, and set up
+                # The tables are the app's to create (create_all or migrations): say
+                # so once, now, rather than only in every failed delivery's log line.
+                self._warn_if_tables_missing(engine)
             insert = conflict_insert(engine.dialect.name)
             if insert is not None:
                 statement = insert(self.claims).on_conflict_do_nothing(index_elements=["identity"])
@@ -195,6 +242,19 @@ class Store:
                 # relied on (SQLAlchemy 2.1 with psycopg reports -1 unless told to keep it).
                 self._claim_statement = statement.returning(self.claims.c.identity)
             self._ready = True
+
+    def _warn_if_tables_missing(self, engine: Engine) -> None:
+        with engine.connect() as connection:
+            inspector = sa.inspect(connection)
+            tables = (self.deliveries, self.claims, self.purchases)
+            missing = [table.name for table in tables if not inspector.has_table(table.name)]
+        if missing:
+            logger.warning(
+                "nachocode: the tables %s are missing, so every delivery will be answered "
+                "503 until they exist: %s",
+                ", ".join(missing),
+                CREATE_TABLES_HINT,
+            )
 
     def create_tables(self) -> None:
         """Create the ``nachocode_*`` tables that do not exist yet; safe when several
@@ -225,10 +285,14 @@ class Store:
         """Claim ``event`` and write its ledger row: the start of the delivery's
         transaction, before any handler runs, on its connection (``session.connection()``).
         False for a duplicate, which wrote nothing. An event without an identity
-        (``unavailable_users``) is never a duplicate. ``with_ledger=False`` claims
-        only: a deferred delivery's ledger row is written by the worker, with its
-        handlers (:meth:`apply_ledger`).
+        (``unavailable_users``) is never a duplicate. On PostgreSQL the transaction
+        waits at most :data:`LOCK_TIMEOUT_SECONDS` for a lock (the claim row of a
+        copy being handled, or the handlers' own rows) before failing.
+        ``with_ledger=False`` claims only: a deferred delivery's ledger row is written
+        by the worker, with its handlers (:meth:`apply_ledger`).
         """
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(_PG_LOCK_TIMEOUT)
         if event.identity is None:
             return True
         if (
@@ -548,8 +612,9 @@ class DeliveryFilter:
         if self.q:
             # Exact matches, so that both columns' indexes serve the search.
             match = table.c.user_id == self.q
-            if self.q.isdigit() and int(self.q) <= MAX_ID:
-                match = match | (table.c.iap_log_id == int(self.q))
+            iap_log_id = parse_id(self.q)
+            if iap_log_id is not None:
+                match = match | (table.c.iap_log_id == iap_log_id)
             conditions.append(match)
         return conditions
 

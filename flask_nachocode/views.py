@@ -57,6 +57,14 @@ def read_json_object(max_bytes: int, delivery: Delivery) -> dict[str, Any]:
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {request.mimetype or 'missing'}"
         )
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        # RFC 9110 section 15.5.16: an unsupported content coding is a 415, whose
+        # Accept-Encoding says what would be taken. Nachocode sends bodies as they are.
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding[:40]!r} is not accepted; send the body uncompressed",
+            headers={"Accept-Encoding": "identity"},
+        )
     too_large = PayloadTooLarge(f"the body is larger than {max_bytes} bytes")
     if request.content_length is not None and request.content_length > max_bytes:
         raise too_large
@@ -95,7 +103,7 @@ def receive(route: str) -> Response:
     delivery = Delivery(route=route, received_at=utcnow(), started=time.perf_counter())
     # Before anything is read or stored: a delivery without the key leaves no trace.
     check_bearer(request.headers.get("Authorization"), state.keys)
-    delivery.headers = storable_headers(request.headers)
+    delivery.headers = storable_headers(request.headers, state.keys)
     delivery.remote_addr = request.remote_addr
     signals.delivery_received.send(current_app._get_current_object(), delivery=delivery)  # type: ignore[attr-defined]
     try:

@@ -26,7 +26,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from flask import current_app
 
 from . import signals
 from .delivery import Result, _storable_text
@@ -144,8 +143,8 @@ def _attempt_failed(
     )
     store.session.commit()
     result = Result("queued", 202, row.event, row.id)
-    signals.delivery_retry.send(
-        current_app._get_current_object(),  # type: ignore[attr-defined]
+    signals.send_after_commit(
+        signals.delivery_retry,
         event=event,
         result=result,
         error=cause,
@@ -197,11 +196,10 @@ def _finish(
     store.finish_deferred(connection, row.id, **values)
     store.session.commit()
     result = Result(outcome, status, row.event, row.id, error)
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
     if error is None:
-        signals.delivery_handled.send(app, event=event, result=result)
+        signals.send_after_commit(signals.delivery_handled, event=event, result=result)
     else:
-        signals.delivery_failed.send(app, event=event, result=result, error=error)
+        signals.send_after_commit(signals.delivery_failed, event=event, result=result, error=error)
     return result
 
 

@@ -20,6 +20,7 @@ from flask import Flask
 
 from flask_nachocode import NachocodeWebhook, Refuse
 from flask_nachocode import auth as nachocode_auth
+from flask_nachocode.delivery import REDACTED
 from flask_nachocode.testing import (
     post_delivery,
     purchase_payload,
@@ -27,7 +28,7 @@ from flask_nachocode.testing import (
     unavailable_users_payload,
 )
 
-from support.common import WEBHOOK_KEY, delivery_rows, load_fixture
+from support.common import WEBHOOK_KEY, delivery_rows, load_fixture, stored_deliveries
 from support.effects_app import create_tables, serve
 from support.figures import count
 from support.live import flask_run_args, free_port, live_server
@@ -273,7 +274,8 @@ def test_the_key_never_reaches_logs_answers_database_or_cli(
         # Wrong keys that contain the real one: if they were logged, the key would be too.
         post_delivery(client, "purchase", purchase_payload(), key=NEW_KEY + "x"),
         post_delivery(client, "purchase", purchase_payload(), key="x" + OLD_KEY),
-        # Credentials in other headers are not stored either.
+        # Credentials in other headers are not stored either, nor the key that a
+        # gateway copied into a header of its own (stored redacted, so it shows).
         client.post(
             URL,
             json=purchase_payload(),
@@ -281,6 +283,8 @@ def test_the_key_never_reaches_logs_answers_database_or_cli(
                 "Authorization": f"bearer  {NEW_KEY} ",
                 "Proxy-Authorization": f"Bearer {OLD_KEY}",
                 "Cookie": f"key={NEW_KEY}",
+                "X-Forwarded-Authorization": f"Bearer {NEW_KEY}",
+                "X-Request-Id": "req-42",
             },
         ),
     ]
@@ -291,6 +295,9 @@ def test_the_key_never_reaches_logs_answers_database_or_cli(
     outputs = [runner.invoke(args=["nachocode", "deliveries", "--limit", "100"]).output]
     stored = delivery_rows(app)
     assert stored == 9
+    headers = stored_deliveries(app)[-1].headers
+    assert (headers["X-Forwarded-Authorization"], headers["X-Request-Id"]) == (REDACTED, "req-42")
+    assert {"Authorization", "Proxy-Authorization", "Cookie"}.isdisjoint(headers)
     for number in range(1, stored + 1):
         outputs.append(runner.invoke(args=["nachocode", "show", str(number)]).output)
     outputs.append(runner.invoke(args=["nachocode", "replay", "--failed"]).output)

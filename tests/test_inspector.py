@@ -332,6 +332,10 @@ def test_replays_are_listed_only_on_request(inspector: Callable[..., Any]) -> No
         "per_page=0",
         "per_page=999",
         "q=" + "x" * 600,
+        # Other scripts' digits are digits to str.isdigit and int(): "٣" is 3, "３" too.
+        "per_page=%D9%A3",
+        "before=%EF%BC%93",
+        "after=%D9%A3",
     ],
 )
 def test_bad_list_arguments_are_a_clear_400(inspector: Callable[..., Any], query: str) -> None:
@@ -508,7 +512,7 @@ def test_replay_without_the_sessions_csrf_token_is_refused(
     handlers.failing = True
     delivery = send(client)
     replays = [
-        rule.rule.replace("<int:delivery_id>", str(delivery))
+        re.sub(r"<[^>]*delivery_id>", str(delivery), rule.rule)
         for rule in app.url_map.iter_rules()
         if rule.endpoint.startswith("nachocode.inspector") and "POST" in (rule.methods or ())
     ]
@@ -619,6 +623,66 @@ def test_with_the_apps_own_flask_sqlalchemy_db(tmp_path: Path) -> None:
         '<span class="badge handled" id="outcome">'
         in client.get(f"/nachocode/deliveries/{delivery}").text
     )
+
+
+def test_unicode_digits_are_no_delivery_id(inspector: Callable[..., Any]) -> None:
+    _, handlers, client = inspector()
+    handlers.failing = True  # replayable, so that the page has the replay form
+    for _ in range(3):
+        send(client)
+    assert client.get("/nachocode/deliveries/3").status_code == 200
+    for text in ("%D9%A3", "%EF%BC%93", "3a"):
+        assert client.get(f"/nachocode/deliveries/{text}").status_code == 404, text
+    token = csrf_of(client.get("/nachocode/deliveries/3").text)
+    replay = client.post("/nachocode/deliveries/%D9%A3/replay", data={"nachocode_csrf": token})
+    assert replay.status_code == 404
+    # Nor an iapLogId to search for.
+    assert ids_on(client.get("/nachocode/deliveries?q=%D9%A3").text) == []
+
+
+@pytest.mark.every_database
+def test_a_nul_in_the_search_is_a_400_not_a_store_error(
+    inspector: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, client = inspector()
+    send(client)
+    with caplog.at_level(logging.ERROR):
+        response = client.get("/nachocode/deliveries?q=%00")
+        poll = client.get("/nachocode/deliveries/poll?after=0&q=a%00b")
+    assert (response.status_code, poll.status_code) == (400, 400)
+    assert "NUL" in response.text
+    assert caplog.records == []
+
+
+def test_the_url_spelling_of_unavailable_users_filters_too(inspector: Callable[..., Any]) -> None:
+    _, _, client = inspector()
+    send(client)
+    body = {"tokenNotFoundUserIds": [], "tokenInvalidUserIds": ["u"]}
+    pushed = post_delivery(client, "unavailable_users", body).json["delivery"]
+    for spelling in ("unavailable_users", "unavailable-users"):
+        assert ids_on(client.get(f"/nachocode/deliveries?event={spelling}").text) == [pushed]
+
+
+def test_a_deeply_nested_body_is_shown_as_received(inspector: Callable[..., Any]) -> None:
+    # 34 arrays nested 900 deep (61 KB) made a 55 MB page: indenting grows with the
+    # square of the depth. Past the depth or size limit the body is shown as received.
+    _, _, client = inspector()
+    deep = "[" * 900 + "]" * 900
+    body = ('{"userId": "deep", "nested": [' + ",".join([deep] * 34) + "]}").encode()
+    response = client.post(
+        "/nachocode/webhooks/purchase",
+        data=body,
+        headers={"Authorization": f"Bearer {WEBHOOK_KEY}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    page = client.get(f"/nachocode/deliveries/{response.json['delivery']}").text
+    assert deep in page  # as received, not indented
+    assert len(page) < 2 * len(body) + 20_000
+
+    # A shallow body is still indented.
+    shallow = send(client, userId="shallow")
+    page = client.get(f"/nachocode/deliveries/{shallow}").text
+    assert "\n  &#34;userId&#34;: &#34;shallow&#34;," in page
 
 
 # -- in a real browser, against a real server (integration, browser) ------------------------

@@ -67,10 +67,13 @@ def test_every_answer_of_the_table_is_documented_with_its_body(make_app: MakeApp
         assert responses["200"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/HandledAnswer"
         }
-        for status in set(responses) - {"200"}:
-            assert responses[status]["content"]["application/json"]["schema"] == {
-                "$ref": "#/components/schemas/ErrorAnswer"
-            }
+        error_answer = {"$ref": "#/components/schemas/ErrorAnswer"}
+        # A 422 always names what is wrong in `errors`.
+        assert responses["422"]["content"]["application/json"]["schema"] == {
+            "allOf": [error_answer, {"required": ["errors"]}]
+        }
+        for status in set(responses) - {"200", "422"}:
+            assert responses[status]["content"]["application/json"]["schema"] == error_answer
         assert path["post"]["security"] == [{"webhookKey": []}]
     assert document["components"]["securitySchemes"] == {
         "webhookKey": {

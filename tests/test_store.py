@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,48 @@ def test_a_warning_when_flask_sqlalchemy_uses_the_same_sqlite_file_through_anoth
     with app.app_context():
         db.engine.dispose()
         app.extensions["nachocode"].store.engine.dispose()
+
+
+# Shared db only: with its own engine the extension creates the tables itself.
+@pytest.mark.parametrize(
+    "store_variant", [("sqlite", "shared_db"), ("postgresql", "shared_db")], indirect=True
+)
+def test_missing_tables_are_a_503_whose_log_says_what_to_run(
+    make_effects_app: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # With db= the tables are the app's to create; forgetting to is a 503 for every
+    # delivery (nothing was handled), and both the first use and each failure say why.
+    built = make_effects_app(create_tables=False)
+    hint = (
+        "run `flask nachocode init-db`, or create them with your app's tables "
+        "(db.create_all() or a migration)"
+    )
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        answer = post_delivery(built.client, "purchase", purchase_payload())
+    assert answer.status_code == 503
+    assert answer.get_json()["error"] == "store_unavailable"
+    [warning, error] = [record.getMessage() for record in caplog.records]
+    missing = "nachocode_deliveries, nachocode_claims, nachocode_purchases"
+    assert f"the tables {missing} are missing" in warning
+    assert hint in warning
+    assert "delivery not recorded" in error
+    assert "the nachocode tables are missing: " + hint in error
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        post_delivery(built.client, "purchase", purchase_payload())
+    # The warning once, at first use; the hint on every failure.
+    [again] = [record.getMessage() for record in caplog.records]
+    assert hint in again
+    assert "not recorded" in again
+    listed = built.app.test_cli_runner().invoke(args=["nachocode", "deliveries"])
+    assert listed.exit_code == 1
+    assert hint in listed.output
+    assert "Traceback" not in listed.output
+
+    with built.app.app_context():
+        built.db.create_all()
+    assert post_delivery(built.client, "purchase", purchase_payload()).status_code == 200
 
 
 @pytest.mark.every_store

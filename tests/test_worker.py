@@ -338,6 +338,9 @@ def test_queued_deliveries_are_never_pruned_and_run_by_requeue_once_deferral_is_
     )
     NachocodeWebhook(synchronous).on_purchase(lambda e: effects.append("y"))
     runner = synchronous.test_cli_runner()
+    too_old = runner.invoke(args=["nachocode", "requeue", "--older-than", str(10**12)])
+    assert too_old.exit_code == 2
+    assert "before the calendar's first year" in too_old.output
     waiting = runner.invoke(args=["nachocode", "requeue", "--older-than", "60"])
     assert waiting.output.startswith("ran 0 queued deliveries")
     ran = runner.invoke(args=["nachocode", "requeue"] + ["--older-than", "0"])
