@@ -14,7 +14,13 @@ from .events import (
 )
 from .extension import NachocodeWebhook
 from .ledger import Purchase
-from .signals import delivery_failed, delivery_handled, delivery_received
+from .signals import (
+    delivery_failed,
+    delivery_handled,
+    delivery_queued,
+    delivery_received,
+    delivery_retry,
+)
 from .tables import ExactText
 
 __all__ = [
@@ -29,6 +35,8 @@ __all__ = [
     "UnavailableUsersEvent",
     "delivery_failed",
     "delivery_handled",
+    "delivery_queued",
     "delivery_received",
+    "delivery_retry",
     "__version__",
 ]

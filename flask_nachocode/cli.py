@@ -17,7 +17,7 @@ from .delivery import DELIVERY_BUDGET_SECONDS
 from .delivery import replay as replay_delivery
 from .display import escape_controls, pretty_json
 from .errors import WebhookError
-from .events import EVENT_NAMES, ROUTES, ROUTES_BY_EVENT
+from .events import EVENT_SPELLINGS, ROUTES, ROUTES_BY_EVENT
 from .sender import (
     DEFAULT_BASE_URL,
     deliver,
@@ -30,6 +30,7 @@ from .state import current_state
 from .store import DeliveryFilter, describe_database_error
 from .tables import OUTCOMES
 from .testing import payload_for, refund_payload
+from .worker import requeue
 
 
 def _needs_store(command: Callable[..., None]) -> Callable[..., None]:
@@ -45,6 +46,19 @@ def _needs_store(command: Callable[..., None]) -> Callable[..., None]:
             ) from None
 
     return run
+
+
+class EventChoice(click.Choice):  # type: ignore[type-arg]
+    """An event name, in either spelling (``unavailable_users`` or the URL's
+    ``unavailable-users``); converted to the event name."""
+
+    name = "event"
+
+    def __init__(self) -> None:
+        super().__init__(list(EVENT_SPELLINGS))
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return EVENT_SPELLINGS[super().convert(value, param, ctx)]
 
 
 @click.group("nachocode")
@@ -67,7 +81,7 @@ def init_db() -> None:
 
 @nachocode_cli.command("deliveries")
 @click.option("--status", "outcome", type=click.Choice(OUTCOMES), help="Latest outcome.")
-@click.option("--event", type=click.Choice(EVENT_NAMES))
+@click.option("--event", type=EventChoice())
 @click.option(
     "--replays",
     is_flag=True,
@@ -120,6 +134,20 @@ def show(delivery_id: int) -> None:
         lines += ["error:", row.error]
     if row.traceback:
         lines += ["traceback:", row.traceback]
+    attempts = current_state().store.attempts_of(delivery_id)
+    if attempts:
+        lines.append("attempts:")
+    for attempt in attempts:
+        due = attempt.next_attempt_at
+        lines.append(
+            f"  {attempt.attempt}. {attempt.outcome}  started {attempt.started_at.isoformat()}  "
+            f"finished {attempt.finished_at.isoformat()}"
+            + (f"  next attempt {due.isoformat()}" if due is not None else "")
+        )
+        if attempt.error:
+            lines.append(f"     {attempt.error}")
+        if attempt.traceback:
+            lines += [f"     {line}" for line in attempt.traceback.rstrip().splitlines()]
     click.echo(escape_controls("\n".join(lines)))
 
 
@@ -177,17 +205,55 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
         raise SystemExit(1)
 
 
+@nachocode_cli.command("requeue")
+@click.option(
+    "--older-than",
+    "minutes",
+    default=10,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Minutes a queued delivery's next attempt has been due.",
+)
+@with_appcontext
+@_needs_store
+def requeue_command(minutes: int) -> None:
+    """Send again the tasks of queued deliveries that should have run MINUTES ago.
+
+    For a broker that lost its queue (Redis without persistence, a purged queue) or
+    a task that could not be sent. A task that is still in the broker is harmless:
+    whichever runs second does nothing. With NACHOCODE_DEFERRED off, the queued
+    deliveries' attempts run here instead.
+    """
+    state = current_state()
+    try:
+        sent = requeue(state, timedelta(minutes=minutes))
+    except OverflowError:
+        raise click.BadParameter(
+            f"{minutes} minutes ago is before the calendar's first year",
+            param_hint="'--older-than'",
+        ) from None
+    verb = "sent the tasks of" if state.task_queue is not None else "ran"
+    click.echo(
+        f"{verb} {len(sent)} queued deliveries" + "".join(f"\n  {i} (attempt {n})" for i, n in sent)
+    )
+
+
 @nachocode_cli.command("prune")
 @click.option("--older-than", "days", required=True, type=click.IntRange(0), help="Age in days.")
 @with_appcontext
 @_needs_store
 def prune(days: int) -> None:
-    """Delete deliveries received more than DAYS days ago.
+    """Delete deliveries received more than DAYS days ago, except queued ones.
 
     Claims are kept (they hold only store ids), so a very old purchase re-sent
     from the dashboard is still recognised as a duplicate.
     """
-    deleted = current_state().store.prune(timedelta(days=days))
+    try:
+        deleted = current_state().store.prune(timedelta(days=days))
+    except OverflowError:
+        raise click.BadParameter(
+            f"{days} days ago is before the calendar's first year", param_hint="'--older-than'"
+        ) from None
     click.echo(f"deleted {deleted} deliveries older than {days} days")
 
 
@@ -241,7 +307,7 @@ def urls(base_url: str) -> None:
 
 
 @nachocode_cli.command("send")
-@click.argument("event", type=click.Choice(EVENT_NAMES))
+@click.argument("event", type=EventChoice())
 @click.option(
     "--url", help=f"Where to POST. Default: this app's route for EVENT on {DEFAULT_BASE_URL}."
 )

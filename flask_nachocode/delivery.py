@@ -6,6 +6,10 @@ ledger, the handlers' own writes (with ``db=``) and the delivery record are
 committed together, once. When a handler fails, all of that rolls back and the
 delivery is recorded as failed in a transaction of its own, so nothing that
 arrived is lost and nothing half-done stays.
+
+With ``NACHOCODE_DEFERRED`` the view's dispatch stops after the claim: the delivery
+is committed as ``queued`` with it, its task is sent, and the answer is 202. The
+worker's side, from the ledger to the handlers, is :mod:`flask_nachocode.worker`.
 """
 
 from __future__ import annotations
@@ -20,14 +24,18 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from flask import current_app
 
 from . import signals
 from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookError
 from .events import ROUTES_BY_NAME, Event, utcnow
-from .schemas import load_event
+from .schemas import MAX_ID_LENGTH, load_event
 from .state import AppState
-from .store import describe_database_error, is_worth_retrying
+from .store import (
+    LOCK_TIMEOUT_SECONDS,
+    describe_database_error,
+    is_lock_timeout,
+    is_worth_retrying,
+)
 from .tables import REPLAYABLE
 
 logger = logging.getLogger("flask_nachocode")
@@ -39,11 +47,27 @@ DELIVERY_BUDGET_SECONDS = 10.0
 SLOW_DELIVERY_SECONDS = DELIVERY_BUDGET_SECONDS / 2
 
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+#: What a stored header value that held a webhook key is replaced with.
+REDACTED = "[redacted: held the webhook key]"
 
 
-def storable_headers(headers: Any) -> dict[str, str]:
-    """Request headers minus credentials: the key must never reach the database."""
-    return {name: value for name, value in headers.items() if name.lower() not in _SECRET_HEADERS}
+def storable_headers(headers: Any, keys: tuple[bytes, ...]) -> dict[str, str]:
+    """Request headers as they may be stored: the key must never reach the database.
+
+    The credential headers are left out, and any other header whose value holds one
+    of ``keys`` is kept with its value redacted: a proxy or API gateway may copy
+    the key into a header of its own (``X-Forwarded-Authorization``), and the
+    redacted header tells whoever reads the delivery that it does.
+    """
+    stored: dict[str, str] = {}
+    for name, value in headers.items():
+        if name.lower() in _SECRET_HEADERS:
+            continue
+        # WSGI hands header values over as latin-1 text: encoding back gives the bytes
+        # sent, which hold a key's UTF-8 bytes however the key is spelled.
+        raw = value.encode("latin-1", "replace")
+        stored[name] = REDACTED if any(key in raw for key in keys) else value
+    return stored
 
 
 @dataclass
@@ -80,9 +104,15 @@ class Result:
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
+    @property
+    def deferred(self) -> bool:
+        """Answered 202: kept as ``queued`` for a worker to handle."""
+        return self.outcome == "queued"
 
-def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
-    """Handle a valid event exactly once and record the delivery."""
+
+def dispatch(state: AppState, delivery: Delivery, event: Event, *, defer: bool = False) -> Result:
+    """Handle a valid event exactly once and record the delivery; with ``defer``,
+    claim it, keep it ``queued`` and send its task instead of running the handlers."""
     store = state.store
     session = store.session
     handlers = state.handlers(event.name)
@@ -93,11 +123,13 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
             return record(
                 state, delivery, NoHandler(f"no handler is registered for {event.name}"), event
             )
-        claimed, delivery_id = _claim(state, session, event, delivery)
+        claimed, delivery_id = _claim(state, session, event, delivery, defer=defer)
         if not claimed:
             if delivery_id is not None:
                 return _finish(state, delivery, event, "duplicate", 200, delivery_id, early=True)
             return _commit(state, delivery, event, "duplicate", 200)
+        if defer:
+            return _defer(state, delivery, event)
     except Refuse as refusal:
         session.rollback()
         return record(state, delivery, refusal, event)
@@ -131,12 +163,30 @@ def dispatch(state: AppState, delivery: Delivery, event: Event) -> Result:
     return _commit(state, delivery, event, "handled", 200)
 
 
+def _defer(state: AppState, delivery: Delivery, event: Event) -> Result:
+    # The task is sent only after the commit: a worker that took it earlier would
+    # find no queued delivery. A task that cannot be sent leaves the delivery
+    # queued, with a trace, for ``flask nachocode requeue``.
+    result = _commit(state, delivery, event, "queued", 202)
+    assert state.task_queue is not None
+    assert result.delivery_id is not None
+    try:
+        state.task_queue.send(result.delivery_id, 1)
+    except Exception:
+        logger.exception(
+            "nachocode delivery %s is queued but its task could not be sent; "
+            "`flask nachocode requeue` (or its beat entry) will send it",
+            result.delivery_id,
+        )
+    return result
+
+
 #: How often the claim is tried when the database asks for it (see :func:`_claim`).
 CLAIM_ATTEMPTS = 3
 
 
 def _claim(
-    state: AppState, session: Any, event: Event, delivery: Delivery
+    state: AppState, session: Any, event: Event, delivery: Delivery, *, defer: bool = False
 ) -> tuple[bool, int | None]:
     """Claim the event and write the ledger (:meth:`Store.claim`): whether it
     claimed (False for a duplicate), and the delivery record's id when the claim
@@ -151,14 +201,17 @@ def _claim(
     """
     for attempt in range(1, CLAIM_ATTEMPTS + 1):
         now = utcnow()
-        # A replay also updates its original: it keeps the record apart.
+        # A replay also updates its original, and a deferred delivery is recorded as
+        # queued: both keep the record apart.
         early = (
             _record_values(state, delivery, event, "", 200, now)
-            if delivery.replay_of is None and state.store.records_with_claim(event)
+            if not defer and delivery.replay_of is None and state.store.records_with_claim(event)
             else None
         )
         try:
-            claimed, delivery_id = state.store.claim(session.connection(), event, now, early)
+            claimed, delivery_id = state.store.claim(
+                session.connection(), event, now, early, with_ledger=not defer
+            )
             delivery.claimed = time.perf_counter()
             return claimed, delivery_id
         except sa.exc.DBAPIError as error:
@@ -226,9 +279,10 @@ def _record_values(
         "route": delivery.route,
         "status": status,
         "identity": getattr(event, "identity", None),
-        "user_id": _storable_text(user_id) if isinstance(user_id, str) else None,
+        "user_id": _storable_user_id(user_id),
         "iap_log_id": iap_log_id if _is_storable_id(iap_log_id) else None,
-        "body": delivery.body if state.keep_bodies else None,
+        # A queued delivery keeps its body until the worker is done with it.
+        "body": delivery.body if state.keep_bodies or outcome == "queued" else None,
         "headers": dict(delivery.headers) if delivery.headers is not None else None,
         "remote_addr": delivery.remote_addr,
         "received_at": delivery.received_at,
@@ -302,16 +356,29 @@ def _finish(
             outcome,
         )
     result = Result(outcome, status, event_name, delivery_id, error)
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    if result.ok:
-        signals.delivery_handled.send(app, event=event, result=result)
+    # Sent after the commit: the answer is what was stored, whatever a receiver does.
+    if result.deferred:
+        signals.send_after_commit(signals.delivery_queued, event=event, result=result)
+    elif result.ok:
+        signals.send_after_commit(signals.delivery_handled, event=event, result=result)
     else:
-        signals.delivery_failed.send(app, event=event, result=result, error=error)
+        signals.send_after_commit(signals.delivery_failed, event=event, result=result, error=error)
     return result
 
 
 def _store_unavailable(state: AppState, error: sa.exc.SQLAlchemyError) -> StoreUnavailable:
     state.store.rollback_quietly()
+    if is_lock_timeout(error):
+        logger.warning(
+            "nachocode delivery gave up after waiting %.0f s for a lock another transaction "
+            "holds (a copy of it being handled, or a transaction left open), not recorded: %s",
+            LOCK_TIMEOUT_SECONDS,
+            describe_database_error(error),
+        )
+        return StoreUnavailable(
+            "another transaction holds this delivery's claim or the database's write lock; "
+            "nothing was handled, re-send this delivery later"
+        )
     logger.error(
         "nachocode store unavailable, delivery not recorded: %s", describe_database_error(error)
     )
@@ -330,6 +397,16 @@ def _storable_text(text: str) -> str:
     # (JSON's "\\ud800" escape); an invalid body's userId or an exception message
     # may hold either. Escaped, the delivery is still recorded instead of a 503 or 500.
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _storable_user_id(value: Any) -> str | None:
+    # An invalid body's userId can be anything: one longer than a valid one would
+    # not fit the column's index on PostgreSQL (a 503 no re-send can cure). The
+    # stored body still holds it.
+    if not isinstance(value, str):
+        return None
+    text = _storable_text(value)
+    return text if len(text) <= MAX_ID_LENGTH else None
 
 
 def _is_storable_id(value: Any) -> bool:

@@ -33,13 +33,43 @@ def parse_json(raw: bytes | str) -> tuple[str, Any]:
         return text, NOT_JSON
 
 
+#: Deepest nesting that is indented; a deeper body is shown as it was received.
+#: Nachocode's bodies are 2 levels deep.
+MAX_PRETTY_DEPTH = 20
+#: Longest indented text shown (about 250 KB); past it the body is shown as received.
+#: Indenting costs two spaces per level on every line, so a body of nested arrays
+#: grows with the square of its depth: 61 KB of them made a 55 MB page.
+MAX_PRETTY_CHARS = 250_000
+
+
 def pretty_json(raw: bytes | str) -> tuple[str, Any]:
     """``raw`` indented when it is JSON (else the text as it is), and the parsed value
-    (``NOT_JSON`` when it is not JSON)."""
+    (``NOT_JSON`` when it is not JSON). A value nested deeper than
+    :data:`MAX_PRETTY_DEPTH` or whose indented text would pass :data:`MAX_PRETTY_CHARS`
+    is shown as received, so showing a body costs about as much as the body."""
     text, value = parse_json(raw)
-    if value is NOT_JSON:
+    if value is NOT_JSON or not _pretty_fits(value, len(text)):
         return text, value
-    try:
-        return json.dumps(value, indent=2, ensure_ascii=False), value
-    except RecursionError:
-        return text, value
+    return json.dumps(value, indent=2, ensure_ascii=False), value
+
+
+def _pretty_fits(value: Any, length: int) -> bool:
+    """Whether ``value`` (``length`` characters as received) is shallow and small
+    enough to indent. Walked with a stack: a deep value must not recurse here either."""
+    # Each value of the received text gets at most one line, indented by its depth.
+    budget = MAX_PRETTY_CHARS - length
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_PRETTY_DEPTH:
+            return False
+        container = isinstance(item, (dict, list))
+        # A container's closing bracket takes a line of its own.
+        budget -= (2 * depth + 2) * (2 if container else 1)
+        if budget < 0:
+            return False
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return True

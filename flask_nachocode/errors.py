@@ -13,6 +13,9 @@ from typing import Any
 
 from flask import Response, jsonify
 
+#: The key of ``errors`` for reasons about the whole body rather than one field.
+BODY_ERRORS = "_body"
+
 
 class WebhookError(Exception):
     """A delivery refused before or instead of being handled.
@@ -93,8 +96,9 @@ class HandlerFailed(WebhookError):
 
 
 class InternalError(WebhookError):
-    """Anything else that went wrong outside the handlers (a bug, or a signal
-    receiver that raised): still one JSON answer, logged by Flask with its traceback."""
+    """Anything else that went wrong outside the handlers (a bug, or a
+    ``delivery_received`` receiver that raised): still one JSON answer, logged by
+    Flask with its traceback."""
 
     status = 500
     code = "internal_error"
@@ -142,7 +146,9 @@ class Refuse(WebhookError):
 
 def error_answer(error: WebhookError, **extra: Any) -> Response:
     """The single place that turns a refusal into its JSON answer; ``extra``
-    adds fields such as the stored delivery's id."""
+    adds fields such as the stored delivery's id. A 422 always has ``errors``
+    (one shape for every 422): a refusal that names no field gives its message
+    under :data:`BODY_ERRORS`."""
     body: dict[str, Any] = {
         "success": False,
         "error": error.code,
@@ -151,6 +157,8 @@ def error_answer(error: WebhookError, **extra: Any) -> Response:
     }
     if error.errors:
         body["errors"] = error.errors
+    elif error.status == 422:
+        body["errors"] = {BODY_ERRORS: [error.message]}
     response = jsonify(body)
     response.status_code = error.status
     if error.headers:

@@ -51,6 +51,12 @@ ROUTES = (
 ROUTES_BY_NAME = {route.name: route for route in ROUTES}
 #: Event name (and ``"any"``) -> the route that receives it.
 ROUTES_BY_EVENT = {route.event or "any": route for route in ROUTES}
+#: Every spelling of an event a person may type -> its event name: the name, and
+#: the route's name as the URL spells it (``unavailable-users``).
+EVENT_SPELLINGS = {
+    **{route.name: route.event for route in ROUTES if route.event is not None},
+    **{name: name for name in EVENT_NAMES},
+}
 
 
 def utcnow() -> datetime:

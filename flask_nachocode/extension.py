@@ -38,7 +38,8 @@ class NachocodeWebhook:
     ``NACHOCODE_DATABASE_URI``.
 
     Handlers run synchronously inside the request, in registration order
-    (decorated ones first, then ``NACHOCODE_HANDLERS``). One extension object can
+    (decorated ones first, then ``NACHOCODE_HANDLERS``), or in a Celery worker
+    with ``NACHOCODE_DEFERRED``. One extension object can
     serve several apps; its decorated handlers apply to all of them.
     """
 
@@ -63,6 +64,11 @@ class NachocodeWebhook:
                 "existing extension object."
             )
         state = build_state(app, self.db, self._registry)
+        if state.deferred:
+            # Imported only when switched on: Celery is the optional `celery` extra.
+            from .celery_queue import CeleryQueue
+
+            state.task_queue = CeleryQueue(app, app.extensions["celery"])
         app.extensions["nachocode"] = state
 
         blueprint = make_blueprint()

@@ -57,9 +57,9 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from .delivery import replay
 from .display import NOT_JSON, pretty_json
-from .errors import InvalidEvent, WebhookError
-from .events import EVENT_NAMES
-from .schemas import MAX_ID, SCHEMAS, load_event
+from .errors import BODY_ERRORS, InvalidEvent, WebhookError
+from .events import EVENT_NAMES, EVENT_SPELLINGS
+from .schemas import SCHEMAS, load_event, parse_id
 from .state import AppState, InspectorSettings, decorate
 from .store import DeliveryFilter
 from .tables import OUTCOMES, REPLAYABLE
@@ -118,9 +118,9 @@ def make_inspector_blueprint(state: AppState) -> Blueprint:
     blueprint.register_error_handler(sa.exc.SQLAlchemyError, views.store_error)
     blueprint.add_url_rule("/deliveries", "deliveries", protect(views.deliveries))
     blueprint.add_url_rule("/deliveries/poll", "poll", protect(views.poll))
-    blueprint.add_url_rule("/deliveries/<int:delivery_id>", "delivery", protect(views.delivery))
+    blueprint.add_url_rule("/deliveries/<delivery_id>", "delivery", protect(views.delivery))
     blueprint.add_url_rule(
-        "/deliveries/<int:delivery_id>/replay", "replay", protect(views.replay), methods=["POST"]
+        "/deliveries/<delivery_id>/replay", "replay", protect(views.replay), methods=["POST"]
     )
     return blueprint
 
@@ -187,10 +187,14 @@ def filter_from_request() -> DeliveryFilter:
     q = request.args.get("q", "").strip()
     if outcome and outcome not in OUTCOMES:
         abort(400, f"outcome must be one of {', '.join(OUTCOMES)}")
-    if event and event not in EVENT_NAMES:
+    if event and event not in EVENT_SPELLINGS:
         abort(400, f"event must be one of {', '.join(EVENT_NAMES)}")
+    event = EVENT_SPELLINGS.get(event, "")
     if len(q) > MAX_SEARCH_LENGTH:
         abort(400, f"the search is longer than {MAX_SEARCH_LENGTH} characters")
+    if "\x00" in q:
+        # No stored user id holds one, and PostgreSQL refuses it in a query as an error.
+        abort(400, "the search cannot contain a NUL character")
     return DeliveryFilter(outcome, event, q, replays=request.args.get("replays") == "1")
 
 
@@ -206,9 +210,19 @@ def _int_arg(name: str) -> int | None:
     value = request.args.get(name)
     if value is None or value == "":
         return None
-    if not value.isdigit() or int(value) > MAX_ID:
+    number = parse_id(value)
+    if number is None:
         abort(400, f"{name} must be a whole number")
-    return int(value)
+    return number
+
+
+def _delivery_id(text: str) -> int:
+    # The URL's id as a string, parsed here: Werkzeug's int converter takes any
+    # script's digits, and /deliveries/٣ would be delivery 3.
+    number = parse_id(text)
+    if number is None:
+        abort(404, f"No delivery {text[:40]}.")
+    return number
 
 
 class _Views:
@@ -261,9 +275,10 @@ class _Views:
         html = render_template("nachocode/_rows.html", rows=rows) if rows else ""
         return jsonify(latest=rows[0].id if rows else after, count=len(rows), html=html)
 
-    def delivery(self, delivery_id: int) -> str:
+    def delivery(self, delivery_id: str) -> str:
         store = self.state.store
-        row = store.get_delivery(delivery_id)
+        number = _delivery_id(delivery_id)
+        row = store.get_delivery(number)
         if row is None:
             abort(404, f"No delivery {delivery_id}.")
         body, payload = pretty_json(row.body) if row.body is not None else (None, NOT_JSON)
@@ -275,17 +290,19 @@ class _Views:
             event_type=event_type,
             event_fields=event_fields,
             event_errors=event_errors,
-            replays=store.replays_of(delivery_id),
+            replays=store.replays_of(number),
+            attempts=store.attempts_of(number),
             replayable=row.outcome in REPLAYABLE and row.body is not None,
             replayable_outcomes=REPLAYABLE,
         )
 
-    def replay(self, delivery_id: int) -> BaseResponse:
+    def replay(self, delivery_id: str) -> BaseResponse:
         """Run the handlers again (:func:`flask_nachocode.delivery.replay`), then
         show the original delivery with its new outcome and replay history."""
         check_csrf()
+        number = _delivery_id(delivery_id)
         try:
-            result = replay(self.state, delivery_id)
+            result = replay(self.state, number)
         except LookupError:
             abort(404, f"No delivery {delivery_id}.")
         except ValueError as error:
@@ -299,7 +316,7 @@ class _Views:
                 f"{result.outcome} ({result.status}){detail}",
                 _FLASH_OK if result.ok else _FLASH_ERROR,
             )
-        return redirect(url_for(".delivery", delivery_id=delivery_id), 303)
+        return redirect(url_for(".delivery", delivery_id=number), 303)
 
     def store_error(self, error: sa.exc.SQLAlchemyError) -> tuple[str, int]:
         self.state.store.rollback_quietly()
@@ -319,7 +336,7 @@ def parse_stored_event(
     try:
         event = load_event(event_name, payload)
     except InvalidEvent as error:
-        return None, [], error.errors or {"_schema": [error.message]}
+        return None, [], error.errors or {BODY_ERRORS: [error.message]}
     fields = [("identity", _show(event.identity))] + list(_fields(event))
     return type(event).__name__, fields, None
 

@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql
 
 from .errors import Refuse
 from .events import PurchaseEvent, RefundEvent
+from .schemas import fits_id
 from .tables import (
     ACTIVE,
     MYSQL_DIALECTS,
@@ -379,6 +380,9 @@ class Ledger:
     Every query keeps sandbox and production apart: ``environment`` defaults to
     ``"production"``; pass ``"sandbox"`` for test purchases, or ``None`` for both.
     Inside a webhook handler, queries see the delivery's own uncommitted writes.
+    A user or product id that no delivery can carry (longer than
+    :data:`~flask_nachocode.schemas.MAX_ID_LENGTH` characters, or holding a NUL)
+    finds nothing, without asking the database.
     """
 
     def __init__(self, store_for_app: Callable[[], Store]) -> None:
@@ -405,6 +409,8 @@ class Ledger:
         table = self._store_for_app().purchases
         conditions = [table.c.iap_log_id == iap_log_id]
         if user_id is not None:
+            if not fits_id(user_id):
+                return None
             conditions.append(table.c.user_id == user_id)
         found = self._query(*conditions, environment=environment)
         return found[0] if found else None
@@ -423,10 +429,14 @@ class Ledger:
         self, user_id: str, *, environment: str | None = "production"
     ) -> list[Purchase]:
         """Every purchase of a user, newest first, refunded ones included."""
+        if not fits_id(user_id):
+            return []
         table = self._store_for_app().purchases
         return self._query(table.c.user_id == user_id, environment=environment, newest_first=True)
 
     def _of_product(self, user_id: str, product: str, environment: str | None) -> list[Purchase]:
+        if not (fits_id(user_id) and fits_id(product)):
+            return []
         table = self._store_for_app().purchases
         return self._query(
             table.c.user_id == user_id,

@@ -19,6 +19,7 @@ from marshmallow import EXCLUDE, Schema, fields, validate
 
 from ._version import __version__
 from .errors import (
+    BODY_ERRORS,
     BadBody,
     HandlerFailed,
     InvalidEvent,
@@ -78,14 +79,26 @@ REFUSALS: list[tuple[type[WebhookError], str]] = [
     (BadBody, "The body is not a UTF-8 JSON object."),
     (Unauthorized, "The Authorization: Bearer key is missing or wrong; nothing was stored."),
     (PayloadTooLarge, "The body is larger than NACHOCODE_MAX_BODY_BYTES."),
-    (UnsupportedMediaType, "The Content-Type is not application/json."),
-    (InvalidEvent, "The body is not a valid event; `errors` maps dotted field paths to messages."),
+    (
+        UnsupportedMediaType,
+        "The Content-Type is not application/json, or the body is compressed "
+        "(Content-Encoding other than identity).",
+    ),
+    (
+        InvalidEvent,
+        "The body is not a valid event, or refused by a handler with 422; `errors` maps "
+        "dotted field paths (`_body` for the whole body) to messages.",
+    ),
     (HandlerFailed, "A handler raised; the delivery is stored as failed and can be replayed."),
     (
         NoHandler,
         "No handler is registered for the event; the delivery is stored and can be replayed.",
     ),
-    (StoreUnavailable, "The delivery store could not be reached; nothing was handled."),
+    (
+        StoreUnavailable,
+        "The delivery store could not be reached, its tables are missing, or another "
+        "transaction held this delivery's lock for 5 s; nothing was handled.",
+    ),
 ]
 
 
@@ -105,6 +118,16 @@ class HandledAnswerSchema(Schema):
     )
 
 
+class QueuedAnswerSchema(HandledAnswerSchema):
+    """The answer to a delivery kept for a worker (``NACHOCODE_DEFERRED``)."""
+
+    deferred = fields.Boolean(
+        required=True,
+        validate=validate.OneOf([True]),
+        metadata={"description": "Kept as queued; a worker runs the handlers, with retries."},
+    )
+
+
 class ErrorAnswerSchema(Schema):
     """The one error answer (:func:`flask_nachocode.errors.error_answer`)."""
 
@@ -120,7 +143,14 @@ class ErrorAnswerSchema(Schema):
     delivery = fields.Integer(
         allow_none=True, metadata={"description": "Id of the stored delivery, when stored."}
     )
-    errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
+    errors = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        metadata={
+            "description": "Always on a 422: each dotted field path's messages, and "
+            f"reasons about the whole body under `{BODY_ERRORS}`."
+        },
+    )
 
 
 def _custom_fields(plugin: MarshmallowPlugin) -> None:
@@ -174,6 +204,8 @@ def build_document(state: AppState) -> dict[str, Any]:
         spec.components.schema(component, extra, schema=SCHEMAS[event])
     spec.components.schema("HandledAnswer", schema=HandledAnswerSchema)
     spec.components.schema("ErrorAnswer", schema=ErrorAnswerSchema)
+    if state.deferred:
+        spec.components.schema("QueuedAnswer", schema=QueuedAnswerSchema)
     if state.keys:
         spec.components.security_scheme(
             "webhookKey",
@@ -191,9 +223,17 @@ def build_document(state: AppState) -> dict[str, Any]:
             "content": {"application/json": {"schema": "HandledAnswer"}},
         }
     }
+    if state.deferred:
+        responses["200"]["description"] = "A duplicate of a queued or handled event."
+        responses["202"] = {
+            "description": "Valid and claimed: kept as queued for a worker to handle.",
+            "content": {"application/json": {"schema": "QueuedAnswer"}},
+        }
     for refusal, description in REFUSALS:
         if refusal is not Unauthorized or state.keys:
             responses[str(refusal.status)] = {"description": description, **error}
+    invalid = {"allOf": [{"$ref": "#/components/schemas/ErrorAnswer"}, {"required": ["errors"]}]}
+    responses[str(InvalidEvent.status)]["content"] = {"application/json": {"schema": invalid}}
     responses["4XX"] = {
         "description": "Refused by a handler (Refuse) with a status of its choice.",
         **error,

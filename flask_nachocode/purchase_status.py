@@ -12,9 +12,9 @@ the grant, a cached grant would outlive a refund):
 - 200 ``{"success": true, "status": "granted" | "partially_refunded" | "refunded", ...}``
   once the purchase was handled;
 - 404 ``{"success": false, "status": "pending"}`` before that, and also when
-  ``userId`` is missing or is not the buyer's: a wrong user id looks exactly
-  like a purchase that has not arrived, so the route tells nobody which
-  purchases exist;
+  ``userId`` is missing or is not the buyer's (or could be nobody's: a NUL, or
+  longer than any user id): a wrong user id looks exactly like a purchase that
+  has not arrived, so the route tells nobody which purchases exist;
 - 400 ``bad_iap_log_id`` when the id is not a non-negative integer (a bug in
   the caller, not a question about a purchase);
 - 503 ``store_unavailable`` when the database cannot be read.
@@ -25,7 +25,6 @@ the route with the app's own login decorator.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,18 +34,16 @@ from flask import Blueprint, Response, jsonify, request
 from .errors import BadPurchaseId, StoreUnavailable
 from .events import iso_ms
 from .ledger import Purchase
-from .schemas import MAX_ID
+from .schemas import parse_id
 from .state import ViewDecorator, current_ledger, current_state, decorate
 
 #: The route's endpoint name, for ``url_for("nachocode.purchase_status", ...)``.
 ENDPOINT = "purchase_status"
 
-_DIGITS = re.compile(r"[0-9]{1,19}")
-
 
 def _parse_iap_log_id(text: str) -> int:
-    value = int(text) if _DIGITS.fullmatch(text) else -1
-    if not 0 <= value <= MAX_ID:
+    value = parse_id(text)
+    if value is None:
         raise BadPurchaseId(f"iapLogId must be a non-negative integer, not {text[:40]!r}")
     return value
 

@@ -31,7 +31,7 @@ from marshmallow import (
     validates_schema,
 )
 
-from .errors import InvalidEvent
+from .errors import BODY_ERRORS, InvalidEvent
 from .events import (
     AppStorePurchaseData,
     Event,
@@ -124,9 +124,14 @@ class Price(_SelfChecking):
         return price
 
 
-#: Longest store purchase id (Play ``orderId``, App Store ``transactionId``) accepted:
-#: the width of the ledger's column. Real ones are about 30 characters.
-MAX_STORE_ID = 256
+#: Longest id accepted: store purchase ids (Play ``orderId``, App Store
+#: ``transactionId``, the width of the ledger's column), ``userId`` (every user id of
+#: an ``unavailable_users`` body too) and the product ids. Real ones are under 100
+#: characters. The bound is what keeps every id inside an index entry on every
+#: database: 256 characters are at most 1,024 bytes of UTF-8, below PostgreSQL's
+#: B-tree limit (2,704 bytes) and InnoDB's key limit (3,072 bytes, 768 utf8mb4
+#: characters), and a refund's identity built from one stays inside its 512 characters.
+MAX_ID_LENGTH = 256
 
 #: The NUL check as a pattern, for the OpenAPI document. Written for both Python and
 #: ECMA 262 (JSON Schema); ``$`` may match before a final newline, but never before a NUL.
@@ -179,6 +184,20 @@ def _text(max_length: int | None = None) -> Text:
     return Text(required=True, min_length=1, max_length=max_length)
 
 
+def fits_id(value: str) -> bool:
+    """Whether ``value`` could be an id the schemas accept (a user id, for example),
+    so that a lookup by it can find something: ids are at most :data:`MAX_ID_LENGTH`
+    characters, without NUL or unpaired surrogates. Checked before a query, because
+    PostgreSQL refuses a NUL in a parameter outright, as an error, not a miss."""
+    if len(value) > MAX_ID_LENGTH or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Choice(_SelfChecking, fields.String):
     """One of ``choices``, with the message of marshmallow's ``OneOf`` validator."""
 
@@ -202,6 +221,18 @@ class Choice(_SelfChecking, fields.String):
 #: the 32-bit range because the ledger adds a refund to what was already refunded.
 MAX_ID = 2**63 - 1
 MAX_COUNT = 2**30 - 1
+
+_ASCII_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def parse_id(text: str) -> int | None:
+    """``text`` as an id (an ``iapLogId``, a delivery id) when it is written in ASCII
+    digits and fits :data:`MAX_ID`, else None. Not ``str.isdigit``/``int``, which
+    also take other scripts' digits (``"٣"`` is 3)."""
+    if _ASCII_DIGITS.fullmatch(text) is None:
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
 
 
 class BoundedInteger(_SelfChecking, fields.Integer):
@@ -238,7 +269,7 @@ class PlayStoreDataSchema(Schema):
         unknown = EXCLUDE
 
     purchaseToken = _text()
-    orderId = _text(MAX_STORE_ID)
+    orderId = _text(MAX_ID_LENGTH)
 
     def build(self, data: dict[str, Any]) -> PlayStorePurchaseData:
         return PlayStorePurchaseData(purchase_token=data["purchaseToken"], order_id=data["orderId"])
@@ -248,8 +279,8 @@ class AppStoreDataSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    originalTransactionId = _text()
-    transactionId = _text(MAX_STORE_ID)
+    originalTransactionId = _text(MAX_ID_LENGTH)
+    transactionId = _text(MAX_ID_LENGTH)
 
     def build(self, data: dict[str, Any]) -> AppStorePurchaseData:
         return AppStorePurchaseData(
@@ -297,11 +328,11 @@ class _InAppSchema(_BodySchema):
     class Meta:
         unknown = EXCLUDE
 
-    userId = _text()
+    userId = _text(MAX_ID_LENGTH)
     iapLogId = BoundedInteger(required=True, minimum=0, maximum=MAX_ID)
-    nachoProductId = _text()
+    nachoProductId = _text(MAX_ID_LENGTH)
     os = Choice(["android", "ios"], required=True)
-    productId = _text()
+    productId = _text(MAX_ID_LENGTH)
     productType = Choice(["consumable", "non-consumable"], required=True)
     quantity = _count()
     price = Price(required=True)
@@ -360,8 +391,8 @@ class UnavailableUsersSchema(_BodySchema):
     class Meta:
         unknown = EXCLUDE
 
-    tokenNotFoundUserIds = fields.List(Text(), required=True)
-    tokenInvalidUserIds = fields.List(Text(), required=True)
+    tokenNotFoundUserIds = fields.List(Text(max_length=MAX_ID_LENGTH), required=True)
+    tokenInvalidUserIds = fields.List(Text(max_length=MAX_ID_LENGTH), required=True)
 
     def build(self, data: dict[str, Any], body: dict[str, Any]) -> UnavailableUsersEvent:
         return UnavailableUsersEvent(
@@ -381,6 +412,7 @@ SCHEMAS: dict[str, _BodySchema] = {
 _REFUND_MARKERS = ("refundQuantity", "refundedAt")
 _PURCHASE_MARKERS = ("requestedAt", "purchasedAt", "verifiedAt")
 _PUSH_MARKERS = ("tokenNotFoundUserIds", "tokenInvalidUserIds")
+_MARKERS = _REFUND_MARKERS + _PURCHASE_MARKERS + _PUSH_MARKERS
 
 
 def infer_event_name(body: Mapping[str, Any]) -> str:
@@ -389,16 +421,19 @@ def infer_event_name(body: Mapping[str, Any]) -> str:
     Nachocode puts the event type neither in the body nor in a header. Refund
     fields win over purchase fields because a refund repeats the purchase's
     fields; a body that mixes in-app purchase and push fields is refused rather
-    than guessed.
+    than guessed. A marker whose value is null does not count.
     """
-    in_app = any(key in body for key in _REFUND_MARKERS + _PURCHASE_MARKERS)
-    push = any(key in body for key in _PUSH_MARKERS)
+    # A marker that is null counts as absent: a purchase carrying "refundedAt": null
+    # is a purchase, as /webhooks/purchase takes it.
+    present = {key for key in _MARKERS if body.get(key) is not None}
+    in_app = not present.isdisjoint(_REFUND_MARKERS + _PURCHASE_MARKERS)
+    push = not present.isdisjoint(_PUSH_MARKERS)
     if in_app and push:
         raise InvalidEvent(
             "the body has both in-app purchase fields and unavailable-user lists; "
             "it fits more than one event"
         )
-    if any(key in body for key in _REFUND_MARKERS):
+    if not present.isdisjoint(_REFUND_MARKERS):
         return "refund"
     if in_app:
         return "purchase"
@@ -412,14 +447,16 @@ def infer_event_name(body: Mapping[str, Any]) -> str:
 
 
 def flatten_errors(messages: Any, prefix: str = "") -> dict[str, list[str]]:
-    """marshmallow's nested error dict -> ``{"data.orderId": [...]}``."""
+    """marshmallow's nested error dict -> ``{"data.orderId": [...]}``; errors about
+    the whole body (marshmallow's ``_schema``) under :data:`~flask_nachocode.errors.BODY_ERRORS`."""
     if isinstance(messages, list):
-        return {prefix or "_schema": [str(message) for message in messages]}
+        return {prefix or BODY_ERRORS: [str(message) for message in messages]}
     if not isinstance(messages, dict):
-        return {prefix or "_schema": [str(messages)]}
+        return {prefix or BODY_ERRORS: [str(messages)]}
     flat: dict[str, list[str]] = {}
     for key, value in messages.items():
-        flat.update(flatten_errors(value, f"{prefix}.{key}" if prefix else str(key)))
+        name = BODY_ERRORS if key == "_schema" and not prefix else str(key)
+        flat.update(flatten_errors(value, f"{prefix}.{key}" if prefix else name))
     return flat
 
 

@@ -19,6 +19,7 @@ from flask import Flask, current_app
 from werkzeug.utils import import_string
 
 from .auth import normalize_keys
+from .deferred import TaskQueue
 from .ledger import Ledger
 from .registry import Handler, HandlerRegistry, registry_from_config
 from .store import Store
@@ -43,6 +44,8 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "NACHOCODE_INSPECTOR_TOKEN": None,
     "NACHOCODE_INSPECTOR_DECORATORS": [],
     "NACHOCODE_OPENAPI": True,
+    "NACHOCODE_DEFERRED": False,
+    "NACHOCODE_RETRY_DELAYS": [30, 120, 600, 3600, 21600],
 }
 
 #: Shortest ``NACHOCODE_INSPECTOR_TOKEN`` accepted.
@@ -117,6 +120,12 @@ class AppState:
     inspector: InspectorSettings | None
     #: {prefix}/openapi.json is mounted (NACHOCODE_OPENAPI).
     openapi: bool
+    #: Handlers run in a worker, after a 202 (NACHOCODE_DEFERRED).
+    deferred: bool = False
+    #: Seconds before each retry of a deferred delivery whose handler raised.
+    retry_delays: tuple[float, ...] = ()
+    #: What sends the worker's tasks; set by ``init_app`` when ``deferred``.
+    task_queue: TaskQueue | None = None
 
     def handlers(self, name: str) -> list[Handler]:
         """The handlers of event ``name``: decorated ones first, then NACHOCODE_HANDLERS."""
@@ -159,6 +168,14 @@ def build_state(app: Flask, db: SQLAlchemy | None, decorated: HandlerRegistry) -
             "NACHOCODE_PURCHASE_STATUS_ROUTE answers from the purchase ledger: "
             "it needs NACHOCODE_LEDGER = True"
         )
+    deferred = bool(config["NACHOCODE_DEFERRED"])
+    retry_delays = _retry_delays(config["NACHOCODE_RETRY_DELAYS"])
+    if deferred and "celery" not in app.extensions:
+        raise RuntimeError(
+            "NACHOCODE_DEFERRED needs the app's Celery instance in app.extensions['celery'], "
+            "as Flask's 'Background Tasks with Celery' pattern puts it; create it before "
+            "calling init_app (pip install 'flask-nachocode[celery]')"
+        )
     store = Store(app, db, ledger_enabled=ledger_enabled)
     state = AppState(
         keys=keys,
@@ -175,6 +192,8 @@ def build_state(app: Flask, db: SQLAlchemy | None, decorated: HandlerRegistry) -
         ),
         inspector=_inspector_settings(app, url_prefix) if config["NACHOCODE_INSPECTOR"] else None,
         openapi=bool(config["NACHOCODE_OPENAPI"]),
+        deferred=deferred,
+        retry_delays=retry_delays,
     )
     if not keys and not (app.debug or app.testing):
         logger.warning(
@@ -183,6 +202,21 @@ def build_state(app: Flask, db: SQLAlchemy | None, decorated: HandlerRegistry) -
             url_prefix,
         )
     return state
+
+
+def _retry_delays(value: Any) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        value = None
+    delays = tuple(value) if value is not None else ()
+    if value is None or not all(
+        isinstance(delay, (int, float)) and not isinstance(delay, bool) and 0 <= delay < 10**7
+        for delay in delays
+    ):
+        raise RuntimeError(
+            "NACHOCODE_RETRY_DELAYS must be a list of seconds (non-negative numbers), "
+            "e.g. [30, 120, 600, 3600, 21600]; an empty list means no retries"
+        )
+    return tuple(float(delay) for delay in delays)
 
 
 def _inspector_settings(app: Flask, url_prefix: str) -> InspectorSettings:

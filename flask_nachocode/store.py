@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -33,11 +33,10 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 
 from . import ledger
 from .events import Event, PurchaseEvent, RefundEvent, utcnow
-from .schemas import MAX_ID
+from .schemas import MAX_ID, parse_id
 from .tables import (
     MYSQL_DEADLOCK,
     MYSQL_DIALECTS,
-    MYSQL_LOCK_WAIT_TIMEOUT,
     REPLAYABLE,
     SUPPORTED_DIALECTS,
     define_tables,
@@ -50,9 +49,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flask_nachocode")
 
-#: How long an SQLite connection waits for another process's write to finish
-#: before giving up with "database is locked"; longer than Nachocode's 10 s.
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: How long a delivery waits for a lock another transaction holds before it gives
+#: up and is answered 503: on PostgreSQL a claim row that a copy of the same event
+#: being handled (or a transaction left open) holds, on SQLite the database's write
+#: lock. Half of Nachocode's 10 s, so that the answer still arrives in time and a
+#: few stuck deliveries cannot keep every worker waiting until it is killed.
+LOCK_TIMEOUT_SECONDS = 5.0
+#: SQLite's busy timeout: the same limit, also for the app's own engine with ``db=``
+#: (Python's sqlite3 module waits 5 s by default too).
+SQLITE_BUSY_TIMEOUT_MS = int(LOCK_TIMEOUT_SECONDS * 1000)
+#: Set at the start of each delivery's transaction on PostgreSQL; ``SET LOCAL`` ends
+#: with the transaction, so the app's own use of a shared ``db`` is left as it was.
+_PG_LOCK_TIMEOUT = f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT_SECONDS * 1000)}ms'"
+
+#: What to run when the tables are missing, for the log and the CLI.
+CREATE_TABLES_HINT = (
+    "run `flask nachocode init-db`, or create them with your app's tables "
+    "(db.create_all() or a migration)"
+)
 
 #: pg_advisory_xact_lock key that serialises creating the tables ("nachocod").
 _CREATE_TABLES_LOCK = 0x6E6163686F636F64
@@ -66,7 +80,32 @@ def describe_database_error(error: BaseException) -> str:
     """
     cause = getattr(error, "orig", None) or error
     reason = (str(cause).splitlines() or [""])[0][:200]
-    return f"{type(cause).__name__}: {reason}"
+    described = f"{type(cause).__name__}: {reason}"
+    if is_missing_table(error):
+        return f"{described}; the nachocode tables are missing: {CREATE_TABLES_HINT}"
+    return described
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    # psycopg 3 names it sqlstate, psycopg2 pgcode.
+    cause = getattr(error, "orig", None)
+    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+
+
+def is_missing_table(error: BaseException) -> bool:
+    """Whether a database error says that a table does not exist."""
+    if _sqlstate(error) == "42P01" or mysql_error_code(error) == 1146:
+        return True
+    return "no such table" in str(getattr(error, "orig", error))
+
+
+def is_lock_timeout(error: BaseException) -> bool:
+    """Whether a database error is a wait for another transaction's lock that gave up
+    (:data:`LOCK_TIMEOUT_SECONDS`): PostgreSQL's ``lock_not_available``, SQLite's
+    "database is locked", MySQL's lock wait timeout."""
+    if _sqlstate(error) == "55P03" or mysql_error_code(error) == 1205:
+        return True
+    return "database is locked" in str(getattr(error, "orig", error))
 
 
 def check_supported(uri: str, setting: str) -> None:
@@ -105,11 +144,12 @@ def _check_mysql_charset(connection: sa.Connection) -> None:
 def is_worth_retrying(error: sa.exc.DBAPIError) -> bool:
     """Whether a statement that failed before any handler ran may just be run again
     after a rollback: its connection was dropped and replaced, or the database broke
-    a deadlock or a lock wait (MySQL's InnoDB deadlocks on concurrent inserts of
-    one key when the first inserter rolls back)."""
+    a deadlock (MySQL's InnoDB deadlocks on concurrent inserts of one key when the
+    first inserter rolls back). Not a lock timeout (:func:`is_lock_timeout`): that
+    has waited its time already."""
     if error.connection_invalidated:
         return True
-    if mysql_error_code(error) in (MYSQL_DEADLOCK, MYSQL_LOCK_WAIT_TIMEOUT):
+    if mysql_error_code(error) == MYSQL_DEADLOCK:
         return True
     # PostgreSQL's deadlock_detected and serialization_failure.
     return getattr(error.orig, "sqlstate", None) in ("40P01", "40001")
@@ -169,11 +209,12 @@ class Store:
         self.db = db
         self.ledger_enabled = ledger_enabled
         self.metadata: sa.MetaData = db.metadata if db is not None else sa.MetaData()
-        # All three always, so that ``create_all`` and the shared metadata hold the complete set.
-        self.deliveries, self.claims, self.purchases = define_tables(self.metadata)
+        # All of them always, so that ``create_all`` and the shared metadata hold the complete set.
+        self.deliveries, self.claims, self.purchases, self.attempts = define_tables(self.metadata)
         self._lock = threading.Lock()
         self._ready = False
         self._dialect_name = ""
+        self._attempts_table_exists = False
         self._engine: Engine | None = None
         self.session: Any
         if db is not None:
@@ -256,23 +297,38 @@ class Store:
                 self.create_tables()
                 if engine.dialect.name == "sqlite":
                     _warn_if_flask_sqlalchemy_shares_the_file(engine)
-            elif engine.dialect.name == "sqlite":
-                # The app's SQLite database: the tables are the app's (create_all or
-                # migrations), but its connections must survive several workers.
-                if not sa.event.contains(engine, "checkout", _sqlite_pragmas):
+            else:
+                # The app's SQLite database: its connections must survive several workers.
+                if engine.dialect.name == "sqlite" and not sa.event.contains(
+                    engine, "checkout", _sqlite_pragmas
+                ):
                     sa.event.listen(engine, "checkout", _sqlite_pragmas)
-                with engine.connect() as connection:
-                    connection.exec_driver_sql("SELECT 1")  # reachable now, and set up
+                # The tables are the app's to create (create_all or migrations): say
+                # so once, now, rather than only in every failed delivery's log line.
+                self._warn_if_tables_missing(engine)
             if engine.dialect.name in MYSQL_DIALECTS:
                 with engine.connect() as connection:
                     _check_mysql_charset(connection)
             self._dialect_name = engine.dialect.name
             self._ready = True
 
+    def _warn_if_tables_missing(self, engine: Engine) -> None:
+        with engine.connect() as connection:
+            inspector = sa.inspect(connection)
+            tables = (self.deliveries, self.claims, self.purchases)
+            missing = [table.name for table in tables if not inspector.has_table(table.name)]
+        if missing:
+            logger.warning(
+                "nachocode: the tables %s are missing, so every delivery will be answered "
+                "503 until they exist: %s",
+                ", ".join(missing),
+                CREATE_TABLES_HINT,
+            )
+
     def create_tables(self) -> None:
         """Create the ``nachocode_*`` tables that do not exist yet; safe when several
         workers start at once."""
-        tables = [self.deliveries, self.claims, self.purchases]
+        tables = [self.deliveries, self.claims, self.purchases, self.attempts]
         engine = self.engine
         if engine.dialect.name == "postgresql":
             # Concurrent CREATE TABLEs of one name fail on PostgreSQL even with
@@ -298,22 +354,34 @@ class Store:
         event: Event,
         now: datetime,
         record: dict[str, Any] | None = None,
+        *,
+        with_ledger: bool = True,
     ) -> tuple[bool, int | None]:
         """Claim ``event`` and write its ledger row: the start of the delivery's
         transaction, before any handler runs, on its connection (``session.connection()``).
         Returns whether it claimed (False for a duplicate, which wrote nothing to the
         claims or the ledger; an event without an identity, ``unavailable_users``, is
         never a duplicate) and, when it also inserted ``record`` as the delivery's
-        record, its id.
+        record, its id. On PostgreSQL the transaction waits at most
+        :data:`LOCK_TIMEOUT_SECONDS` for a lock (the claim row of a copy being handled,
+        or the handlers' own rows) before failing.
 
         ``record`` is the record as it would be inserted after a handled delivery
-        (every column but ``id`` and ``outcome``); it is inserted here where the
-        database can write it in the claim's own statement (a purchase on
-        PostgreSQL, with the ledger on), as "handled" or "duplicate".
+        (every column but ``id`` and ``outcome``); it is inserted here when
+        :meth:`records_with_claim` says the claim's own statement can carry it, as
+        "handled" or "duplicate". ``with_ledger=False`` claims only: a deferred
+        delivery's ledger row is written by the worker, with its handlers
+        (:meth:`apply_ledger`).
         """
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(_PG_LOCK_TIMEOUT)
         if event.identity is None:
             return True, None
-        if not self.ledger_enabled or not isinstance(event, (PurchaseEvent, RefundEvent)):
+        if (
+            not with_ledger
+            or not self.ledger_enabled
+            or not isinstance(event, (PurchaseEvent, RefundEvent))
+        ):
             return self._claim_identity(connection, event.identity, event.name, now), None
         if record is not None and self.records_with_claim(event):
             assert isinstance(event, PurchaseEvent)
@@ -336,6 +404,122 @@ class Store:
             and self._dialect_name == "postgresql"
             and isinstance(event, PurchaseEvent)
         )
+
+    def apply_ledger(self, connection: sa.Connection, event: Event, now: datetime) -> None:
+        """Write the ledger row of a claimed purchase or refund (a deferred delivery's
+        worker, before its handlers); :class:`~flask_nachocode.errors.Refuse` as the claim."""
+        if not self.ledger_enabled:
+            return
+        if isinstance(event, PurchaseEvent):
+            ledger.apply_purchase(connection, self.purchases, event, now)
+        elif isinstance(event, RefundEvent):
+            ledger.apply_refund(connection, self.purchases, event, now)
+
+    def release_claim(self, connection: sa.Connection, identity: str | None) -> None:
+        """Give up a claim whose delivery ended without being handled, so that a re-send
+        or a replay is handled instead of answered as a duplicate, as when a
+        synchronous delivery's transaction rolls back."""
+        if identity is not None:
+            connection.execute(sa.delete(self.claims).where(self.claims.c.identity == identity))
+
+    def take_queued(
+        self, connection: sa.Connection, delivery_id: int, attempt: int
+    ) -> sa.Row[Any] | None:
+        """Lock queued delivery ``delivery_id`` for attempt number ``attempt`` until the
+        transaction ends, and return it; None when it is not queued, or when that
+        attempt was made already (a task the broker delivered twice, a re-queue).
+
+        The lock is taken by an UPDATE, which every database supports: a second worker
+        on the same delivery waits for the first one's commit, then finds it no longer
+        queued, or its attempt recorded, and leaves it alone.
+        """
+        table = self.deliveries
+        taken = connection.execute(
+            sa.update(table)
+            .where(table.c.id == delivery_id, table.c.outcome == "queued")
+            .values(outcome="queued")
+        )
+        if taken.rowcount != 1:
+            return None
+        attempts = self.attempts
+        made = connection.execute(
+            sa.select(sa.func.coalesce(sa.func.max(attempts.c.attempt), 0)).where(
+                attempts.c.delivery_id == delivery_id
+            )
+        ).scalar_one()
+        if made != attempt - 1:
+            return None
+        row: sa.Row[Any] = connection.execute(
+            sa.select(table).where(table.c.id == delivery_id)
+        ).one()
+        return row
+
+    def record_attempt(self, connection: sa.Connection, values: dict[str, Any]) -> None:
+        """Insert one attempt of a deferred delivery (the values of every column)."""
+        connection.execute(sa.insert(self.attempts), values)
+
+    def finish_deferred(self, connection: sa.Connection, delivery_id: int, **values: Any) -> None:
+        """Give a deferred delivery its final outcome, status, error and traceback."""
+        table = self.deliveries
+        connection.execute(sa.update(table).where(table.c.id == delivery_id).values(**values))
+
+    def has_attempts_table(self) -> bool:
+        """Whether ``nachocode_attempts`` exists: a database made before deferral, whose
+        migration has not added it yet, must keep working for ``show``, the inspector
+        and ``prune``. Asked again until it is there."""
+        if not self._attempts_table_exists:
+            self.ensure_ready()
+            self._attempts_table_exists = sa.inspect(self.engine).has_table(self.attempts.name)
+        return self._attempts_table_exists
+
+    def attempts_of(self, delivery_id: int) -> list[sa.Row[Any]]:
+        """The attempts of deferred delivery ``delivery_id``, first attempt first."""
+        if not self.has_attempts_table():
+            return []
+        attempts = self.attempts
+        query = (
+            sa.select(attempts)
+            .where(attempts.c.delivery_id == delivery_id)
+            .order_by(attempts.c.attempt)
+        )
+        with self.reading() as session:
+            return list(session.execute(query).all())
+
+    def overdue_queued(self, older_than: timedelta) -> list[tuple[int, int]]:
+        """``(delivery id, next attempt number)`` of every queued delivery whose next
+        attempt has been due for longer than ``older_than``, oldest first: the ones
+        whose task a broker may have lost."""
+        table, attempts = self.deliveries, self.attempts
+        made = (
+            sa.select(
+                attempts.c.delivery_id,
+                sa.func.max(attempts.c.attempt).label("made"),
+                sa.func.max(attempts.c.next_attempt_at).label("due_at"),
+            )
+            .group_by(attempts.c.delivery_id)
+            .subquery()
+        )
+        query = (
+            sa.select(table.c.id, table.c.finished_at, made.c.made, made.c.due_at)
+            .select_from(table.outerjoin(made, made.c.delivery_id == table.c.id))
+            .where(table.c.outcome == "queued")
+            .order_by(table.c.id)
+        )
+        with self.reading() as session:
+            rows = session.execute(query).all()
+        # Compared here rather than in SQL: SQLite keeps naive UTC text, and a max()
+        # of a column loses the type that gives its zone back.
+        cutoff = utcnow() - older_than
+        overdue = []
+        for delivery_id, queued_at, made_count, due_at in rows:
+            due = due_at if due_at is not None else queued_at
+            if isinstance(due, str):
+                due = datetime.fromisoformat(due)
+            if due.tzinfo is None:
+                due = due.replace(tzinfo=timezone.utc)
+            if due <= cutoff:
+                overdue.append((int(delivery_id), int(made_count or 0) + 1))
+        return overdue
 
     def _claim_identity(
         self, connection: sa.Connection, identity: str, event_name: str, now: datetime
@@ -472,16 +656,23 @@ class Store:
             return list(session.execute(query).scalars())
 
     def prune(self, older_than: timedelta) -> int:
-        """Delete the deliveries received longer ago than ``older_than``; returns how many.
+        """Delete the deliveries received longer ago than ``older_than``, except queued
+        ones, with their attempts; returns how many.
 
         Claims are kept (they hold only store ids), so a very old purchase re-sent
         from the dashboard is still recognised as a duplicate.
         """
         self.ensure_ready()
-        table = self.deliveries
-        result: Any = self.session.execute(
-            sa.delete(table).where(table.c.received_at < utcnow() - older_than)
-        )
+        table, attempts = self.deliveries, self.attempts
+        # A queued delivery is work still to do, however old: never pruned.
+        old = sa.and_(table.c.received_at < utcnow() - older_than, table.c.outcome != "queued")
+        if self.has_attempts_table():
+            self.session.execute(
+                sa.delete(attempts).where(
+                    attempts.c.delivery_id.in_(sa.select(table.c.id).where(old))
+                )
+            )
+        result: Any = self.session.execute(sa.delete(table).where(old))
         self.session.commit()
         return int(result.rowcount)
 
@@ -523,8 +714,9 @@ class DeliveryFilter:
         if self.q:
             # Exact matches, so that both columns' indexes serve the search.
             match = table.c.user_id == self.q
-            if self.q.isdigit() and int(self.q) <= MAX_ID:
-                match = match | (table.c.iap_log_id == int(self.q))
+            iap_log_id = parse_id(self.q)
+            if iap_log_id is not None:
+                match = match | (table.c.iap_log_id == iap_log_id)
             conditions.append(match)
         return conditions
 

@@ -1,11 +1,13 @@
 """The tables: every delivery that passed the key check, the claims that make
-handling exactly-once, and the purchase ledger.
+handling exactly-once, the purchase ledger, and the attempts of deferred deliveries.
 
 They are SQLAlchemy Core tables on a ``MetaData``: the app's own ``db.metadata``
 when the extension is given ``db=`` (so Flask-Migrate and Alembic autogenerate see
 them and the claim commits together with the handlers' writes), otherwise a private
 one on the extension's own engine. Names and columns are part of the public
-contract: an existing database must keep working without a migration.
+contract: an existing database must keep working without a migration, which is
+why what deferral added is a table of its own (created by ``create_all`` and
+``init-db``) and not columns on the deliveries.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
-#: Outcomes a stored delivery can have.
-OUTCOMES = ("handled", "duplicate", "failed", "refused", "invalid", "unhandled")
+#: Outcomes a stored delivery can have; ``queued`` only with ``NACHOCODE_DEFERRED``:
+#: answered 202 and waiting for (or between attempts of) a worker.
+OUTCOMES = ("handled", "duplicate", "queued", "failed", "refused", "invalid", "unhandled")
 #: Outcomes whose handlers can be run again by ``replay``.
 REPLAYABLE = ("failed", "refused", "unhandled")
 
@@ -282,6 +285,32 @@ def define_purchases(metadata: sa.MetaData) -> sa.Table:
     )
 
 
-def define_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table, sa.Table]:
-    """The deliveries, claims and purchases tables on ``metadata`` (defined once per metadata)."""
-    return define_deliveries(metadata), define_claims(metadata), define_purchases(metadata)
+def define_attempts(metadata: sa.MetaData) -> sa.Table:
+    """One row per worker run of a deferred delivery that did not end it well (a
+    handler raised), and one for the run that handled, refused or failed it for good."""
+    return _table(
+        metadata,
+        "nachocode_attempts",
+        # No foreign key: ``prune`` deletes deliveries, and their attempts with them,
+        # without the order of the two DELETEs mattering to the database.
+        sa.Column("delivery_id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("attempt", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("outcome", sa.String(16), nullable=False),
+        sa.Column("started_at", UTCTimestamp, nullable=False),
+        sa.Column("finished_at", UTCTimestamp, nullable=False),
+        sa.Column("error", sa.Text, nullable=True),
+        sa.Column("traceback", sa.Text, nullable=True),
+        # When the next attempt is due; None once there is none (handled, refused, failed).
+        sa.Column("next_attempt_at", UTCTimestamp, nullable=True),
+    )
+
+
+def define_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table, sa.Table, sa.Table]:
+    """The deliveries, claims, purchases and attempts tables on ``metadata`` (defined
+    once per metadata)."""
+    return (
+        define_deliveries(metadata),
+        define_claims(metadata),
+        define_purchases(metadata),
+        define_attempts(metadata),
+    )

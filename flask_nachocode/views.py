@@ -57,6 +57,14 @@ def read_json_object(max_bytes: int, delivery: Delivery) -> dict[str, Any]:
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {request.mimetype or 'missing'}"
         )
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        # RFC 9110 section 15.5.16: an unsupported content coding is a 415, whose
+        # Accept-Encoding says what would be taken. Nachocode sends bodies as they are.
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding[:40]!r} is not accepted; send the body uncompressed",
+            headers={"Accept-Encoding": "identity"},
+        )
     too_large = PayloadTooLarge(f"the body is larger than {max_bytes} bytes")
     if request.content_length is not None and request.content_length > max_bytes:
         raise too_large
@@ -95,7 +103,7 @@ def receive(route: str) -> Response:
     delivery = Delivery(route=route, received_at=utcnow(), started=time.perf_counter())
     # Before anything is read or stored: a delivery without the key leaves no trace.
     check_bearer(request.headers.get("Authorization"), state.keys)
-    delivery.headers = storable_headers(request.headers)
+    delivery.headers = storable_headers(request.headers, state.keys)
     delivery.remote_addr = request.remote_addr
     signals.delivery_received.send(current_app._get_current_object(), delivery=delivery)  # type: ignore[attr-defined]
     try:
@@ -103,7 +111,7 @@ def receive(route: str) -> Response:
         event = load_event(ROUTES_BY_NAME[route].event or infer_event_name(payload), payload)
     except WebhookError as refusal:
         return answer(record(state, delivery, refusal))
-    return answer(dispatch(state, delivery, event))
+    return answer(dispatch(state, delivery, event, defer=state.deferred))
 
 
 def internal_error(error: Exception) -> Response:
@@ -120,12 +128,21 @@ def answer(result: Result) -> Response:
     """The JSON answer for a dispatched or recorded delivery."""
     if result.error is not None:
         return error_answer(result.error, event=result.event_name, delivery=result.delivery_id)
-    response = jsonify(
-        success=True,
-        event=result.event_name,
-        delivery=result.delivery_id,
-        duplicate=result.duplicate,
-    )
+    if result.deferred:
+        response = jsonify(
+            success=True,
+            deferred=True,
+            event=result.event_name,
+            delivery=result.delivery_id,
+            duplicate=False,
+        )
+    else:
+        response = jsonify(
+            success=True,
+            event=result.event_name,
+            delivery=result.delivery_id,
+            duplicate=result.duplicate,
+        )
     response.status_code = result.status
     return response
 

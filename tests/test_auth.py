@@ -20,6 +20,7 @@ from flask import Flask
 
 from flask_nachocode import NachocodeWebhook, Refuse
 from flask_nachocode import auth as nachocode_auth
+from flask_nachocode.delivery import REDACTED
 from flask_nachocode.testing import (
     post_delivery,
     purchase_payload,
@@ -268,7 +269,8 @@ def test_the_key_never_reaches_logs_answers_database_or_cli(
         # Wrong keys that contain the real one: if they were logged, the key would be too.
         post_delivery(client, "purchase", purchase_payload(), key=NEW_KEY + "x"),
         post_delivery(client, "purchase", purchase_payload(), key="x" + OLD_KEY),
-        # Credentials in other headers are not stored either.
+        # Credentials in other headers are not stored either, nor the key that a
+        # gateway copied into a header of its own (stored redacted, so it shows).
         client.post(
             URL,
             json=purchase_payload(),
@@ -276,6 +278,8 @@ def test_the_key_never_reaches_logs_answers_database_or_cli(
                 "Authorization": f"bearer  {NEW_KEY} ",
                 "Proxy-Authorization": f"Bearer {OLD_KEY}",
                 "Cookie": f"key={NEW_KEY}",
+                "X-Forwarded-Authorization": f"Bearer {NEW_KEY}",
+                "X-Request-Id": "req-42",
             },
         ),
     ]
@@ -285,6 +289,9 @@ def test_the_key_never_reaches_logs_answers_database_or_cli(
     runner = app.test_cli_runner()
     outputs = [runner.invoke(args=["nachocode", "deliveries", "--limit", "100"]).output]
     assert delivery_rows(app) == 9
+    headers = stored_deliveries(app)[-1].headers
+    assert (headers["X-Forwarded-Authorization"], headers["X-Request-Id"]) == (REDACTED, "req-42")
+    assert {"Authorization", "Proxy-Authorization", "Cookie"}.isdisjoint(headers)
     # Not 1 to 9: on PostgreSQL the crashed purchase's rolled-back record used up an id.
     stored = [row.id for row in stored_deliveries(app)]
     for number in stored:

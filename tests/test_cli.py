@@ -326,3 +326,50 @@ def test_deliveries_lists_each_delivery_once_with_its_latest_outcome(make_effect
     assert replays == sorted(replays, reverse=True)
     assert replays[-1] > original
     assert with_replays.output.count(f"(replay of {original})") == 3
+
+
+# A bug here is a traceback whatever the store; PostgreSQL once said "bigint out of range".
+@pytest.mark.every_database
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["prune", "--older-than", "800000"],
+            "Invalid value for '--older-than': 800000 days ago is before the calendar's first year",
+        ),
+        (["prune", "--older-than", "9" * 20], "Invalid value for '--older-than'"),
+        (["show", "9" * 20], "Error: no delivery 99999999999999999999"),
+        (["replay", "9" * 20], "delivery 99999999999999999999: not replayed: no delivery 9999"),
+    ],
+)
+def test_inputs_out_of_range_are_a_one_line_error(
+    make_effects_app: Any, args: list[str], message: str
+) -> None:
+    store_app = make_effects_app()
+    post_delivery(store_app.client, "purchase", purchase_payload())
+    result = run(store_app, *args)
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert len(store_app.deliveries()) == 1
+
+
+def test_show_prints_a_deeply_nested_body_as_received(make_effects_app: Any) -> None:
+    store_app = make_effects_app()
+    deep = '{"userId": "deep", "nested": ' + "[" * 990 + "]" * 990 + "}"
+    assert post_delivery(store_app.client, "purchase", deep.encode()).status_code in (400, 422)
+    shown = run(store_app, "show", "1")
+    assert shown.exit_code == 0, shown.output
+    assert shown.exception is None
+    assert deep in shown.output
+
+
+def test_deliveries_takes_the_urls_spelling_of_unavailable_users(make_effects_app: Any) -> None:
+    store_app = make_effects_app()
+    post_delivery(store_app.client, "purchase", purchase_payload())
+    post_delivery(store_app.client, "unavailable_users", unavailable_users_payload())
+    for spelling in ("unavailable_users", "unavailable-users"):
+        result = run(store_app, "deliveries", "--event", spelling)
+        assert result.exit_code == 0, result.output
+        assert listed_ids(result.output) == [2]

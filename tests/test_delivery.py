@@ -41,7 +41,13 @@ from flask_nachocode.testing import (
     unavailable_users_payload,
 )
 
-from support.common import SERVER_URL_FIXTURES, WEBHOOK_KEY, load_fixture, text_of
+from support.common import (
+    SERVER_URL_FIXTURES,
+    WEBHOOK_KEY,
+    load_fixture,
+    stored_deliveries,
+    text_of,
+)
 from support.effects_app import read_effects, serve
 from support.figures import count
 from support.fuzz import FUZZ, Harness, auth, dumps, valid_bodies
@@ -212,9 +218,10 @@ def test_a_delivery_is_its_writes_and_one_commit(make_app: Any, database_url: st
     assert len(seen) == 2
     assert sent.count("COMMIT") == 1
     # claim, ledger row, delivery record: no reads, no second transaction; on
-    # PostgreSQL all three go in one statement (a CTE).
+    # PostgreSQL all three go in one statement (a CTE), after the transaction's
+    # lock timeout.
     postgres = database_url.startswith("postgresql")
-    assert [s for s in sent if s != "COMMIT"] == (["WITH"] if postgres else ["INSERT"] * 3)
+    assert [s for s in sent if s != "COMMIT"] == (["SET", "WITH"] if postgres else ["INSERT"] * 3)
 
     sent.clear()
     again = post_delivery(client, "purchase", payload)
@@ -223,7 +230,7 @@ def test_a_delivery_is_its_writes_and_one_commit(make_app: Any, database_url: st
     assert len(seen) == 2
     assert sent.count("COMMIT") == 1
     # The claim that found the purchase claimed, and the duplicate's record.
-    assert [s for s in sent if s != "COMMIT"] == (["WITH"] if postgres else ["INSERT"] * 2)
+    assert [s for s in sent if s != "COMMIT"] == (["SET", "WITH"] if postgres else ["INSERT"] * 2)
     with app.app_context():
         purchase = nachocode.ledger.find(seen[-1])
     assert purchase is not None
@@ -305,6 +312,56 @@ def test_resends_waiting_on_a_failing_first_delivery_are_handled_once(
         assert store_app.effects() == [identity_of(purchase)]
     if database_url.startswith("mysql"):
         assert "claim tried again after OperationalError: (1213" in caplog.text
+
+
+@pytest.mark.every_store
+def test_a_delivery_waiting_on_a_stuck_transaction_gives_up_inside_the_budget(
+    make_effects_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A network partition left a transaction open holding the purchase's claim (on
+    # SQLite: the database's write lock). A re-send used to wait until gunicorn killed
+    # the worker; it must answer a JSON 503 while Nachocode still listens.
+    store_app = make_effects_app()
+    warm_up = post_delivery(store_app.client, "purchase", purchase_payload())
+    assert warm_up.status_code == 200  # the tables exist
+    purchase = purchase_payload()
+    stuck_engine = sa.create_engine(store_app.url, poolclass=sa.pool.NullPool)
+    stuck = stuck_engine.connect()
+    if stuck.dialect.name == "sqlite":
+        stuck.exec_driver_sql("BEGIN IMMEDIATE")
+    stuck.execute(
+        sa.text(
+            "INSERT INTO nachocode_claims (identity, event, claimed_at) "
+            "VALUES (:identity, 'purchase', CURRENT_TIMESTAMP)"
+        ),
+        {"identity": identity_of(purchase)},
+    )
+    answers: list[Any] = []
+    waiting = threading.Thread(
+        target=lambda: answers.append(post_delivery(store_app.client, "purchase", purchase))
+    )
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        waiting.start()
+        # Generous: the point is that it answers at all, not how fast (benchmarks measure that).
+        waiting.join(timeout=3 * flask_nachocode.delivery.DELIVERY_BUDGET_SECONDS)
+    gave_up = not waiting.is_alive()
+    stuck.rollback()
+    stuck.close()
+    stuck_engine.dispose()
+    waiting.join()
+    assert gave_up, "the delivery kept waiting on the stuck transaction"
+    [answer] = answers
+    assert answer.status_code == 503
+    assert answer.mimetype == "application/json"
+    assert answer.get_json()["error"] == "store_unavailable"
+    assert "another transaction holds" in answer.get_json()["message"]
+    assert any("gave up after waiting 5 s for a lock" in r.getMessage() for r in caplog.records)
+    assert identity_of(purchase) not in store_app.effects()  # no handler ran
+
+    # The stuck transaction gone, the re-send is handled.
+    again = post_delivery(store_app.client, "purchase", purchase)
+    assert (again.status_code, again.get_json()["duplicate"]) == (200, False)
+    assert identity_of(purchase) in store_app.effects()
 
 
 # --- the database unreachable ---
@@ -452,6 +509,50 @@ def test_signals_for_received_handled_and_failed(app_and_calls: Any) -> None:
     assert duplicate["result"].duplicate is True
     assert failed["event"] is None
     assert (failed["result"].status, failed["error"].status) == (422, 422)
+
+
+@pytest.mark.every_database
+@pytest.mark.parametrize("signal", [delivery_handled, delivery_failed], ids=["handled", "failed"])
+def test_a_raising_receiver_is_logged_and_the_answer_is_what_was_stored(
+    make_app: Callable[..., Any], caplog: pytest.LogCaptureFixture, signal: Any
+) -> None:
+    # TESTING off: Flask would otherwise re-raise an escaped exception into the test.
+    app, nachocode = make_app(TESTING=False)
+    nachocode.on_purchase(lambda event: None)
+    later: list[str] = []
+
+    def broken_metrics(sender: Flask, **extra: Any) -> None:
+        raise ZeroDivisionError("metrics-bug-4e1a")
+
+    def working_metrics(sender: Flask, **extra: Any) -> None:
+        later.append(extra["result"].outcome)
+
+    client = app.test_client()
+    purchase = purchase_payload()
+    with (
+        signal.connected_to(broken_metrics, app),
+        signal.connected_to(working_metrics, app),
+        caplog.at_level(logging.ERROR, logger="flask_nachocode"),
+    ):
+        answers = [
+            post_delivery(client, "purchase", purchase),
+            post_delivery(client, "purchase", purchase),
+            post_delivery(client, "purchase", {"userId": "u"}),
+        ]
+    assert [answer.status_code for answer in answers] == [200, 200, 422]
+    handled, duplicate, invalid = (answer.get_json() for answer in answers)
+    assert (handled["duplicate"], duplicate["duplicate"]) == (False, True)
+    rows = [(row.id, row.outcome, row.status) for row in stored_deliveries(app)]
+    assert rows == [
+        (handled["delivery"], "handled", 200),
+        (duplicate["delivery"], "duplicate", 200),
+        (invalid["delivery"], "invalid", 422),
+    ]
+    raised = [r for r in caplog.records if r.exc_info and r.exc_info[0] is ZeroDivisionError]
+    expected = ["handled", "duplicate"] if signal is delivery_handled else ["invalid"]
+    assert [record.getMessage().rsplit(" ", 1)[-1] for record in raised] == expected
+    assert all(signal.name in record.getMessage() for record in raised)
+    assert later == expected  # the receivers after the broken one still ran
 
 
 def test_signals_are_sent_only_for_their_app(app_and_calls: Any) -> None:

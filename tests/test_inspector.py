@@ -332,6 +332,10 @@ def test_replays_are_listed_only_on_request(inspector: Callable[..., Any]) -> No
         "per_page=0",
         "per_page=999",
         "q=" + "x" * 600,
+        # Other scripts' digits are digits to str.isdigit and int(): "٣" is 3, "３" too.
+        "per_page=%D9%A3",
+        "before=%EF%BC%93",
+        "after=%D9%A3",
     ],
 )
 def test_bad_list_arguments_are_a_clear_400(inspector: Callable[..., Any], query: str) -> None:
@@ -508,7 +512,7 @@ def test_replay_without_the_sessions_csrf_token_is_refused(
     handlers.failing = True
     delivery = send(client)
     replays = [
-        rule.rule.replace("<int:delivery_id>", str(delivery))
+        re.sub(r"<[^>]*delivery_id>", str(delivery), rule.rule)
         for rule in app.url_map.iter_rules()
         if rule.endpoint.startswith("nachocode.inspector") and "POST" in (rule.methods or ())
     ]
@@ -619,6 +623,66 @@ def test_with_the_apps_own_flask_sqlalchemy_db(tmp_path: Path) -> None:
         '<span class="badge handled" id="outcome">'
         in client.get(f"/nachocode/deliveries/{delivery}").text
     )
+
+
+def test_unicode_digits_are_no_delivery_id(inspector: Callable[..., Any]) -> None:
+    _, handlers, client = inspector()
+    handlers.failing = True  # replayable, so that the page has the replay form
+    for _ in range(3):
+        send(client)
+    assert client.get("/nachocode/deliveries/3").status_code == 200
+    for text in ("%D9%A3", "%EF%BC%93", "3a"):
+        assert client.get(f"/nachocode/deliveries/{text}").status_code == 404, text
+    token = csrf_of(client.get("/nachocode/deliveries/3").text)
+    replay = client.post("/nachocode/deliveries/%D9%A3/replay", data={"nachocode_csrf": token})
+    assert replay.status_code == 404
+    # Nor an iapLogId to search for.
+    assert ids_on(client.get("/nachocode/deliveries?q=%D9%A3").text) == []
+
+
+@pytest.mark.every_database
+def test_a_nul_in_the_search_is_a_400_not_a_store_error(
+    inspector: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, client = inspector()
+    send(client)
+    with caplog.at_level(logging.ERROR):
+        response = client.get("/nachocode/deliveries?q=%00")
+        poll = client.get("/nachocode/deliveries/poll?after=0&q=a%00b")
+    assert (response.status_code, poll.status_code) == (400, 400)
+    assert "NUL" in response.text
+    assert caplog.records == []
+
+
+def test_the_url_spelling_of_unavailable_users_filters_too(inspector: Callable[..., Any]) -> None:
+    _, _, client = inspector()
+    send(client)
+    body = {"tokenNotFoundUserIds": [], "tokenInvalidUserIds": ["u"]}
+    pushed = post_delivery(client, "unavailable_users", body).json["delivery"]
+    for spelling in ("unavailable_users", "unavailable-users"):
+        assert ids_on(client.get(f"/nachocode/deliveries?event={spelling}").text) == [pushed]
+
+
+def test_a_deeply_nested_body_is_shown_as_received(inspector: Callable[..., Any]) -> None:
+    # 34 arrays nested 900 deep (61 KB) made a 55 MB page: indenting grows with the
+    # square of the depth. Past the depth or size limit the body is shown as received.
+    _, _, client = inspector()
+    deep = "[" * 900 + "]" * 900
+    body = ('{"userId": "deep", "nested": [' + ",".join([deep] * 34) + "]}").encode()
+    response = client.post(
+        "/nachocode/webhooks/purchase",
+        data=body,
+        headers={"Authorization": f"Bearer {WEBHOOK_KEY}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    page = client.get(f"/nachocode/deliveries/{response.json['delivery']}").text
+    assert deep in page  # as received, not indented
+    assert len(page) < 2 * len(body) + 20_000
+
+    # A shallow body is still indented.
+    shallow = send(client, userId="shallow")
+    page = client.get(f"/nachocode/deliveries/{shallow}").text
+    assert "\n  &#34;userId&#34;: &#34;shallow&#34;," in page
 
 
 # -- in a real browser, against a real server (integration, browser) ------------------------
@@ -832,3 +896,49 @@ def test_pages_fit_a_phone(
     expect(page.locator("#replay")).to_be_visible()
     assert fits_the_width(page)
     screenshot(page, "delivery-phone")
+
+
+def test_a_deferred_delivery_shows_it_is_queued_then_each_attempt(tmp_path: Any) -> None:
+    from celery import Celery
+
+    from flask_nachocode.state import current_state
+    from flask_nachocode.worker import run_attempt
+
+    app = Flask("deferred_inspector", instance_path=str(tmp_path))
+    app.config.update(
+        TESTING=True,
+        SECRET_KEY=SECRET_KEY,
+        NACHOCODE_WEBHOOK_KEY="key",
+        NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'nachocode.db'}",
+        NACHOCODE_INSPECTOR=True,
+        NACHOCODE_INSPECTOR_TOKEN=TOKEN,
+        NACHOCODE_DEFERRED=True,
+        NACHOCODE_RETRY_DELAYS=[60],
+    )
+    # A broker no worker reads: the test runs the attempts itself, as a worker would.
+    app.extensions["celery"] = Celery("deferred_inspector", broker="memory://")
+    handlers = FailingHandlers(NachocodeWebhook(app))
+    client = app.test_client()
+    assert client.get(f"/nachocode/deliveries?token={TOKEN}").status_code == 303
+    delivery = send(client)
+    page = client.get(f"/nachocode/deliveries/{delivery}").text
+    assert 'id="outcome">queued<' in page
+    assert "Answered 202 and queued" in page
+    assert 'id="attempts"' not in page
+
+    handlers.failing = True
+    with app.app_context():
+        run_attempt(current_state(), delivery, 1)
+    page = client.get(f"/nachocode/deliveries/{delivery}").text
+    assert "the next attempt is due" in page
+    assert "RuntimeError: the grant service is down" in page
+    assert "raise RuntimeError" in page  # the attempt's traceback
+
+    handlers.failing = False
+    with app.app_context():
+        run_attempt(current_state(), delivery, 2)
+    page = client.get(f"/nachocode/deliveries/{delivery}").text
+    assert 'id="outcome">handled<' in page
+    assert "Answered 202 and queued" not in page
+    rows = re.findall(r"<tr>\s*<td>(\d)</td>\s*<td><span class=\"badge (\w+)\"", page)
+    assert rows == [("1", "failed"), ("2", "handled")]

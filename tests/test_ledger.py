@@ -243,6 +243,8 @@ def test_refunds_of_the_largest_quantity_cannot_overflow_the_ledger(shop: Shop) 
     answer = shop.post("refund", one_more)
     assert answer.status_code == 422
     assert answer.get_json()["error"] == "refund_exceeds_quantity"
+    # Like every 422, it says what is wrong in `errors`: here the whole body.
+    assert answer.get_json()["errors"] == {"_body": [answer.get_json()["message"]]}
     too_many = shop.post("purchase", purchase_payload(quantity=MAX_COUNT + 1))
     assert too_many.status_code == 422
     assert list(too_many.get_json()["errors"]) == ["quantity"]

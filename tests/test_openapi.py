@@ -67,10 +67,13 @@ def test_every_answer_of_the_table_is_documented_with_its_body(make_app: MakeApp
         assert responses["200"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/HandledAnswer"
         }
-        for status in set(responses) - {"200"}:
-            assert responses[status]["content"]["application/json"]["schema"] == {
-                "$ref": "#/components/schemas/ErrorAnswer"
-            }
+        error_answer = {"$ref": "#/components/schemas/ErrorAnswer"}
+        # A 422 always names what is wrong in `errors`.
+        assert responses["422"]["content"]["application/json"]["schema"] == {
+            "allOf": [error_answer, {"required": ["errors"]}]
+        }
+        for status in set(responses) - {"200", "422"}:
+            assert responses[status]["content"]["application/json"]["schema"] == error_answer
         assert path["post"]["security"] == [{"webhookKey": []}]
     assert document["components"]["securitySchemes"] == {
         "webhookKey": {
@@ -260,3 +263,34 @@ def test_generated_deliveries_get_documented_answers_and_no_500(
     # Bounded, yet enough to mean something: every operation got many cases.
     assert int(generated.group(1)) >= 4 * MAX_EXAMPLES
     print(f"schemathesis on {database}: {generated.group(1)} cases generated")
+
+
+def test_with_deferral_the_202_answer_is_documented_and_matches(tmp_path: Any) -> None:
+    from celery import Celery
+    from flask import Flask
+
+    from flask_nachocode import NachocodeWebhook
+
+    app = Flask("deferred_openapi", instance_path=str(tmp_path))
+    app.config.update(
+        TESTING=True,
+        NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY,
+        NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'nachocode.db'}",
+        NACHOCODE_DEFERRED=True,
+    )
+    # A broker no worker reads: the delivery stays queued.
+    app.extensions["celery"] = Celery("deferred_openapi", broker="memory://")
+    NachocodeWebhook(app).on_purchase(lambda event: None)
+    document = fetch_document(app)
+    responses = document["paths"]["/nachocode/webhooks/purchase"]["post"]["responses"]
+    assert responses["202"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/QueuedAnswer"
+    }
+    client = app.test_client()
+    purchase = purchase_payload()
+    queued = post_delivery(client, "purchase", purchase)
+    duplicate = post_delivery(client, "purchase", purchase)
+    assert [queued.status_code, duplicate.status_code] == [202, 200]
+    validator(document, "QueuedAnswer").validate(queued.json)
+    validator(document, "HandledAnswer").validate(duplicate.json)
+    assert not validator(document, "QueuedAnswer").is_valid(duplicate.json)

@@ -4,6 +4,7 @@ route the front end polls after Nachocode.iap.purchase succeeds."""
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -144,7 +145,7 @@ def test_a_purchase_whose_handler_failed_stays_pending(
 
 
 @pytest.mark.every_store
-@pytest.mark.parametrize("bad_id", ["abc", "-1", "1.5", "9" * 19, "9" * 40, "%C2%B2"])
+@pytest.mark.parametrize("bad_id", ["abc", "-1", "1.5", "9" * 19, "9" * 40, "%C2%B2", "%D9%A3"])
 def test_an_id_that_is_no_iap_log_id_is_a_bad_request(app: Flask, bad_id: str) -> None:
     answer = status(app, bad_id)
     assert answer.status_code == 400
@@ -242,3 +243,21 @@ def test_an_unreachable_database_answers_503_not_pending(
     answer = status(app, 1)
     assert answer.status_code == 503
     assert answer.get_json()["error"] == "store_unavailable"
+
+
+@pytest.mark.every_store
+@pytest.mark.parametrize(
+    "user_id", ["\x00", "test-user\x00", "u" * 257], ids=["nul", "nul-suffix", "too-long"]
+)
+def test_a_user_id_no_purchase_can_have_is_pending_not_an_error(
+    app: Flask, user_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PostgreSQL refuses a NUL in a query parameter: the route answered 503, which the
+    # front end takes as "ask again", and logged an ERROR. No purchase has such a user id.
+    bought = purchase_payload()
+    assert post_delivery(app.test_client(), "purchase", bought).status_code == 200
+    with caplog.at_level(logging.WARNING):
+        answer = status(app, bought["iapLogId"], user_id)
+    assert (answer.status_code, answer.get_json()) == (404, {"success": False, "status": "pending"})
+    assert caplog.records == []
+    assert status(app, bought["iapLogId"]).get_json()["status"] == "granted"

@@ -22,7 +22,7 @@ from flask_nachocode import (
 )
 from flask_nachocode.errors import InvalidEvent
 from flask_nachocode.events import ROUTES_BY_EVENT
-from flask_nachocode.schemas import MAX_COUNT, MAX_STORE_ID, infer_event_name, load_event
+from flask_nachocode.schemas import MAX_COUNT, MAX_ID_LENGTH, infer_event_name, load_event
 from flask_nachocode.testing import (
     post_delivery,
     purchase_payload,
@@ -550,7 +550,12 @@ _TIMESTAMP = "Not an ISO 8601 timestamp with a zone, such as 2025-02-19T02:00:31
 #: was optimised, so a faster schema cannot answer differently.
 INVALID = [
     ("purchase", "ios", {"userId": None}, {"userId": ["Field may not be null."]}),
-    ("purchase", "ios", {"userId": ""}, {"userId": ["Shorter than minimum length 1."]}),
+    (
+        "purchase",
+        "ios",
+        {"userId": ""},
+        {"userId": [f"Length must be between 1 and {MAX_ID_LENGTH}."]},
+    ),
     ("purchase", "ios", {"userId": 5}, {"userId": ["Not a valid string."]}),
     ("purchase", "ios", {"iapLogId": "5"}, {"iapLogId": ["Not a valid integer."]}),
     ("purchase", "ios", {"iapLogId": True}, {"iapLogId": ["Not a valid integer."]}),
@@ -582,7 +587,7 @@ INVALID = [
         "purchase",
         "android",
         {"data": {"orderId": ""}},
-        {"data.orderId": [f"Length must be between 1 and {MAX_STORE_ID}."]},
+        {"data.orderId": [f"Length must be between 1 and {MAX_ID_LENGTH}."]},
     ),
     (
         "purchase",

@@ -115,6 +115,16 @@ def test_send_reaches_the_handler(
         assert records[-1]["raw"]["os"] == platform
 
 
+def test_send_takes_the_urls_spelling_of_unavailable_users(send: Send, instance: Path) -> None:
+    result = send("unavailable-users")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert answer_of(result)["event"] == "unavailable_users"
+    assert handled(instance)[-1]["event"] == "unavailable_users"
+    # Kept under the event's name: --repeat finds it whichever spelling sent it.
+    assert send("unavailable_users", "--repeat").returncode == 0
+    assert handled(instance)[-1]["raw"] == last_sent(instance, "unavailable_users")
+
+
 def test_each_send_is_a_new_delivery(send: Send, instance: Path) -> None:
     first = send("purchase")
     second = send("purchase")

@@ -14,6 +14,7 @@ from flask_nachocode import NachocodeWebhook
 from flask_nachocode.state import CONFIG_DEFAULTS
 from flask_nachocode.testing import post_delivery, purchase_payload
 
+DELAYS = "NACHOCODE_RETRY_DELAYS must be a list of seconds"
 AppFactory = Callable[..., "tuple[Flask, NachocodeWebhook]"]
 
 
@@ -101,6 +102,18 @@ def test_the_url_prefix_mounts_the_routes(make_app: AppFactory, prefix: str, url
             {"NACHOCODE_WEBHOOK_KEY": {"key": "value"}},
             "NACHOCODE_WEBHOOK_KEY must be a string or a list of strings",
         ),
+        (
+            {"NACHOCODE_DEFERRED": True},
+            r"NACHOCODE_DEFERRED needs the app's Celery instance in app.extensions\['celery'\]",
+        ),
+        ({"NACHOCODE_RETRY_DELAYS": "30,120"}, DELAYS),
+        ({"NACHOCODE_RETRY_DELAYS": [30, -1]}, DELAYS),
+        (
+            {"NACHOCODE_RETRY_DELAYS": [30, "120"]},
+            DELAYS,
+        ),
+        ({"NACHOCODE_RETRY_DELAYS": [True]}, DELAYS),
+        ({"NACHOCODE_RETRY_DELAYS": None}, DELAYS),
     ],
 )
 def test_bad_values_stop_init_app(

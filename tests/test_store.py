@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +327,69 @@ def test_a_mysql_charset_that_cannot_hold_korean_is_refused_at_start_up(
     with pytest.raises(RuntimeError, match=f"charset={charset}.*use charset=utf8mb4"):
         make_app(url=f"mysql+pymysql://root@127.0.0.1/shop?charset={charset}")
     make_app(url="mysql+pymysql://root@127.0.0.1/shop?charset=utf8mb4")  # never connects here
+
+
+# Shared db only: with its own engine the extension creates the tables itself.
+@pytest.mark.parametrize(
+    "store_variant", [("sqlite", "shared_db"), ("postgresql", "shared_db")], indirect=True
+)
+def test_missing_tables_are_a_503_whose_log_says_what_to_run(
+    make_effects_app: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # With db= the tables are the app's to create; forgetting to is a 503 for every
+    # delivery (nothing was handled), and both the first use and each failure say why.
+    built = make_effects_app(create_tables=False)
+    hint = (
+        "run `flask nachocode init-db`, or create them with your app's tables "
+        "(db.create_all() or a migration)"
+    )
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        answer = post_delivery(built.client, "purchase", purchase_payload())
+    assert answer.status_code == 503
+    assert answer.get_json()["error"] == "store_unavailable"
+    [warning, error] = [record.getMessage() for record in caplog.records]
+    missing = "nachocode_deliveries, nachocode_claims, nachocode_purchases"
+    assert f"the tables {missing} are missing" in warning
+    assert hint in warning
+    assert "delivery not recorded" in error
+    assert "the nachocode tables are missing: " + hint in error
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        post_delivery(built.client, "purchase", purchase_payload())
+    # The warning once, at first use; the hint on every failure.
+    [again] = [record.getMessage() for record in caplog.records]
+    assert hint in again
+    assert "not recorded" in again
+    listed = built.app.test_cli_runner().invoke(args=["nachocode", "deliveries"])
+    assert listed.exit_code == 1
+    assert hint in listed.output
+    assert "Traceback" not in listed.output
+
+    with built.app.app_context():
+        built.db.create_all()
+    assert post_delivery(built.client, "purchase", purchase_payload()).status_code == 200
+
+
+@pytest.mark.every_store
+def test_a_database_made_before_deferral_keeps_working_without_the_attempts_table(
+    make_effects_app: Any,
+) -> None:
+    """A database whose migrations have not added ``nachocode_attempts`` yet:
+    deliveries, ``show``, the inspector's data and ``prune`` work as before."""
+    store_app = make_effects_app()
+    client = store_app.app.test_client()
+    # The first delivery creates the own engine's tables, then the table goes.
+    assert post_delivery(client, "purchase", purchase_payload()).status_code == 200
+    engine = sa.create_engine(store_app.url, poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE nachocode_attempts")
+    engine.dispose()
+    answer = post_delivery(client, "purchase", purchase_payload())
+    assert answer.status_code == 200
+    cli = store_app.app.test_cli_runner()
+    shown = cli.invoke(args=["nachocode", "show", str(answer.get_json()["delivery"])])
+    assert shown.exit_code == 0, shown.output
+    assert "handled (200)" in shown.output
+    pruned = cli.invoke(args=["nachocode", "prune", "--older-than", "0"])
+    assert pruned.output.startswith("deleted 2 deliveries"), pruned.output

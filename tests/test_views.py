@@ -6,6 +6,7 @@ server (marked ``integration``), bombs are refused early with memory bounded."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -23,7 +24,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flask_nachocode import NachocodeWebhook, Refuse, delivery_received
-from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
+from flask_nachocode.schemas import MAX_ID_LENGTH
+from flask_nachocode.testing import (
+    post_delivery,
+    purchase_payload,
+    refund_payload,
+    unavailable_users_payload,
+)
 
 from support.common import WEBHOOK_KEY, load_fixture, stored_deliveries
 from support.effects_app import serve
@@ -71,11 +78,15 @@ def check_answer(response: Any, status: int) -> dict[str, Any]:
 
 
 def post_raw(
-    app: Flask, url: str, data: bytes | str, content_type: str = "application/json", **kwargs: Any
+    app: Flask,
+    url: str,
+    data: bytes | str,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
 ) -> Any:
-    return app.test_client().post(
-        url, data=data, headers={**AUTH, "Content-Type": content_type}, **kwargs
-    )
+    headers = {**AUTH, "Content-Type": content_type, **(headers or {})}
+    return app.test_client().post(url, data=data, headers=headers, **kwargs)
 
 
 # -- handled ------------------------------------------------------------------------
@@ -321,9 +332,85 @@ def test_422_when_the_all_events_url_cannot_tell_the_event(
     app, calls = app_and_calls
     answer = check_answer(post_delivery(app.test_client(), "any", body), 422)
     assert reason in answer["message"]
+    # Every 422 has `errors`; a reason about the whole body is under `_body`.
+    assert answer["errors"] == {"_body": [answer["message"]]}
     assert answer["event"] is None
     assert calls == []
     assert [row.outcome for row in stored_deliveries(app)] == ["invalid"]
+
+
+@pytest.mark.parametrize("marker", ["refundedAt", "refundQuantity", "tokenNotFoundUserIds"])
+def test_a_null_marker_does_not_decide_the_event(app_and_calls: Any, marker: str) -> None:
+    # /webhooks/purchase takes a purchase carrying "refundedAt": null; so must the all-events URL.
+    app, calls = app_and_calls
+    for route in ("purchase", "any"):
+        body = {**purchase_payload(), marker: None}
+        answer = check_answer(post_delivery(app.test_client(), route, body), 200)
+        assert (answer["event"], answer["duplicate"]) == ("purchase", False)
+    assert [call.name for call in calls] == ["purchase", "purchase"]
+    nulls = {"refundedAt": None, "requestedAt": None}
+    only_nulls = check_answer(post_delivery(app.test_client(), "any", nulls), 422)
+    assert "fits no event" in only_nulls["errors"]["_body"][0]
+
+
+#: 950 Hangul syllables: 2,850 bytes of UTF-8, past PostgreSQL's B-tree entry limit
+#: (2,704 bytes), which made a purchase with it as userId a 503 for ever there.
+HANGUL = "".join(chr(0xAC00 + (index * 7919) % 11172) for index in range(950))
+
+
+@pytest.mark.every_database
+def test_ids_are_bounded_so_that_every_database_can_index_them(make_app: AppFactory) -> None:
+    app, nachocode = make_app()
+    calls: list[Any] = []
+    nachocode.on_purchase(calls.append)
+    nachocode.on_unavailable_users(calls.append)
+    client = app.test_client()
+
+    too_long = check_answer(post_delivery(client, "purchase", purchase_payload(userId=HANGUL)), 422)
+    assert too_long["errors"] == {"userId": [f"Length must be between 1 and {MAX_ID_LENGTH}."]}
+    for field in ("nachoProductId", "productId"):
+        body = purchase_payload(**{field: "p" * (MAX_ID_LENGTH + 1)})
+        assert list(check_answer(post_delivery(client, "purchase", body), 422)["errors"]) == [field]
+    push = unavailable_users_payload(tokenInvalidUserIds=["u" * (MAX_ID_LENGTH + 1)])
+    assert list(check_answer(post_delivery(client, "unavailable_users", push), 422)["errors"]) == [
+        "tokenInvalidUserIds.0"
+    ]
+    # An invalid body with such a userId is recorded too (its userId in the body only).
+    invalid = check_answer(post_delivery(client, "any", {"userId": HANGUL, "fits": "no"}), 422)
+    assert invalid["errors"]["_body"]
+    # The longest ids accepted, in 3-byte characters, fit the indexes.
+    longest = HANGUL[:MAX_ID_LENGTH]
+    body = purchase_payload(userId=longest, nachoProductId=longest, productId=longest)
+    check_answer(post_delivery(client, "purchase", body), 200)
+    assert [call.user_id for call in calls] == [longest]
+
+    rows = stored_deliveries(app)
+    outcomes = [(row.outcome, row.status) for row in rows]
+    assert outcomes == [("invalid", 422)] * 5 + [("handled", 200)]
+    assert json.loads(rows[0].body)["userId"] == json.loads(rows[4].body)["userId"] == HANGUL
+    assert (rows[0].user_id, rows[4].user_id, rows[5].user_id) == (None, None, longest)
+    with app.app_context():
+        found = nachocode.ledger.purchases_of(longest, environment=None)
+        assert [purchase.user_id for purchase in found] == [longest]
+        # Longer than any id: nothing to find, and nothing asked of the database.
+        assert nachocode.ledger.purchases_of(HANGUL, environment=None) == []
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate, gzip", "br"])
+def test_415_for_a_compressed_body(app_and_calls: Any, encoding: str) -> None:
+    # RFC 9110 15.5.16: an unsupported content coding is a 415 naming what is accepted.
+    app, calls = app_and_calls
+    body = gzip.compress(json.dumps(purchase_payload()).encode())
+    response = post_raw(app, URLS["purchase"], body, headers={"Content-Encoding": encoding})
+    answer = check_answer(response, 415)
+    assert answer["error"] == "unsupported_media_type"
+    assert "Content-Encoding" in answer["message"]
+    assert response.headers["Accept-Encoding"] == "identity"
+    assert calls == []
+    assert [(row.outcome, row.status) for row in stored_deliveries(app)] == [("invalid", 415)]
+    plain = json.dumps(purchase_payload())
+    identity = post_raw(app, URLS["purchase"], plain, headers={"Content-Encoding": "identity"})
+    check_answer(identity, 200)
 
 
 #: Bodies no database column can hold, and inputs that once got a 500 or a 503 (or
@@ -363,6 +450,12 @@ UNSTORABLE: dict[str, tuple[str, Callable[[], Any], str | None]] = {
         None,
     ),
     "70-digit price": ("purchase", lambda: purchase_payload(price=10**70), None),
+    "950 Hangul syllables in userId": ("purchase", lambda: purchase_payload(userId=HANGUL), None),
+    "950 Hangul syllables in a body that fits no event": (
+        "any",
+        lambda: {"userId": HANGUL, "fits": "no event"},
+        None,
+    ),
     "year 1 with a positive offset": (
         "purchase",
         lambda: purchase_payload(purchasedAt="0001-01-01T00:00:00+01:00"),

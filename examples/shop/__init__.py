@@ -15,6 +15,17 @@ handled, then shows what was granted.
 
 Config can also come from ``FLASK_*`` environment variables, e.g.
 ``FLASK_SQLALCHEMY_DATABASE_URI``.
+
+With deferral (``NACHOCODE_DEFERRED``; needs ``pip install 'flask-nachocode[celery]' redis``
+and a Redis server), the web answers 202 at once and a Celery worker grants the coins,
+retrying when a grant fails. Run the two side by side, from the repository's root::
+
+    export FLASK_NACHOCODE_DEFERRED=true FLASK_CELERY_BROKER_URL=redis://127.0.0.1:6379/0
+    flask --app examples/shop run --debug
+    celery -A examples.shop.worker worker --beat --loglevel INFO
+
+(``--beat`` runs the shop's beat entry too, which re-sends the tasks a broker lost;
+in production run one ``celery beat`` of its own instead.)
 """
 
 from __future__ import annotations
@@ -179,6 +190,39 @@ show();
 """
 
 
+def celery_init_app(app: Flask) -> Any:
+    """Flask's "Background Tasks with Celery" pattern: the app's Celery instance, in
+    ``app.extensions["celery"]`` where flask-nachocode looks for it."""
+    from celery import Celery, Task  # the `celery` extra, needed only with deferral
+
+    class FlaskTask(Task):  # type: ignore[misc]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.config_from_object(
+        {
+            "broker_url": app.config.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
+            "task_ignore_result": True,
+            # flask-nachocode's task is acknowledged late: one task at a time per process.
+            "worker_prefetch_multiplier": 1,
+            "beat_schedule": {
+                # Re-send the tasks of deliveries queued for more than 10 minutes (a
+                # Redis restarted without persistence loses its queue).
+                "nachocode-requeue": {
+                    "task": "flask_nachocode.requeue",
+                    "schedule": 300.0,
+                    "kwargs": {"older_than": 600},
+                },
+            },
+        }
+    )
+    celery_app.set_default()
+    app.extensions["celery"] = celery_app
+    return celery_app
+
+
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     app.config.update(
@@ -193,6 +237,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # Any other key from the environment, Flask's way: FLASK_SQLALCHEMY_DATABASE_URI=...
     app.config.from_prefixed_env()
     app.config.update(config or {})
+    if app.config.get("NACHOCODE_DEFERRED"):
+        celery_init_app(app)  # before nachocode.init_app, which registers its task there
     if app.debug:
         # `flask run --debug` on a developer's machine: watch deliveries arrive at
         # /nachocode/deliveries. The inspector keeps its CSRF token in the session, so

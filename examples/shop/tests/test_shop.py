@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 from flask.testing import FlaskClient
 
 from flask_nachocode.testing import (
@@ -104,3 +109,53 @@ def test_debug_mode_switches_the_inspector_on(tmp_path: Path) -> None:
     debug = create_app({**config, "DEBUG": True}).test_client()
     assert debug.get("/nachocode/deliveries").status_code == 200
     assert create_app(config).test_client().get("/nachocode/deliveries").status_code == 404
+
+
+@pytest.mark.integration
+def test_with_deferral_the_web_answers_202_and_the_worker_grants(tmp_path: Path) -> None:
+    """The shop's documented way to run with deferral: the web and a real Celery worker
+    (``celery -A examples.shop.worker worker``) on Redis."""
+    redis_url = os.environ.get("NACHOCODE_TEST_REDIS_URL")
+    if not redis_url:
+        pytest.skip("NACHOCODE_TEST_REDIS_URL is not set; the shop's worker test skipped")
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()  # this test's Redis database only
+    database = f"sqlite:///{tmp_path / 'shop.db'}"
+    app = create_app(
+        {
+            "SQLALCHEMY_DATABASE_URI": database,
+            "NACHOCODE_WEBHOOK_KEY": "shop-test-key",
+            "NACHOCODE_DEFERRED": True,
+            "CELERY_BROKER_URL": redis_url,
+        }
+    )
+    client = app.test_client()
+    answer = post_delivery(client, "purchase", purchase_payload(user_id="ann", product_id=COINS))
+    assert (answer.status_code, answer.get_json()["deferred"]) == (202, True)
+    assert balances(client) == {}  # nothing is granted before a worker runs
+    root = Path(__file__).resolve().parents[3]
+    env = {
+        **os.environ,
+        "FLASK_NACHOCODE_DEFERRED": "true",
+        "FLASK_CELERY_BROKER_URL": redis_url,
+        "FLASK_SQLALCHEMY_DATABASE_URI": database,
+        "NACHOCODE_WEBHOOK_KEY": "shop-test-key",
+    }
+    celery = Path(sys.executable).parent / "celery"
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [str(celery), "-A", "examples.shop.worker", "worker", "--pool", "solo",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while balances(client) != {"ann": 500}:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.1)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        redis.Redis.from_url(redis_url).flushdb()

@@ -1,0 +1,21 @@
+"""The task queue behind ``NACHOCODE_DEFERRED``, as the rest of the package sees it.
+
+The request path and the worker only ever call :meth:`TaskQueue.send`; which queue
+carries the task (Celery today, see :mod:`flask_nachocode.celery_queue`) is chosen
+once, in ``init_app``. Adding another one (RQ, Dramatiq) means a class with this
+method, whose task calls :func:`flask_nachocode.worker.run_attempt` inside the app
+context, and nothing in the delivery lifecycle.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class TaskQueue(Protocol):
+    """Sends the task that runs one attempt of a queued delivery."""
+
+    def send(self, delivery_id: int, attempt: int, *, delay: float = 0.0) -> None:
+        """Queue attempt number ``attempt`` of delivery ``delivery_id``, to run in
+        ``delay`` seconds. May raise when the broker cannot be reached: the caller
+        keeps the delivery queued, and ``flask nachocode requeue`` sends it later."""

@@ -1,0 +1,235 @@
+"""The worker's side of a deferred delivery (``NACHOCODE_DEFERRED``): one attempt,
+and the re-queue of attempts whose task went missing.
+
+An attempt is one transaction: it first locks the queued delivery
+(:meth:`~flask_nachocode.store.Store.take_queued`), then writes the ledger and runs
+the handlers inside a savepoint, and commits their writes together with the
+delivery's move to ``handled``. A task the broker delivers twice, or a re-queued
+one, finds the delivery handled, or its attempt recorded, and does nothing; a
+second worker on the same delivery waits for the first one's lock. A worker that
+dies mid-handler commits nothing, and the task's next delivery starts over.
+
+When a handler raises, the savepoint is rolled back, the attempt is recorded with
+its error and traceback, and the next attempt is sent for ``NACHOCODE_RETRY_DELAYS``
+later. After the last one the delivery is ``failed``, its claim is released (so a
+replay or a re-send is handled, as after a synchronous failure) and
+``delivery_failed`` is sent. :class:`~flask_nachocode.errors.Refuse` ends it at once
+as ``refused``: a decision, not a fault.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from . import signals
+from .delivery import Result, _storable_text
+from .errors import HandlerFailed, NoHandler, StoreUnavailable, WebhookError
+from .events import Event, utcnow
+from .schemas import load_event
+from .state import AppState
+from .store import describe_database_error
+
+logger = logging.getLogger("flask_nachocode")
+
+#: How long a task waits before trying again while the database cannot be reached;
+#: no attempt is counted for that.
+STORE_RETRY_SECONDS = 10.0
+
+
+def run_attempt(state: AppState, delivery_id: int, attempt: int) -> Result | None:
+    """Run attempt number ``attempt`` (from 1) of queued delivery ``delivery_id`` and
+    return what happened; None when it is not this task's to run (handled already,
+    or that attempt was made). Raises :class:`StoreUnavailable` when the database
+    fails, having recorded nothing: the task is to be sent again."""
+    store = state.store
+    session = store.session
+    started_at = utcnow()
+    try:
+        store.ensure_ready()
+        connection = session.connection()
+        row = store.take_queued(connection, delivery_id, attempt)
+        if row is None:
+            session.rollback()
+            return None
+        event: Event | None = None
+        savepoint = session.begin_nested()
+        # Fetched again: the SAVEPOINT is only emitted when the session hands out its
+        # connection inside the nested transaction.
+        connection = session.connection()
+        try:
+            event = load_event(row.event, json.loads(bytes(row.body)))
+            handlers = state.handlers(event.name)
+            if not handlers:
+                raise NoHandler(f"no handler is registered for {event.name}")
+            store.apply_ledger(connection, event, utcnow())
+            for handler in handlers:
+                handler(event)
+            # As in the request: a constraint the handlers' writes break is their failure.
+            session.flush()
+        except WebhookError as decision:  # Refuse, or a delivery no worker can handle
+            savepoint.rollback()
+            return _finish(state, row, event, attempt, started_at, decision)
+        except sa.exc.OperationalError:
+            raise  # the database failed, not the handler
+        except Exception as error:  # a handler bug must not lose the delivery
+            savepoint.rollback()
+            logger.exception(
+                "nachocode %s handler failed (delivery %s, attempt %s)",
+                row.event,
+                delivery_id,
+                attempt,
+            )
+            return _attempt_failed(state, row, event, attempt, started_at, error)
+        savepoint.commit()
+        return _finish(state, row, event, attempt, started_at, None)
+    except sa.exc.SQLAlchemyError as error:
+        store.rollback_quietly()
+        logger.error(
+            "nachocode delivery %s: the store is unavailable, attempt %s not made: %s",
+            delivery_id,
+            attempt,
+            describe_database_error(error),
+        )
+        raise StoreUnavailable("the delivery store is unavailable") from error
+
+
+def _attempt_values(
+    row: Any, attempt: int, outcome: str, started_at: datetime, **values: Any
+) -> dict[str, Any]:
+    return {
+        "delivery_id": row.id,
+        "attempt": attempt,
+        "outcome": outcome,
+        "started_at": started_at,
+        "finished_at": utcnow(),
+        "error": None,
+        "traceback": None,
+        "next_attempt_at": None,
+        **values,
+    }
+
+
+def _attempt_failed(
+    state: AppState,
+    row: Any,
+    event: Event | None,
+    attempt: int,
+    started_at: datetime,
+    cause: BaseException,
+) -> Result:
+    if attempt > len(state.retry_delays):
+        failure = HandlerFailed("a handler raised an exception on every attempt")
+        return _finish(state, row, event, attempt, started_at, failure, cause=cause)
+    delay = state.retry_delays[attempt - 1]
+    next_attempt_at = utcnow() + timedelta(seconds=delay)
+    store = state.store
+    store.record_attempt(
+        store.session.connection(),
+        _attempt_values(
+            row,
+            attempt,
+            "failed",
+            started_at,
+            error=_storable_text(f"{type(cause).__name__}: {cause}"),
+            traceback=_storable_text("".join(traceback.format_exception(cause))),
+            next_attempt_at=next_attempt_at,
+        ),
+    )
+    store.session.commit()
+    result = Result("queued", 202, row.event, row.id)
+    signals.send_after_commit(
+        signals.delivery_retry,
+        event=event,
+        result=result,
+        error=cause,
+        attempt=attempt,
+        next_attempt_at=next_attempt_at,
+    )
+    _send(state, row.id, attempt + 1, delay)
+    return result
+
+
+def _finish(
+    state: AppState,
+    row: Any,
+    event: Event | None,
+    attempt: int,
+    started_at: datetime,
+    error: WebhookError | None,
+    *,
+    cause: BaseException | None = None,
+) -> Result:
+    """The delivery's last attempt: handled (``error`` None), refused, unhandled,
+    invalid, or failed for good (with ``cause``, what the handler raised)."""
+    store = state.store
+    connection = store.session.connection()
+    outcome, status = ("handled", 200) if error is None else (error.outcome, error.status)
+    message = None
+    trace = None
+    if error is not None:
+        message = _storable_text(
+            f"{type(cause).__name__}: {cause}" if cause is not None else error.message
+        )
+    if cause is not None:
+        trace = _storable_text("".join(traceback.format_exception(cause)))
+    store.record_attempt(
+        connection,
+        _attempt_values(row, attempt, outcome, started_at, error=message, traceback=trace),
+    )
+    if outcome != "handled":
+        store.release_claim(connection, row.identity)
+    values: dict[str, Any] = {
+        "outcome": outcome,
+        "status": status,
+        "finished_at": utcnow(),
+        "error": message,
+        "traceback": trace,
+    }
+    if not state.keep_bodies:
+        values["body"] = None
+    store.finish_deferred(connection, row.id, **values)
+    store.session.commit()
+    result = Result(outcome, status, row.event, row.id, error)
+    if error is None:
+        signals.send_after_commit(signals.delivery_handled, event=event, result=result)
+    else:
+        signals.send_after_commit(signals.delivery_failed, event=event, result=result, error=error)
+    return result
+
+
+def _send(state: AppState, delivery_id: int, attempt: int, delay: float) -> None:
+    if state.task_queue is None:
+        return  # deferral switched off meanwhile: `flask nachocode requeue` runs it
+    try:
+        state.task_queue.send(delivery_id, attempt, delay=delay)
+    except Exception:
+        logger.exception(
+            "nachocode delivery %s: attempt %s could not be sent; "
+            "`flask nachocode requeue` (or its beat entry) will send it",
+            delivery_id,
+            attempt,
+        )
+
+
+def requeue(state: AppState, older_than: timedelta) -> list[tuple[int, int]]:
+    """Send again the task of every queued delivery whose next attempt has been due
+    for longer than ``older_than`` (a broker that lost its queue, a task that could
+    not be sent); returns their ``(delivery id, attempt)``. A task still in the
+    broker meanwhile is harmless: whichever runs second does nothing.
+
+    With ``NACHOCODE_DEFERRED`` off (deliveries left queued when it was switched
+    off), the attempts run here instead, one after the other.
+    """
+    overdue = state.store.overdue_queued(older_than)
+    for delivery_id, attempt in overdue:
+        if state.task_queue is not None:
+            state.task_queue.send(delivery_id, attempt)
+        else:
+            run_attempt(state, delivery_id, attempt)
+    return overdue
