@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,12 +178,24 @@ def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any, *args: Any) -
     if connection_record.info.get("nachocode_sqlite_ready"):
         return
     cursor = dbapi_connection.cursor()
-    # The busy timeout first: switching to WAL itself needs a lock that another
-    # worker starting at the same moment may hold. With it a second gunicorn
-    # worker waits for the write lock instead of failing with "database is
-    # locked"; WAL lets readers and that one writer work at once.
+    # With the busy timeout a second gunicorn worker waits for the write lock
+    # instead of failing with "database is locked"; WAL lets readers and that one
+    # writer work at once.
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # Switching a new file to WAL takes an exclusive lock, and SQLite does not wait
+    # for it when another connection is switching at the same moment (workers
+    # starting together on a fresh file): it answers "database is locked" at once,
+    # busy timeout or not. The switch is kept in the file, so trying again shortly
+    # finds it done.
+    deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
     cursor.close()
     connection_record.info["nachocode_sqlite_ready"] = True
 
