@@ -31,6 +31,7 @@ from .tables import (
     REFUNDED,
     conflict_insert,
     insert_if_new,
+    pg_claim,
 )
 
 if TYPE_CHECKING:
@@ -215,13 +216,7 @@ def _claimed_purchase_upsert(claims: sa.Table, table: sa.Table, deliveries: sa.T
     # reads its row from a SELECT that yields nothing unless the claim inserted its
     # row, so a duplicate writes no ledger row, as with separate statements; the
     # record is written either way, as "handled" or "duplicate".
-    claim = (
-        postgresql.insert(claims)
-        .values({column.key: sa.bindparam(column.key, type_=column.type) for column in claims.c})
-        .on_conflict_do_nothing(index_elements=["identity"])
-        .returning(claims.c.identity)
-        .cte("nachocode_claim")
-    )
+    claim = pg_claim(claims).cte("nachocode_claim")
     claimed = sa.exists(claim.select())
     names = [*_SET_BY_PURCHASE, "refunded_quantity", "state", "refunded_at"]
     source = sa.select(*(sa.bindparam(name, type_=table.c[name].type) for name in names)).where(

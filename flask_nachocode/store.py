@@ -37,6 +37,7 @@ from . import ledger
 from .events import Event, PurchaseEvent, RefundEvent, utcnow
 from .schemas import MAX_ID, parse_id
 from .tables import (
+    LOCK_TIMEOUT_SECONDS,
     MYSQL_DEADLOCK,
     MYSQL_DIALECTS,
     REPLAYABLE,
@@ -44,6 +45,7 @@ from .tables import (
     define_tables,
     insert_if_new,
     mysql_error_code,
+    pg_claim,
 )
 
 if TYPE_CHECKING:
@@ -51,16 +53,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flask_nachocode")
 
-#: How long a delivery waits for a lock another transaction holds before it gives
-#: up and is answered 503: on PostgreSQL a claim row that a copy of the same event
-#: being handled (or a transaction left open) holds, on SQLite the database's write
-#: lock. Half of Nachocode's 10 s, so that the answer still arrives in time and a
-#: few stuck deliveries cannot keep every worker waiting until it is killed.
-LOCK_TIMEOUT_SECONDS = 5.0
 #: SQLite's busy timeout: the same limit, also for the app's own engine with ``db=``
 #: (Python's sqlite3 module waits 5 s by default too).
 SQLITE_BUSY_TIMEOUT_MS = int(LOCK_TIMEOUT_SECONDS * 1000)
-#: Set at the start of each delivery's transaction on PostgreSQL; ``SET LOCAL`` ends
+#: PostgreSQL's lock limit for a delivery with no claim to carry it (``unavailable_users``;
+#: :func:`~flask_nachocode.tables.pg_claim` carries it for the others). ``SET LOCAL`` ends
 #: with the transaction, so the app's own use of a shared ``db`` is left as it was.
 _PG_LOCK_TIMEOUT = f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT_SECONDS * 1000)}ms'"
 
@@ -405,9 +402,9 @@ class Store:
         delivery's ledger row is written by the worker, with its handlers
         (:meth:`apply_ledger`).
         """
-        if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql(_PG_LOCK_TIMEOUT)
         if event.identity is None:
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql(_PG_LOCK_TIMEOUT)
             return True, None
         if (
             not with_ledger
@@ -557,6 +554,8 @@ class Store:
         self, connection: sa.Connection, identity: str, event_name: str, now: datetime
     ) -> bool:
         values = {"identity": identity, "event": event_name, "claimed_at": now}
+        if connection.dialect.name == "postgresql":
+            return connection.execute(pg_claim(self.claims), values).first() is not None
         return insert_if_new(connection, self.claims, ("identity",), values)
 
     def set_finished(

@@ -39,6 +39,13 @@ SUPPORTED_DIALECTS = ("sqlite", "postgresql", *MYSQL_DIALECTS)
 #: which the statement (lock wait timeout) or the transaction (deadlock) can be run again.
 MYSQL_DUPLICATE_KEY, MYSQL_LOCK_WAIT_TIMEOUT, MYSQL_DEADLOCK = 1062, 1205, 1213
 
+#: How long a delivery waits for a lock another transaction holds before it gives
+#: up and is answered 503: on PostgreSQL a claim row that a copy of the same event
+#: being handled (or a transaction left open) holds, on SQLite the database's write
+#: lock. Half of Nachocode's 10 s, so that the answer still arrives in time and a
+#: few stuck deliveries cannot keep every worker waiting until it is killed.
+LOCK_TIMEOUT_SECONDS = 5.0
+
 #: The INSERT with ``ON CONFLICT`` of each database that has one. MySQL has none:
 #: there a duplicate key fails the statement alone, never the transaction (unlike
 #: PostgreSQL), so a plain INSERT whose duplicate-key error is caught does the same job
@@ -93,6 +100,35 @@ def insert_if_new(
             raise
         return False
     return True
+
+
+@functools.lru_cache(maxsize=8)
+def pg_claim(claims: sa.Table) -> Any:
+    """PostgreSQL's claim: insert the claim row unless its identity is claimed
+    already, returning the identity when this statement inserted it.
+
+    The row comes from a SELECT whose WHERE first sets the transaction's
+    ``lock_timeout`` (``set_config(..., true)`` is ``SET LOCAL`` as a function), so
+    that the time limit travels with the claim in one round trip, not one of its
+    own. It is in force before the INSERT can wait on a copy's uncommitted claim,
+    and until the transaction ends: the handlers' own writes wait no longer either,
+    and the app's own use of a shared ``db`` afterwards is left as it was.
+    """
+    lock_timeout = sa.func.set_config(
+        sa.literal_column("'lock_timeout'"),
+        sa.literal_column(f"'{int(LOCK_TIMEOUT_SECONDS * 1000)}ms'"),
+        sa.true(),
+    )
+    columns = list(claims.c)
+    source = sa.select(*(sa.bindparam(c.key, type_=c.type) for c in columns)).where(
+        lock_timeout.is_not(None)
+    )
+    return (
+        postgresql.insert(claims)
+        .from_select([c.key for c in columns], source)
+        .on_conflict_do_nothing(index_elements=["identity"])
+        .returning(claims.c.identity)
+    )
 
 
 class ExactText(sa.types.TypeDecorator[str]):

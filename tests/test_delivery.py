@@ -35,6 +35,7 @@ from flask_nachocode import PurchaseEvent, delivery_failed, delivery_handled, de
 from flask_nachocode import delivery as nachocode_delivery
 from flask_nachocode.events import ROUTES_BY_EVENT
 from flask_nachocode.testing import (
+    payload_for,
     post_delivery,
     purchase_payload,
     refund_payload,
@@ -218,10 +219,10 @@ def test_a_delivery_is_its_writes_and_one_commit(make_app: Any, database_url: st
     assert len(seen) == 2
     assert sent.count("COMMIT") == 1
     # claim, ledger row, delivery record: no reads, no second transaction; on
-    # PostgreSQL all three go in one statement (a CTE), after the transaction's
-    # lock timeout.
+    # PostgreSQL all three go in one statement (a CTE), which also carries the
+    # transaction's lock timeout.
     postgres = database_url.startswith("postgresql")
-    assert [s for s in sent if s != "COMMIT"] == (["SET", "WITH"] if postgres else ["INSERT"] * 3)
+    assert [s for s in sent if s != "COMMIT"] == (["WITH"] if postgres else ["INSERT"] * 3)
 
     sent.clear()
     again = post_delivery(client, "purchase", payload)
@@ -230,7 +231,7 @@ def test_a_delivery_is_its_writes_and_one_commit(make_app: Any, database_url: st
     assert len(seen) == 2
     assert sent.count("COMMIT") == 1
     # The claim that found the purchase claimed, and the duplicate's record.
-    assert [s for s in sent if s != "COMMIT"] == (["SET", "WITH"] if postgres else ["INSERT"] * 2)
+    assert [s for s in sent if s != "COMMIT"] == (["WITH"] if postgres else ["INSERT"] * 2)
     with app.app_context():
         purchase = nachocode.ledger.find(seen[-1])
     assert purchase is not None
@@ -362,6 +363,28 @@ def test_a_delivery_waiting_on_a_stuck_transaction_gives_up_inside_the_budget(
     again = post_delivery(store_app.client, "purchase", purchase)
     assert (again.status_code, again.get_json()["duplicate"]) == (200, False)
     assert identity_of(purchase) in store_app.effects()
+
+
+@pytest.mark.parametrize("store_variant", [("postgresql", "shared_db")], indirect=True)
+@pytest.mark.parametrize("event", ["purchase", "refund", "unavailable_users"])
+def test_on_postgresql_the_lock_limit_holds_for_the_whole_delivery_and_ends_with_it(
+    make_app: Callable[..., Any], event: str
+) -> None:
+    # The limit travels inside the claim's own statement (no round trip of its own):
+    # the handlers' writes must wait no longer than the claim, and the app's next
+    # transaction on the shared db must have its own setting back.
+    store_app = make_app()
+    seen: list[str] = []
+
+    def read_lock_timeout() -> str:
+        return str(store_app.db.session.execute(sa.text("SHOW lock_timeout")).scalar())
+
+    store_app.ext.handler(event)(lambda _event: seen.append(read_lock_timeout()))
+    answer = post_delivery(store_app.client, event, payload_for(event))
+    assert answer.status_code == 200, answer.get_json()
+    assert seen == ["5s"]
+    with store_app.app.app_context():
+        assert read_lock_timeout() == "0"
 
 
 # --- the database unreachable ---
