@@ -110,21 +110,18 @@ def create_app(
 
 
 def prepare_database(database_url: str) -> None:
-    """Create the tables of B and C and empty them, before any server starts
-    (several workers creating tables at once would race)."""
+    """Create fresh tables for B and C, before any server starts (several workers
+    creating tables at once would race).
+
+    Dropped and created, not emptied: a DELETE leaves PostgreSQL's dead rows and
+    their index entries behind until a vacuum, and C's three tables kept those of
+    every earlier run while B's got a new table, so C got slower with each run
+    on the same database.
+    """
     app = create_app("C", database_url)
     with app.app_context():
         db = app.extensions["sqlalchemy"]
-        state = app.extensions["nachocode"]
-        state.store.ensure_ready()  # switches SQLite to WAL
-        app.extensions["bench_raw"].drop(db.engine, checkfirst=True)
+        db.drop_all()
         db.create_all()
-        with db.engine.begin() as connection:
-            for table in (
-                app.extensions["bench_raw"],
-                state.store.deliveries,
-                state.store.claims,
-                state.store.purchases,
-            ):
-                connection.execute(table.delete())
+        app.extensions["nachocode"].store.ensure_ready()  # switches SQLite to WAL
         db.engine.dispose()
