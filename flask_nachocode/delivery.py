@@ -30,13 +30,8 @@ from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookE
 from .events import ROUTES_BY_NAME, Event, utcnow
 from .schemas import MAX_ID_LENGTH, load_event
 from .state import AppState
-from .store import (
-    LOCK_TIMEOUT_SECONDS,
-    describe_database_error,
-    is_lock_timeout,
-    is_worth_retrying,
-)
-from .tables import REPLAYABLE
+from .store import describe_database_error, is_lock_timeout, is_worth_retrying
+from .tables import LOCK_TIMEOUT_SECONDS, REPLAYABLE
 
 logger = logging.getLogger("flask_nachocode")
 
