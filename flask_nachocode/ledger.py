@@ -31,6 +31,7 @@ from .tables import (
     REFUNDED,
     conflict_insert,
     insert_if_new,
+    insert_or_keep,
     pg_claim,
 )
 
@@ -325,7 +326,8 @@ def apply_refund(
         "refunded_quantity": 0,
         "state": ACTIVE,
     }
-    insert_if_new(connection, table, _STORE_ID, placeholder)
+    # The row this refund updates, locked on MySQL before the UPDATE: see insert_or_keep.
+    insert_or_keep(connection, table, _STORE_ID, placeholder)
     refunded = table.c.refunded_quantity + event.refund_quantity
     # One conditional UPDATE: the bound and the sum are checked by the database,
     # so two partial refunds handled at once cannot both pass a stale check.

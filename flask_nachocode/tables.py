@@ -102,6 +102,33 @@ def insert_if_new(
     return True
 
 
+@functools.lru_cache(maxsize=16)
+def _row_lock_insert(table: sa.Table, key: tuple[str, ...]) -> Any:
+    return (
+        mysql.insert(table).on_duplicate_key_update({key[0]: table.c[key[0]]})  # changes nothing
+    )
+
+
+def insert_or_keep(
+    connection: sa.Connection, table: sa.Table, key: tuple[str, ...], values: dict[str, Any]
+) -> None:
+    """Insert a row unless one with the same unique ``key`` exists, for a caller
+    that then updates that row in the same transaction.
+
+    On MySQL this is ``INSERT ... ON DUPLICATE KEY UPDATE`` that changes nothing,
+    which locks an existing row exclusively. :func:`insert_if_new` catches the
+    duplicate-key error instead, and InnoDB takes the row's lock *shared* for that
+    check: two transactions that both hold it and then both update the row each
+    wait for the other, and InnoDB kills one as a deadlock. Elsewhere it is
+    :func:`insert_if_new`, whose ``ON CONFLICT DO NOTHING`` takes no lock on the
+    existing row (SQLite has one writer at a time anyway).
+    """
+    if connection.dialect.name in MYSQL_DIALECTS:
+        connection.execute(_row_lock_insert(table, key), values)
+    else:
+        insert_if_new(connection, table, key, values)
+
+
 @functools.lru_cache(maxsize=8)
 def pg_claim(claims: sa.Table) -> Any:
     """PostgreSQL's claim: insert the claim row unless its identity is claimed
