@@ -40,6 +40,8 @@ from .tables import (
     LOCK_TIMEOUT_SECONDS,
     MYSQL_DEADLOCK,
     MYSQL_DIALECTS,
+    MYSQL_LOCK_WAIT_TIMEOUT,
+    MYSQL_NO_SUCH_TABLE,
     REPLAYABLE,
     SUPPORTED_DIALECTS,
     define_tables,
@@ -93,7 +95,7 @@ def _sqlstate(error: BaseException) -> str | None:
 
 def is_missing_table(error: BaseException) -> bool:
     """Whether a database error says that a table does not exist."""
-    if _sqlstate(error) == "42P01" or mysql_error_code(error) == 1146:
+    if _sqlstate(error) == "42P01" or mysql_error_code(error) == MYSQL_NO_SUCH_TABLE:
         return True
     return "no such table" in str(getattr(error, "orig", error))
 
@@ -102,7 +104,7 @@ def is_lock_timeout(error: BaseException) -> bool:
     """Whether a database error is a wait for another transaction's lock that gave up
     (:data:`LOCK_TIMEOUT_SECONDS`): PostgreSQL's ``lock_not_available``, SQLite's
     "database is locked", MySQL's lock wait timeout."""
-    if _sqlstate(error) == "55P03" or mysql_error_code(error) == 1205:
+    if _sqlstate(error) == "55P03" or mysql_error_code(error) == MYSQL_LOCK_WAIT_TIMEOUT:
         return True
     return "database is locked" in str(getattr(error, "orig", error))
 
@@ -195,6 +197,19 @@ def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any, *args: Any) -
             time.sleep(0.005)
     cursor.close()
     connection_record.info["nachocode_sqlite_ready"] = True
+
+
+#: The per-connection set-up each database needs, by dialect name.
+_CONNECTION_SET_UP = {"sqlite": _sqlite_pragmas} | dict.fromkeys(MYSQL_DIALECTS, _mysql_lock_wait)
+
+
+def _set_up_connections(engine: Engine) -> None:
+    """Run the database's per-connection set-up (SQLite's busy timeout and WAL,
+    MySQL's lock wait limit) on each connection ``engine`` hands out: the
+    extension's own engine, or the app's with ``db=``. Safe to call twice."""
+    set_up = _CONNECTION_SET_UP.get(engine.dialect.name)
+    if set_up is not None and not sa.event.contains(engine, "checkout", set_up):
+        sa.event.listen(engine, "checkout", set_up)
 
 
 def resolve_database_uri(app: Flask) -> str:
@@ -298,10 +313,7 @@ class Store:
             # network) is replaced before use instead of failing one delivery.
             options = {"pool_pre_ping": True}
         engine = sa.create_engine(url, **options)
-        if engine.dialect.name == "sqlite":
-            sa.event.listen(engine, "checkout", _sqlite_pragmas)
-        if engine.dialect.name in MYSQL_DIALECTS:
-            sa.event.listen(engine, "checkout", _mysql_lock_wait)
+        _set_up_connections(engine)
         self._sessionmaker.configure(bind=engine)
         return engine
 
@@ -316,22 +328,14 @@ class Store:
             if self._ready:
                 return
             engine = self.engine
-            if self.db is not None:
-                check_supported(engine.url.render_as_string(), "The app's database")
             if self.db is None:
                 self.create_tables()
                 if engine.dialect.name == "sqlite":
                     _warn_if_flask_sqlalchemy_shares_the_file(engine)
             else:
-                # The app's SQLite database: its connections must survive several workers.
-                if engine.dialect.name == "sqlite" and not sa.event.contains(
-                    engine, "checkout", _sqlite_pragmas
-                ):
-                    sa.event.listen(engine, "checkout", _sqlite_pragmas)
-                if engine.dialect.name in MYSQL_DIALECTS and not sa.event.contains(
-                    engine, "checkout", _mysql_lock_wait
-                ):
-                    sa.event.listen(engine, "checkout", _mysql_lock_wait)
+                check_supported(engine.url.render_as_string(), "The app's database")
+                # The app's own engine: its connections must survive several workers too.
+                _set_up_connections(engine)
                 # The tables are the app's to create (create_all or migrations): say
                 # so once, now, rather than only in every failed delivery's log line.
                 self._warn_if_tables_missing(engine)
@@ -419,10 +423,7 @@ class Store:
             )
         if not self._claim_identity(connection, event.identity, event.name, now):
             return False, None
-        if isinstance(event, PurchaseEvent):
-            ledger.apply_purchase(connection, self.purchases, event, now)
-        else:
-            ledger.apply_refund(connection, self.purchases, event, now)
+        self.apply_ledger(connection, event, now)
         return True, None
 
     def records_with_claim(self, event: Event) -> bool:

@@ -35,9 +35,11 @@ ACTIVE, PARTIALLY_REFUNDED, REFUNDED = "active", "partially_refunded", "refunded
 MYSQL_DIALECTS = ("mysql", "mariadb")
 #: The databases the store runs on, by SQLAlchemy dialect name.
 SUPPORTED_DIALECTS = ("sqlite", "postgresql", *MYSQL_DIALECTS)
-#: MySQL's error codes for "duplicate key", and for the two lock failures after
-#: which the statement (lock wait timeout) or the transaction (deadlock) can be run again.
+#: MySQL's error codes for "duplicate key", for the two lock failures after which
+#: the statement (lock wait timeout) or the transaction (deadlock) can be run again,
+#: and for a missing table.
 MYSQL_DUPLICATE_KEY, MYSQL_LOCK_WAIT_TIMEOUT, MYSQL_DEADLOCK = 1062, 1205, 1213
+MYSQL_NO_SUCH_TABLE = 1146
 
 #: How long a delivery waits for a lock another transaction holds before it gives
 #: up and is answered 503: on PostgreSQL a claim row that a copy of the same event
