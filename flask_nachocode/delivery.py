@@ -226,6 +226,8 @@ def record(
     cause: BaseException | None = None,
 ) -> Result:
     """Store a delivery that was not handled (invalid, unhandled, refused, failed)."""
+    # The answer only says that a handler failed; the store keeps what it raised.
+    message, trace = failure_text(cause) if cause is not None else (None, None)
     try:
         state.store.ensure_ready()
         result = _commit(
@@ -235,10 +237,8 @@ def record(
             error.outcome,
             error.status,
             error=error,
-            # The answer only says that a handler failed; the store keeps what it
-            # raised, for `flask nachocode show` and replay.
-            message=f"{type(cause).__name__}: {cause}" if cause is not None else None,
-            trace="".join(traceback.format_exception(cause)) if cause is not None else None,
+            message=message,
+            trace=trace,
         )
     except sa.exc.SQLAlchemyError as db_error:
         raise _store_unavailable(state, db_error) from db_error
@@ -283,8 +283,8 @@ def _record_values(
         "received_at": delivery.received_at,
         "finished_at": finished,
         "duration_ms": elapsed * 1000.0,
-        "error": _storable_text(message or error.message) if error is not None else None,
-        "traceback": _storable_text(trace) if trace is not None else None,
+        "error": storable_text(message or error.message) if error is not None else None,
+        "traceback": storable_text(trace) if trace is not None else None,
         "replay_of": delivery.replay_of,
         "replay_count": 0,
     }
@@ -351,14 +351,29 @@ def _finish(
             outcome,
         )
     result = Result(outcome, status, event_name, delivery_id, error)
-    # Sent after the commit: the answer is what was stored, whatever a receiver does.
+    announce(result, event, error)
+    return result
+
+
+def announce(result: Result, event: Event | None, error: WebhookError | None) -> None:
+    """Send the signal that says how a committed delivery (or a worker's last
+    attempt) ended. Sent after the commit: the answer is what was stored, whatever
+    a receiver does."""
     if result.deferred:
         signals.send_after_commit(signals.delivery_queued, event=event, result=result)
     elif result.ok:
         signals.send_after_commit(signals.delivery_handled, event=event, result=result)
     else:
         signals.send_after_commit(signals.delivery_failed, event=event, result=result, error=error)
-    return result
+
+
+def failure_text(cause: BaseException) -> tuple[str, str]:
+    """What the store keeps of an exception a handler raised, storable: its type
+    and message, and its traceback (for `flask nachocode show` and replay)."""
+    return (
+        storable_text(f"{type(cause).__name__}: {cause}"),
+        storable_text("".join(traceback.format_exception(cause))),
+    )
 
 
 def _store_unavailable(state: AppState, error: sa.exc.SQLAlchemyError) -> StoreUnavailable:
@@ -387,7 +402,7 @@ def _guess_event_name(delivery: Delivery) -> str | None:
     return route.event if route is not None else None
 
 
-def _storable_text(text: str) -> str:
+def storable_text(text: str) -> str:
     # PostgreSQL text cannot hold NUL, and no database can encode a lone surrogate
     # (JSON's "\\ud800" escape); an invalid body's userId or an exception message
     # may hold either. Escaped, the delivery is still recorded instead of a 503 or 500.
@@ -400,7 +415,7 @@ def _storable_user_id(value: Any) -> str | None:
     # stored body still holds it.
     if not isinstance(value, str):
         return None
-    text = _storable_text(value)
+    text = storable_text(value)
     return text if len(text) <= MAX_ID_LENGTH else None
 
 

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import traceback
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
 from . import signals
-from .delivery import Result, _storable_text
+from .delivery import Result, announce, failure_text, storable_text
 from .errors import HandlerFailed, NoHandler, StoreUnavailable, WebhookError
 from .events import Event, utcnow
 from .schemas import load_event
@@ -128,6 +127,7 @@ def _attempt_failed(
         return _finish(state, row, event, attempt, started_at, failure, cause=cause)
     delay = state.retry_delays[attempt - 1]
     next_attempt_at = utcnow() + timedelta(seconds=delay)
+    message, trace = failure_text(cause)
     store = state.store
     store.record_attempt(
         store.session.connection(),
@@ -136,8 +136,8 @@ def _attempt_failed(
             attempt,
             "failed",
             started_at,
-            error=_storable_text(f"{type(cause).__name__}: {cause}"),
-            traceback=_storable_text("".join(traceback.format_exception(cause))),
+            error=message,
+            traceback=trace,
             next_attempt_at=next_attempt_at,
         ),
     )
@@ -170,14 +170,11 @@ def _finish(
     store = state.store
     connection = store.session.connection()
     outcome, status = ("handled", 200) if error is None else (error.outcome, error.status)
-    message = None
-    trace = None
-    if error is not None:
-        message = _storable_text(
-            f"{type(cause).__name__}: {cause}" if cause is not None else error.message
-        )
+    message = trace = None
     if cause is not None:
-        trace = _storable_text("".join(traceback.format_exception(cause)))
+        message, trace = failure_text(cause)
+    elif error is not None:
+        message = storable_text(error.message)
     store.record_attempt(
         connection,
         _attempt_values(row, attempt, outcome, started_at, error=message, traceback=trace),
@@ -196,10 +193,7 @@ def _finish(
     store.finish_deferred(connection, row.id, **values)
     store.session.commit()
     result = Result(outcome, status, row.event, row.id, error)
-    if error is None:
-        signals.send_after_commit(signals.delivery_handled, event=event, result=result)
-    else:
-        signals.send_after_commit(signals.delivery_failed, event=event, result=result, error=error)
+    announce(result, event, error)
     return result
 
 
