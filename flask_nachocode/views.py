@@ -128,21 +128,15 @@ def answer(result: Result) -> Response:
     """The JSON answer for a dispatched or recorded delivery."""
     if result.error is not None:
         return error_answer(result.error, event=result.event_name, delivery=result.delivery_id)
-    if result.deferred:
-        response = jsonify(
-            success=True,
-            deferred=True,
-            event=result.event_name,
-            delivery=result.delivery_id,
-            duplicate=False,
-        )
-    else:
-        response = jsonify(
-            success=True,
-            event=result.event_name,
-            delivery=result.delivery_id,
-            duplicate=result.duplicate,
-        )
+    body = {
+        "success": True,
+        "event": result.event_name,
+        "delivery": result.delivery_id,
+        "duplicate": result.duplicate,
+    }
+    if result.deferred:  # 202: the handlers run in a worker
+        body["deferred"] = True
+    response = jsonify(body)
     response.status_code = result.status
     return response
 
