@@ -238,6 +238,17 @@ def make_deferred_app(
     return app
 
 
+def post_noting_signals(app: Flask) -> tuple[Any, list[Any], list[Any]]:
+    """Post one purchase to a deferred app: the answer, and the keyword arguments of
+    each ``delivery_failed`` and each ``delivery_retry`` sent meanwhile."""
+    failed: list[Any] = []
+    retried: list[Any] = []
+    with delivery_failed.connected_to(lambda s, **kw: failed.append(kw), app), \
+            delivery_retry.connected_to(lambda s, **kw: retried.append(kw), app):  # fmt: skip
+        answer = post_delivery(app.test_client(), "purchase", purchase_payload())
+    return answer, failed, retried
+
+
 def rows_of(url: str, sql: str) -> list[Any]:
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
@@ -254,11 +265,7 @@ def test_refuse_ends_a_deferred_delivery_as_refused_without_retries(
         raise Refuse("no such user", status=404, code="unknown_user")
 
     app = make_deferred_app(tmp_path, database_url, refuse, eager=True)
-    failed: list[Any] = []
-    retried: list[Any] = []
-    with delivery_failed.connected_to(lambda s, **kw: failed.append(kw), app), \
-            delivery_retry.connected_to(lambda s, **kw: retried.append(kw), app):  # fmt: skip
-        answer = post_delivery(app.test_client(), "purchase", purchase_payload())
+    answer, failed, retried = post_noting_signals(app)
     assert answer.status_code == 202
     [row] = rows_of(database_url, "SELECT id, outcome, status, error FROM nachocode_deliveries")
     assert (row.outcome, row.status, row.error) == ("refused", 404, "no such user")
@@ -276,11 +283,7 @@ def test_every_failed_attempt_is_signalled_and_the_last_fails_the_delivery(
         raise RuntimeError("grant API down")
 
     app = make_deferred_app(tmp_path, database_url, broken, eager=True)
-    failed: list[Any] = []
-    retried: list[Any] = []
-    with delivery_failed.connected_to(lambda s, **kw: failed.append(kw), app), \
-            delivery_retry.connected_to(lambda s, **kw: retried.append(kw), app):  # fmt: skip
-        answer = post_delivery(app.test_client(), "purchase", purchase_payload())
+    answer, failed, retried = post_noting_signals(app)
     assert (answer.status_code, answer.get_json()["deferred"]) == (202, True)
     assert [(kw["attempt"], str(kw["error"])) for kw in retried] == [
         (1, "grant API down"),
