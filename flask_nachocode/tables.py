@@ -363,10 +363,11 @@ def define_attempts(metadata: sa.MetaData) -> sa.Table:
         sa.Column("outcome", sa.String(16), nullable=False),
         sa.Column("started_at", UTCTimestamp, nullable=False),
         sa.Column("finished_at", UTCTimestamp, nullable=False),
-        sa.Column("error", sa.Text, nullable=True),
-        sa.Column("traceback", sa.Text, nullable=True),
+        sa.Column("error", _LONG_TEXT, nullable=True),
+        sa.Column("traceback", _LONG_TEXT, nullable=True),
         # When the next attempt is due; None once there is none (handled, refused, failed).
         sa.Column("next_attempt_at", UTCTimestamp, nullable=True),
+        **_MYSQL_TABLE,
     )
 
 

@@ -298,6 +298,24 @@ def test_every_failed_attempt_is_signalled_and_the_last_fails_the_delivery(
     assert "raise RuntimeError" in row.traceback
 
 
+def test_an_attempt_keeps_a_long_exception_whole(tmp_path: Path, database_url: str) -> None:
+    # As the deliveries do: MySQL's TEXT stops at 64 KB, and an attempt that cannot be
+    # recorded is never counted, so its delivery would be retried as "store
+    # unavailable" for ever. About 130 KB of UTF-8, Korean included.
+    message = "결제 서버 응답 없음 " * 5_000
+
+    def broken(event: Any) -> None:
+        raise RuntimeError(message)
+
+    app = make_deferred_app(tmp_path, database_url, broken, eager=True)
+    answer, failed, retried = post_noting_signals(app)
+    assert answer.status_code == 202
+    assert len(retried) == 2
+    assert len(failed) == 1
+    attempts = rows_of(database_url, "SELECT error FROM nachocode_attempts ORDER BY attempt")
+    assert [row.error for row in attempts] == [f"RuntimeError: {message}"] * 3
+
+
 def test_without_kept_bodies_the_body_is_kept_only_while_queued(
     tmp_path: Path, database_url: str
 ) -> None:
