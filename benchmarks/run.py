@@ -11,7 +11,8 @@ medians of per-round ratios. Then a round of duplicates (the same delivery over
 and over). Done for SQLite (WAL) and, when their URLs are given (``--postgres``
 or ``NACHOCODE_TEST_POSTGRES_URL``, ``--mysql`` or ``NACHOCODE_TEST_MYSQL_URL``), for
 PostgreSQL and MariaDB (or MySQL), each with 1 and 4 workers. The server
-databases' benchmark and nachocode tables are emptied: use throwaway databases. An in-process figure (no HTTP, no database) comes first.
+databases' benchmark and nachocode tables are dropped and created again: use throwaway
+databases. An in-process figure (no HTTP, no database) comes first.
 
 Not part of the test run; numbers depend on the machine and its load.
 """

@@ -111,7 +111,7 @@ def sqlite_pages_per_delivery(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--postgres", default=os.environ.get("NACHOCODE_TEST_POSTGRES_URL"),
-                        help="PostgreSQL URL of a throwaway database (its tables are emptied)")
+                        help="PostgreSQL URL of a throwaway database (its tables are dropped and created again)")
     parser.add_argument("--warm", type=int, default=2000, help="deliveries before counting pages")
     parser.add_argument("--count", type=int, default=500, help="deliveries counted")
     args = parser.parse_args(argv)
