@@ -11,7 +11,8 @@ write:
   for a beat entry.
 
 ``handle`` is acknowledged late and rejected when its worker process is lost, so a
-worker killed mid-handler leaves the task in the broker for the next one.
+worker killed mid-handler leaves the task in the broker for the next one. An attempt
+that was not made runs again after a growing delay, for as long as it takes.
 """
 
 from __future__ import annotations
@@ -22,9 +23,15 @@ from typing import Any
 from celery import Celery
 from flask import Flask
 
-from .errors import StoreUnavailable
 from .state import current_state
-from .worker import STORE_RETRY_SECONDS, requeue, run_attempt
+from .worker import (
+    NOT_MADE_FIRST_DELAY,
+    NOT_MADE_MAX_DELAY,
+    AttemptNotMade,
+    not_made_delay,
+    requeue,
+    run_attempt,
+)
 
 #: The tasks' names, for routes (``task_routes``) and beat entries.
 HANDLE_TASK = "flask_nachocode.handle"
@@ -41,8 +48,11 @@ class CeleryQueue:
             with app.app_context():
                 try:
                     run_attempt(current_state(), delivery_id, attempt)
-                except StoreUnavailable as error:
-                    raise task.retry(countdown=STORE_RETRY_SECONDS, exc=error) from error
+                except AttemptNotMade as error:
+                    delay = not_made_delay(
+                        task.request.retries, task.retry_backoff, task.retry_backoff_max
+                    )
+                    raise task.retry(countdown=delay, exc=error) from error
 
         def requeue_overdue(older_than: float = 600.0) -> int:
             with app.app_context():
@@ -54,9 +64,13 @@ class CeleryQueue:
             acks_late=True,
             reject_on_worker_lost=True,
             ignore_result=True,
-            # The store being down is retried until it is back; handler failures are
-            # counted by run_attempt against NACHOCODE_RETRY_DELAYS instead.
+            # An attempt that was not made (the store down, a bug of ours) runs again
+            # until it is; handler failures are counted by run_attempt against
+            # NACHOCODE_RETRY_DELAYS instead. The delays' names are Celery's own, so
+            # that task_annotations can change them.
             max_retries=None,
+            retry_backoff=NOT_MADE_FIRST_DELAY,
+            retry_backoff_max=NOT_MADE_MAX_DELAY,
         )(handle)
         self.requeue = celery.task(name=REQUEUE_TASK, ignore_result=True)(requeue_overdue)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -31,6 +32,7 @@ from celery import Celery
 from flask import Flask
 
 from flask_nachocode import NachocodeWebhook, Refuse, delivery_failed, delivery_retry
+from flask_nachocode.celery_queue import HANDLE_TASK
 from flask_nachocode.testing import post_delivery, purchase_payload
 
 from support.common import WEBHOOK_KEY
@@ -134,6 +136,19 @@ class DeferredRun:
         )
         return process
 
+    def worker_log(self) -> str:
+        """What the last worker started has logged so far."""
+        return (self.directory / f"worker-{self._worker_logs}.log").read_text(errors="replace")
+
+    def send_task(self, *args: Any) -> str:
+        """Send a ``flask_nachocode.handle`` task with ``args`` as another app (or a
+        broken one) might; its task id."""
+        sender = Celery("another_app", broker=self.broker_url)
+        try:
+            return str(sender.send_task(HANDLE_TASK, args, queue=self.queue).id)
+        finally:
+            sender.close()
+
     def stop_workers(self, sig: int = signal.SIGTERM) -> None:
         for process in self.workers:
             if process.poll() is None:
@@ -191,6 +206,16 @@ class DeferredRun:
         wait_for(
             lambda: self.outcomes() == expected, what=f"outcomes {expected}", describe=self.outcomes
         )
+
+    def handle_one(self, outcome: str) -> tuple[dict[str, Any], int]:
+        """Start a worker, post a new purchase and wait for its ``outcome``: the
+        purchase and its delivery id."""
+        self.start_worker()
+        purchase = purchase_payload()
+        with self.server():
+            delivery = int(self.post(purchase).json()["delivery"])
+            self.wait_outcomes([outcome])
+        return purchase, delivery
 
 
 def wait_for(
@@ -476,11 +501,7 @@ def test_ten_identical_deliveries_at_once_one_202_nine_duplicates_one_effect(
 @pytest.mark.integration
 def test_a_handler_failing_twice_is_handled_on_the_third_attempt(deferred: DeferredRun) -> None:
     deferred.file("fail_times").write_text("2")
-    deferred.start_worker()
-    purchase = purchase_payload()
-    with deferred.server():
-        delivery = deferred.post(purchase).json()["delivery"]
-        deferred.wait_outcomes(["handled"])
+    purchase, delivery = deferred.handle_one("handled")
     attempts = deferred.attempts(delivery)
     assert [(a.attempt, a.outcome) for a in attempts] == [
         (1, "failed"),
@@ -601,3 +622,51 @@ def test_a_flushed_broker_loses_the_tasks_and_requeue_recovers_them(deferred: De
             "sent the tasks of 0 queued deliveries"
         )
     assert sorted(deferred.effects()) == sorted(identity_of(p) for p in purchases)
+
+
+# --- No stranded delivery (issue 21): a deferred delivery is handled, failed, or has a
+# task on its way, whatever the broker, the database or the extension's own code does ---
+
+
+@pytest.mark.integration
+def test_an_error_in_the_extension_itself_is_retried_with_a_backoff(deferred: DeferredRun) -> None:
+    """Not a handler's error, which counts an attempt, but flask-nachocode's own code
+    raising before the attempt was made (as a connection shared across a fork made it):
+    the task runs again after a growing delay, with the delivery's id in the log."""
+    deferred.file("store_faults").write_text("2")
+    purchase, delivery = deferred.handle_one("handled")
+    log = deferred.worker_log()
+    assert log.count(f"nachocode delivery {delivery}: attempt 1 not made") == 2
+    assert "AttributeError: Could not locate column" in log
+    # Celery's own log line for each retry: 0.2 s (the test app's first delay), doubled.
+    assert re.findall(r"\] retry: Retry in ([\d.]+)s", log) == ["0.2", "0.4"]
+    [attempt] = deferred.attempts(delivery)
+    assert (attempt.attempt, attempt.outcome) == (1, "handled")
+    assert deferred.runs() == [identity_of(purchase)]
+    assert deferred.effects() == [identity_of(purchase)]
+
+
+@pytest.mark.integration
+def test_a_task_for_no_delivery_is_logged_once_and_dropped(deferred: DeferredRun) -> None:
+    """A task whose delivery does not exist (pruned, or sent by an app on another
+    database sharing the broker) or whose id no delivery can have: one log line,
+    then the task ends instead of being retried for ever."""
+    deferred.start_worker()
+    ids: list[Any] = [10**6, 2**63, "12"]
+    tasks = {deferred.send_task(delivery_id, 1): delivery_id for delivery_id in ids}
+
+    def ended(log: str, task: str) -> bool:
+        return any(f"[{task}] {end}" in log for end in ("succeeded", "retry:", "raised"))
+
+    wait_for(
+        lambda: all(ended(deferred.worker_log(), task) for task in tasks),
+        what="every task to end",
+        describe=deferred.worker_log,
+    )
+    log = deferred.worker_log()
+    assert [f"[{task}] succeeded" in log for task in tasks] == [True] * len(ids)
+    assert "retry:" not in log
+    assert log.count("nachocode: dropped the task of delivery 1000000 (attempt 1)") == 1
+    for wrong in ids[1:]:
+        assert log.count(f"nachocode: dropped a task for delivery {wrong!r}") == 1
+    assert deferred.outcomes() == []
