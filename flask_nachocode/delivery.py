@@ -26,6 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import signals
+from .deferred import BrokerUnavailable
 from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookError
 from .events import ROUTES_BY_NAME, Event, utcnow
 from .schemas import MAX_ID_LENGTH, load_event
@@ -160,20 +161,35 @@ def dispatch(state: AppState, delivery: Delivery, event: Event, *, defer: bool =
 
 def _defer(state: AppState, delivery: Delivery, event: Event) -> Result:
     # The task is sent only after the commit: a worker that took it earlier would
-    # find no queued delivery. A task that cannot be sent leaves the delivery
-    # queued, with a trace, for ``flask nachocode requeue``.
+    # find no queued delivery.
     result = _commit(state, delivery, event, "queued", 202)
-    assert state.task_queue is not None
     assert result.delivery_id is not None
-    try:
-        state.task_queue.send(result.delivery_id, 1)
-    except Exception:
-        logger.exception(
-            "nachocode delivery %s is queued but its task could not be sent; "
-            "`flask nachocode requeue` (or its beat entry) will send it",
-            result.delivery_id,
-        )
+    send_task(state, result.delivery_id, 1)
     return result
+
+
+def send_task(state: AppState, delivery_id: int, attempt: int, *, delay: float = 0.0) -> bool:
+    """Send the task of attempt ``attempt`` of queued delivery ``delivery_id``, to run
+    in ``delay`` seconds. False when it could not be sent (logged): the delivery stays
+    queued, and ``flask nachocode requeue`` (or its beat entry) sends it later; also
+    when deferral was switched off meanwhile, and requeue runs the attempt itself."""
+    if state.task_queue is None:
+        return False
+    try:
+        state.task_queue.send(delivery_id, attempt, delay=delay)
+    except Exception as error:
+        # An outage of the broker is said in a line; anything else with its traceback.
+        logger.error(
+            "nachocode delivery %s is queued but its task (attempt %s) could not be sent "
+            "(%s: %s); `flask nachocode requeue` (or its beat entry) will send it",
+            delivery_id,
+            attempt,
+            type(error.__cause__ or error).__name__,
+            error,
+            exc_info=not isinstance(error, BrokerUnavailable),
+        )
+        return False
+    return True
 
 
 #: How often the claim is tried when the database asks for it (see :func:`_claim`).

@@ -32,7 +32,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import signals
-from .delivery import Result, announce, failure_text, storable_text
+from .delivery import Result, announce, failure_text, send_task, storable_text
 from .errors import HandlerFailed, NoHandler, WebhookError
 from .events import Event, utcnow
 from .schemas import MAX_COUNT, MAX_ID, load_event
@@ -202,7 +202,7 @@ def _attempt_failed(
         attempt=attempt,
         next_attempt_at=next_attempt_at,
     )
-    _send(state, row.id, attempt + 1, delay)
+    send_task(state, row.id, attempt + 1, delay=delay)
     return result
 
 
@@ -248,33 +248,29 @@ def _finish(
     return result
 
 
-def _send(state: AppState, delivery_id: int, attempt: int, delay: float) -> None:
-    if state.task_queue is None:
-        return  # deferral switched off meanwhile: `flask nachocode requeue` runs it
-    try:
-        state.task_queue.send(delivery_id, attempt, delay=delay)
-    except Exception:
-        logger.exception(
-            "nachocode delivery %s: attempt %s could not be sent; "
-            "`flask nachocode requeue` (or its beat entry) will send it",
-            delivery_id,
-            attempt,
-        )
-
-
-def requeue(state: AppState, older_than: timedelta) -> list[tuple[int, int]]:
+def requeue(state: AppState, older_than: timedelta) -> tuple[list[tuple[int, int]], int]:
     """Send again the task of every queued delivery whose next attempt has been due
     for longer than ``older_than`` (a broker that lost its queue, a task that could
-    not be sent); returns their ``(delivery id, attempt)``. A task still in the
-    broker meanwhile is harmless: whichever runs second does nothing.
+    not be sent); returns their ``(delivery id, attempt)``, and how many were left
+    because the broker failed a send (logged): the next ones would only wait for it
+    too, and the next requeue sends them. A task still in the broker meanwhile is
+    harmless: whichever runs second does nothing.
 
     With ``NACHOCODE_DEFERRED`` off (deliveries left queued when it was switched
-    off), the attempts run here instead, one after the other.
+    off), the attempts run here instead, one after the other, until one cannot be made.
     """
     overdue = state.store.overdue_queued(older_than)
-    for delivery_id, attempt in overdue:
-        if state.task_queue is not None:
-            state.task_queue.send(delivery_id, attempt)
-        else:
-            run_attempt(state, delivery_id, attempt)
-    return overdue
+    for done, (delivery_id, attempt) in enumerate(overdue):
+        if not _requeue_one(state, delivery_id, attempt):
+            return overdue[:done], len(overdue) - done
+    return overdue, 0
+
+
+def _requeue_one(state: AppState, delivery_id: int, attempt: int) -> bool:
+    if state.task_queue is not None:
+        return send_task(state, delivery_id, attempt)
+    try:
+        run_attempt(state, delivery_id, attempt)
+    except AttemptNotMade:
+        return False  # logged by run_attempt
+    return True

@@ -12,6 +12,7 @@ NACHOCODE_TEST_RABBITMQ_URL; they are skipped without them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import requests
@@ -37,6 +39,7 @@ from flask_nachocode.testing import post_delivery, purchase_payload
 
 from support.common import WEBHOOK_KEY
 from support.live import BIN, ROOT, free_port, gunicorn_args, live_server
+from support.tcp_proxy import TcpProxy
 
 #: Every test here runs on SQLite and on PostgreSQL (tests/conftest.py).
 pytestmark = pytest.mark.every_database
@@ -84,21 +87,21 @@ class DeferredRun:
             [str(BIN / "python"), "-c", code], cwd=ROOT, env={**os.environ, **self.env}, check=True
         )
 
-    def flask(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def flask(self, *args: str, timeout: float = PATIENCE) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(BIN / "flask"), "--app", "support.deferred_app", "nachocode", *args],
             cwd=ROOT,
             env={**os.environ, **self.env},
             capture_output=True,
             text=True,
-            timeout=PATIENCE,
+            timeout=timeout,
         )
 
     @contextmanager
-    def server(self) -> Iterator[str]:
+    def server(self, workers: int = 2) -> Iterator[str]:
         port = free_port()
         with live_server(
-            gunicorn_args("support.deferred_app:app", port, workers=2),
+            gunicorn_args("support.deferred_app:app", port, workers=workers),
             port=port,
             env=self.env,
             log_path=self.directory / "gunicorn.log",
@@ -160,12 +163,12 @@ class DeferredRun:
                     process.wait()
         self.workers.clear()
 
-    def post(self, payload: dict[str, Any]) -> requests.Response:
+    def post(self, payload: dict[str, Any], *, timeout: float = 30) -> requests.Response:
         return requests.post(
             f"{self.base_url}/nachocode/webhooks/purchase",
             data=json.dumps(payload),
             headers={"Authorization": f"Bearer {WEBHOOK_KEY}", "Content-Type": "application/json"},
-            timeout=30,
+            timeout=timeout,
         )
 
     def purchase_status(self, payload: dict[str, Any]) -> str:
@@ -424,11 +427,7 @@ def deferred(database_url: str, broker_url: str, tmp_path: Path) -> Iterator[Def
     run.python(CREATE_TABLES)
     yield run
     run.stop_workers()
-    if broker_url.startswith("amqp"):
-        from kombu import Connection
-
-        with Connection(broker_url) as connection:
-            connection.default_channel.queue_delete(run.queue)
+    _delete_queue(broker_url, run.queue)
 
 
 @pytest.mark.integration
@@ -465,10 +464,7 @@ def test_nothing_depends_on_redis(postgres_url: str, tmp_path: Path) -> None:
             _kill_mid_handler(run)
         finally:
             run.stop_workers()
-            from kombu import Connection
-
-            with Connection(broker) as connection:
-                connection.default_channel.queue_delete(run.queue)
+            _delete_queue(broker, run.queue)
 
 
 @pytest.mark.integration
@@ -670,3 +666,66 @@ def test_a_task_for_no_delivery_is_logged_once_and_dropped(deferred: DeferredRun
     for wrong in ids[1:]:
         assert log.count(f"nachocode: dropped a task for delivery {wrong!r}") == 1
     assert deferred.outcomes() == []
+
+
+#: Longer than any answer may take: Nachocode counts an answer after 10 s as failed.
+ANSWER_TIMEOUT = 7.0
+BROKEN_BROKERS = [
+    f"{broker}-{case}"
+    for broker in ("redis", "rabbitmq")
+    for case in ("closed", "silent", "silent-after-connecting")
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("broken", BROKEN_BROKERS)
+def test_a_broken_broker_never_holds_the_answer_or_requeue(broken: str, tmp_path: Path) -> None:
+    """Closed: nothing listens. Silent: a listener that accepts and never answers.
+    Silent after connecting: the broker took the app's first task, then answers
+    nothing more. Every answer is still a 202 well inside Nachocode's 10 s, the
+    delivery stays queued with a log line saying so, and ``requeue`` gives up as
+    quickly, with a one-line error."""
+    broker, _, case = broken.partition("-")
+    for real_url in _broker(broker):
+        real = urlsplit(real_url)
+        with contextlib.ExitStack() as stack:
+            if case == "closed":
+                proxy, port = None, free_port()
+            else:
+                proxy = stack.enter_context(TcpProxy(real.hostname or "", real.port or 0))
+                port = proxy.port
+                if case == "silent":
+                    proxy.silence()
+            credentials = real.netloc.rpartition("@")[0]
+            broken_url = urlunsplit(real._replace(netloc=f"{credentials}@127.0.0.1:{port}"))
+            run = DeferredRun(f"sqlite:///{tmp_path / 'app.db'}", broken_url, tmp_path)
+            run.python(CREATE_TABLES)
+            stack.callback(_delete_queue, real_url, run.queue)
+            before: list[str] = []
+            with run.server(workers=1):
+                if proxy is not None and case == "silent-after-connecting":
+                    assert run.post(purchase_payload()).status_code == 202  # connected, sent
+                    proxy.silence()
+                    before = ["queued"]
+                answer = run.post(purchase_payload(), timeout=ANSWER_TIMEOUT)
+            assert answer.status_code == 202
+            assert run.outcomes() == [*before, "queued"]
+            if (broker, case) != ("rabbitmq", "silent-after-connecting"):
+                # RabbitMQ does not confirm a publish: one written into a connection
+                # that answers no more cannot be told from one that arrived.
+                delivery = answer.json()["delivery"]
+                log = run.file("gunicorn.log").read_text()
+                assert f"nachocode delivery {delivery} is queued but its task" in log
+            requeued = run.flask("requeue", "--older-than", "0", timeout=ANSWER_TIMEOUT * 2)
+            assert requeued.returncode == 1, requeued.stdout + requeued.stderr
+            assert "Traceback" not in requeued.stderr
+            assert "could not be sent" in requeued.stderr
+            assert run.outcomes() == [*before, "queued"]
+
+
+def _delete_queue(broker_url: str, queue: str) -> None:
+    if broker_url.startswith("amqp"):
+        from kombu import Connection
+
+        with Connection(broker_url) as connection:
+            connection.default_channel.queue_delete(queue)
