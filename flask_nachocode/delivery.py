@@ -8,8 +8,10 @@ delivery is recorded as failed in a transaction of its own, so nothing that
 arrived is lost and nothing half-done stays.
 
 With ``NACHOCODE_DEFERRED`` the view's dispatch stops after the claim: the delivery
-is committed as ``queued`` with it, its task is sent, and the answer is 202. The
-worker's side, from the ledger to the handlers, is :mod:`flask_nachocode.worker`.
+is committed as ``queued`` with it, its task is sent, and the answer is 202. A
+duplicate of a delivery still queued sends its task again when none is under way,
+for the copy whose answer was lost after its commit. The worker's side, from the
+ledger to the handlers, is :mod:`flask_nachocode.worker`.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def dispatch(state: AppState, delivery: Delivery, event: Event, *, defer: bool =
         if not claimed:
             if delivery_id is not None:
                 return _finish(state, delivery, event, "duplicate", 200, delivery_id, early=True)
+            if defer:
+                return _defer_duplicate(state, delivery, event)
             return _commit(state, delivery, event, "duplicate", 200)
         if defer:
             return _defer(state, delivery, event)
@@ -165,6 +169,19 @@ def _defer(state: AppState, delivery: Delivery, event: Event) -> Result:
     result = _commit(state, delivery, event, "queued", 202)
     assert result.delivery_id is not None
     send_task(state, result.delivery_id, 1)
+    return result
+
+
+def _defer_duplicate(state: AppState, delivery: Delivery, event: Event) -> Result:
+    # A copy whose COMMIT reached the database but whose answer was lost (a 503, and
+    # the dashboard's re-send) left its delivery queued without a task: this copy
+    # sends it. A task that was on its way after all finds the attempt made.
+    assert event.identity is not None  # only claimed events are duplicates
+    store = state.store
+    stranded = store.stranded_queued(store.session.connection(), event.identity)
+    result = _commit(state, delivery, event, "duplicate", 200)
+    if stranded is not None:
+        send_task(state, *stranded)
     return result
 
 

@@ -668,6 +668,79 @@ def test_a_task_for_no_delivery_is_logged_once_and_dropped(deferred: DeferredRun
     assert deferred.outcomes() == []
 
 
+def test_a_resent_copy_of_a_queued_delivery_whose_answer_was_lost_sends_its_task(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The request's COMMIT reached the database but its answer did not: the request
+    is answered 503 before it sends the task. Nachocode's re-send from the dashboard
+    is a duplicate, and it sends the task that the first request never sent."""
+    effects: list[str] = []
+    app = make_deferred_app(
+        tmp_path, database_url, lambda event: effects.append(event.identity), eager=True
+    )
+    with app.app_context():
+        store = app.extensions["nachocode"].store
+        store.ensure_ready()  # its tables created (and committed) before the fault
+        engine = store.engine
+    lost: list[bool] = []
+
+    def commit_then_lose_the_answer(connection: sa.Connection) -> None:
+        if not lost:
+            lost.append(True)
+            connection.connection.dbapi_connection.commit()  # type: ignore[union-attr]
+            raise sa.exc.OperationalError("COMMIT", {}, ConnectionResetError("answer lost"))
+
+    purchase = purchase_payload()
+    client = app.test_client()
+    sa.event.listen(engine, "commit", commit_then_lose_the_answer)
+    try:
+        first = post_delivery(client, "purchase", purchase)
+    finally:
+        sa.event.remove(engine, "commit", commit_then_lose_the_answer)
+    assert first.status_code == 503
+    assert [row.outcome for row in rows_of(database_url, DELIVERIES)] == ["queued"]
+    assert effects == []
+
+    resent = post_delivery(client, "purchase", purchase)
+    assert (resent.status_code, resent.get_json()["duplicate"]) == (200, True)
+    assert [row.outcome for row in rows_of(database_url, DELIVERIES)] == ["handled", "duplicate"]
+    assert effects == [identity_of(purchase)]
+    # Once it is handled, a copy sends nothing: the handler ran once.
+    post_delivery(client, "purchase", purchase)
+    assert effects == [identity_of(purchase)]
+
+
+def test_a_database_made_before_the_queued_index_keeps_working(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The index only makes the queued reads cheap: without it (a database made by an
+    older version, not migrated yet) a deferred delivery, its duplicate and requeue
+    work as before."""
+    effects: list[str] = []
+    app = make_deferred_app(
+        tmp_path, database_url, lambda event: effects.append(event.identity), eager=False
+    )
+    client = app.test_client()
+    first = purchase_payload()
+    assert post_delivery(client, "purchase", first).status_code == 202
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        on_table = " ON nachocode_deliveries" if engine.dialect.name == "mysql" else ""
+        connection.exec_driver_sql(f"DROP INDEX ix_nachocode_deliveries_queued{on_table}")
+    engine.dispose()
+    assert post_delivery(client, "purchase", first).get_json()["duplicate"] is True
+    assert post_delivery(client, "purchase", purchase_payload()).status_code == 202
+    requeued = app.test_cli_runner().invoke(args=["nachocode", "requeue", "--older-than", "0"])
+    assert requeued.output.startswith("sent the tasks of 2 queued deliveries"), requeued.output
+    assert [row.outcome for row in rows_of(database_url, DELIVERIES)] == [
+        "queued",
+        "duplicate",
+        "queued",
+    ]
+
+
+#: Each delivery's outcome, oldest first.
+DELIVERIES = "SELECT outcome FROM nachocode_deliveries ORDER BY id"
 #: Longer than any answer may take: Nachocode counts an answer after 10 s as failed.
 ANSWER_TIMEOUT = 7.0
 BROKEN_BROKERS = [
