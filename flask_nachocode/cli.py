@@ -119,8 +119,13 @@ def show(delivery_id: int) -> None:
     row = current_state().store.get_delivery(delivery_id)
     if row is None:
         raise click.ClickException(f"no delivery {delivery_id}")
+    outcome = f"{row.outcome} ({row.status})"
+    if row.status == 202:  # deferred: what Nachocode was answered, then what the worker did
+        outcome = "answered 202 (queued)" + (
+            f", then {row.outcome} by the worker" if row.outcome != "queued" else ""
+        )
     lines: list[str] = [
-        f"delivery {row.id}: {row.event or '-'} on {row.route}, {row.outcome} ({row.status})",
+        f"delivery {row.id}: {row.event or '-'} on {row.route}, {outcome}",
         f"received {row.received_at.isoformat()}  finished {row.finished_at.isoformat()}  "
         f"{row.duration_ms:.1f} ms  from {row.remote_addr or '-'}",
         f"identity {row.identity or '-'}  replayed {row.replay_count}x"

@@ -232,9 +232,9 @@ def _finish(
     )
     if outcome != "handled":
         store.release_claim(connection, row.identity)
+    # The status stays the 202 that Nachocode was answered: the outcome says the rest.
     values: dict[str, Any] = {
         "outcome": outcome,
-        "status": status,
         "finished_at": utcnow(),
         "error": message,
         "traceback": trace,

@@ -296,7 +296,13 @@ def test_refuse_ends_a_deferred_delivery_as_refused_without_retries(
     answer, failed, retried = post_noting_signals(app)
     assert answer.status_code == 202
     [row] = rows_of(database_url, "SELECT id, outcome, status, error FROM nachocode_deliveries")
-    assert (row.outcome, row.status, row.error) == ("refused", 404, "no such user")
+    # The status is what Nachocode was answered; the outcome, what the worker did.
+    assert (row.outcome, row.status, row.error) == ("refused", 202, "no such user")
+    shown = app.test_cli_runner().invoke(args=["nachocode", "show", str(row.id)]).output
+    assert shown.startswith(
+        f"delivery {row.id}: purchase on purchase, answered 202 (queued), then refused "
+        "by the worker\n"
+    )
     attempts = rows_of(database_url, "SELECT attempt, outcome FROM nachocode_attempts")
     assert [tuple(a) for a in attempts] == [(1, "refused")]
     assert rows_of(database_url, "SELECT identity FROM nachocode_claims") == []
