@@ -747,6 +747,61 @@ def test_a_database_made_before_the_queued_index_keeps_working(
 
 #: Each delivery's outcome, oldest first.
 DELIVERIES = "SELECT outcome FROM nachocode_deliveries ORDER BY id"
+
+
+@pytest.mark.parametrize(
+    ("broker", "config", "limits", "warned"),
+    [
+        (
+            "redis://127.0.0.1:1/0",
+            {},
+            {"socket_connect_timeout": 1.0, "socket_timeout": 1.0},
+            False,
+        ),
+        (
+            "redis://127.0.0.1:1/0",
+            {"broker_transport_options": {"socket_timeout": 30, "visibility_timeout": 9}},
+            {"socket_connect_timeout": 1.0, "socket_timeout": 30, "visibility_timeout": 9},
+            True,
+        ),
+        ("amqp://127.0.0.1:1//", {}, {"broker_connection_timeout": 1.0}, False),
+        (
+            "amqp://127.0.0.1:1//",
+            {"broker_connection_timeout": 2.5},
+            {"broker_connection_timeout": 2.5},
+            True,
+        ),
+    ],
+    ids=["redis", "redis-own-timeout", "rabbitmq", "rabbitmq-own-timeout"],
+)
+def test_the_broker_limits_are_set_only_where_the_app_set_none(
+    tmp_path: Path,
+    broker: str,
+    config: dict[str, Any],
+    limits: dict[str, Any],
+    warned: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where the app's Celery config sets none, one try to reach the broker is limited
+    to 1 s; what it set is kept, with a warning when it lets a send pass 5 s."""
+    app = Flask("broker_limits", instance_path=str(tmp_path))
+    app.config.update(
+        NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY,
+        NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'nachocode.db'}",
+        NACHOCODE_DEFERRED=True,
+    )
+    celery = Celery("broker_limits")
+    celery.config_from_object({"broker_url": broker, **config})  # as Flask's pattern does
+    app.extensions["celery"] = celery
+    with caplog.at_level("WARNING", logger="flask_nachocode"):
+        NachocodeWebhook(app)
+    if broker.startswith("redis"):
+        assert celery.conf.broker_transport_options == limits
+    else:
+        assert {"broker_connection_timeout": celery.conf.broker_connection_timeout} == limits
+    assert ("lets one try to reach the broker take" in caplog.text) is warned
+
+
 #: Longer than any answer may take: Nachocode counts an answer after 10 s as failed.
 ANSWER_TIMEOUT = 7.0
 BROKEN_BROKERS = [
