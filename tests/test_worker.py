@@ -1,12 +1,13 @@
 """Deferred handling (``NACHOCODE_DEFERRED``): the worker's lifecycle in-process,
 on Celery's own in-process modes (eager, and the memory broker that no worker
 reads), then against real processes: gunicorn answers, a real Celery worker
-handles, on SQLite and PostgreSQL, with Redis as the broker (and RabbitMQ once,
-to show nothing depends on Redis).
+handles, on SQLite, PostgreSQL and MySQL/MariaDB, with Redis as the broker (and
+RabbitMQ once, to show nothing depends on Redis); and gunicorn against a broker
+that is closed or hangs (Redis and RabbitMQ behind a silenced TCP proxy).
 
 The real-process tests carry the ``integration`` marker and need
 NACHOCODE_TEST_REDIS_URL (a Redis database that is flushed: give it one of its
-own, e.g. redis://127.0.0.1:6379/7) and, for the RabbitMQ run,
+own, e.g. redis://127.0.0.1:6379/7) and, for the RabbitMQ runs,
 NACHOCODE_TEST_RABBITMQ_URL; they are skipped without them.
 """
 
