@@ -152,7 +152,8 @@ def _delete_queue(url: str, queue: str) -> None:
         import redis
 
         client = redis.Redis.from_url(url)
-        client.delete(queue)
+        for key in client.scan_iter(f"*{queue}*"):  # the queue and kombu's bindings of it
+            client.delete(key)
         client.close()
     else:
         from kombu import Connection
