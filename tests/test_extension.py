@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,25 @@ class Money(sa.types.TypeDecorator[str]):
     cache_ok = True
 
 
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """Flask-Migrate's env.py runs logging.config.fileConfig, which disables every
+    logger that exists (flask_nachocode's among them) and replaces the root's
+    handlers: put them back for the tests that read logs."""
+    loggers = [
+        logger
+        for logger in logging.root.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    kept = [(logger, logger.disabled, logger.level, list(logger.handlers)) for logger in loggers]
+    root = (logging.root.level, list(logging.root.handlers))
+    yield
+    for logger, disabled, level, handlers in kept:
+        logger.disabled, logger.level, logger.handlers = disabled, level, handlers
+    logging.root.level, logging.root.handlers = root[0], root[1]
+
+
+@pytest.mark.usefixtures("logging_restored")
 @pytest.mark.parametrize("migrate_first", [True, False], ids=["migrate-first", "migrate-last"])
 def test_generated_migrations_run_whichever_is_set_up_first(
     tmp_path: Path, migrate_first: bool
