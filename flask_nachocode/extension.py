@@ -128,10 +128,9 @@ def _offer_render_item(app: Flask, **_: Any) -> None:
     """Put :func:`~flask_nachocode.tables.alembic_render_item` into the Alembic
     arguments that Flask-Migrate's ``env.py`` passes on, ahead of the app's own
     ``render_item`` if it has one, so that generated migrations run unedited."""
-    config = app.extensions.get("migrate")
-    if config is None:
+    arguments = getattr(app.extensions.get("migrate"), "configure_args", None)
+    if not isinstance(arguments, dict):
         return
-    arguments = config.configure_args
     theirs = arguments.get("render_item")
     if getattr(theirs, "func", None) is not _render_item_before:
         arguments["render_item"] = functools.partial(_render_item_before, theirs)
