@@ -26,6 +26,7 @@ locale_dirs = ["locale/"]
 gettext_compact = False
 gettext_uuid = False
 gettext_location = False
+gettext_additional_targets = ["literal-block"]
 
 exclude_patterns = ["_build", "locale", "README.md"]
 templates_path: list[str] = []
