@@ -744,6 +744,13 @@ def test_a_database_made_before_the_queued_index_keeps_working(
         "duplicate",
         "queued",
     ]
+    # And init-db gives it the index, as the deferral page says.
+    upgraded = app.test_cli_runner().invoke(args=["nachocode", "init-db"])
+    assert "created index ix_nachocode_deliveries_queued" in upgraded.output, upgraded.output
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    indexes = {index["name"] for index in sa.inspect(engine).get_indexes("nachocode_deliveries")}
+    engine.dispose()
+    assert "ix_nachocode_deliveries_queued" in indexes
 
 
 #: Each delivery's outcome, oldest first.
