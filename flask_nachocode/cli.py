@@ -135,8 +135,13 @@ def show(delivery_id: int) -> None:
     row = current_state().store.get_delivery(delivery_id)
     if row is None:
         raise click.ClickException(f"no delivery {delivery_id}")
+    outcome = f"{row.outcome} ({row.status})"
+    if row.status == 202:  # deferred: what Nachocode was answered, then what the worker did
+        outcome = "answered 202 (queued)" + (
+            f", then {row.outcome} by the worker" if row.outcome != "queued" else ""
+        )
     lines: list[str] = [
-        f"delivery {row.id}: {row.event or '-'} on {row.route}, {row.outcome} ({row.status})",
+        f"delivery {row.id}: {row.event or '-'} on {row.route}, {outcome}",
         f"received {row.received_at.isoformat()}  finished {row.finished_at.isoformat()}  "
         f"{row.duration_ms:.1f} ms  from {row.remote_addr or '-'}",
         f"identity {row.identity or '-'}  replayed {row.replay_count}x"
@@ -238,20 +243,28 @@ def requeue_command(minutes: int) -> None:
     For a broker that lost its queue (Redis without persistence, a purged queue) or
     a task that could not be sent. A task that is still in the broker is harmless:
     whichever runs second does nothing. With NACHOCODE_DEFERRED off, the queued
-    deliveries' attempts run here instead.
+    deliveries' attempts run here instead. Stops, and exits with status 1, at the
+    first task that cannot be sent (or attempt that cannot be made): the rest stay
+    queued for the next run.
     """
     state = current_state()
     try:
-        sent = requeue(state, timedelta(minutes=minutes))
+        sent, left = requeue(state, timedelta(minutes=minutes))
     except OverflowError:
         raise click.BadParameter(
             f"{minutes} minutes ago is before the calendar's first year",
             param_hint="'--older-than'",
         ) from None
-    verb = "sent the tasks of" if state.task_queue is not None else "ran"
+    deferred = state.task_queue is not None
     click.echo(
-        f"{verb} {len(sent)} queued deliveries" + "".join(f"\n  {i} (attempt {n})" for i, n in sent)
+        f"{'sent the tasks of' if deferred else 'ran'} {len(sent)} queued deliveries"
+        + "".join(f"\n  {i} (attempt {n})" for i, n in sent)
     )
+    if left:
+        raise click.ClickException(
+            f"stopped: {'a task could not be sent' if deferred else 'an attempt was not made'} "
+            f"(see the log above); {left} queued deliveries left for the next requeue"
+        )
 
 
 @nachocode_cli.command("prune")

@@ -12,10 +12,17 @@ from __future__ import annotations
 from typing import Protocol
 
 
+class BrokerUnavailable(Exception):
+    """The broker could not be reached, or did not answer, within the send's bound."""
+
+
 class TaskQueue(Protocol):
     """Sends the task that runs one attempt of a queued delivery."""
 
     def send(self, delivery_id: int, attempt: int, *, delay: float = 0.0) -> None:
         """Queue attempt number ``attempt`` of delivery ``delivery_id``, to run in
-        ``delay`` seconds. May raise when the broker cannot be reached: the caller
-        keeps the delivery queued, and ``flask nachocode requeue`` sends it later."""
+        ``delay`` seconds, or raise :class:`BrokerUnavailable` within a few seconds
+        (it runs inside the webhook request): the caller keeps the delivery queued, and
+        ``flask nachocode requeue`` sends it later. The task calls
+        :func:`~flask_nachocode.worker.run_attempt` and runs again later when that
+        raises :class:`~flask_nachocode.worker.AttemptNotMade`."""

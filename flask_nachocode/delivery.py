@@ -8,8 +8,10 @@ delivery is recorded as failed in a transaction of its own, so nothing that
 arrived is lost and nothing half-done stays.
 
 With ``NACHOCODE_DEFERRED`` the view's dispatch stops after the claim: the delivery
-is committed as ``queued`` with it, its task is sent, and the answer is 202. The
-worker's side, from the ledger to the handlers, is :mod:`flask_nachocode.worker`.
+is committed as ``queued`` with it, its task is sent, and the answer is 202. A
+duplicate of a delivery still queued sends its task again when none is under way,
+for the copy whose answer was lost after its commit. The worker's side, from the
+ledger to the handlers, is :mod:`flask_nachocode.worker`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import signals
+from .deferred import BrokerUnavailable
 from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookError
 from .events import ROUTES_BY_NAME, Event, utcnow
 from .schemas import MAX_ID_LENGTH, load_event
@@ -122,6 +125,8 @@ def dispatch(state: AppState, delivery: Delivery, event: Event, *, defer: bool =
         if not claimed:
             if delivery_id is not None:
                 return _finish(state, delivery, event, "duplicate", 200, delivery_id, early=True)
+            if defer:
+                return _defer_duplicate(state, delivery, event)
             return _commit(state, delivery, event, "duplicate", 200)
         if defer:
             return _defer(state, delivery, event)
@@ -160,20 +165,48 @@ def dispatch(state: AppState, delivery: Delivery, event: Event, *, defer: bool =
 
 def _defer(state: AppState, delivery: Delivery, event: Event) -> Result:
     # The task is sent only after the commit: a worker that took it earlier would
-    # find no queued delivery. A task that cannot be sent leaves the delivery
-    # queued, with a trace, for ``flask nachocode requeue``.
+    # find no queued delivery.
     result = _commit(state, delivery, event, "queued", 202)
-    assert state.task_queue is not None
     assert result.delivery_id is not None
-    try:
-        state.task_queue.send(result.delivery_id, 1)
-    except Exception:
-        logger.exception(
-            "nachocode delivery %s is queued but its task could not be sent; "
-            "`flask nachocode requeue` (or its beat entry) will send it",
-            result.delivery_id,
-        )
+    send_task(state, result.delivery_id, 1)
     return result
+
+
+def _defer_duplicate(state: AppState, delivery: Delivery, event: Event) -> Result:
+    # A copy whose COMMIT reached the database but whose answer was lost (a 503, and
+    # the dashboard's re-send) left its delivery queued without a task: this copy
+    # sends it. A task that was on its way after all finds the attempt made.
+    assert event.identity is not None  # only claimed events are duplicates
+    store = state.store
+    stranded = store.stranded_queued(store.session.connection(), event.identity)
+    result = _commit(state, delivery, event, "duplicate", 200)
+    if stranded is not None:
+        send_task(state, *stranded)
+    return result
+
+
+def send_task(state: AppState, delivery_id: int, attempt: int, *, delay: float = 0.0) -> bool:
+    """Send the task of attempt ``attempt`` of queued delivery ``delivery_id``, to run
+    in ``delay`` seconds. False when it could not be sent (logged): the delivery stays
+    queued, and ``flask nachocode requeue`` (or its beat entry) sends it later; also
+    when deferral was switched off meanwhile, and requeue runs the attempt itself."""
+    if state.task_queue is None:
+        return False
+    try:
+        state.task_queue.send(delivery_id, attempt, delay=delay)
+    except Exception as error:
+        # An outage of the broker is said in a line; anything else with its traceback.
+        logger.error(
+            "nachocode delivery %s is queued but its task (attempt %s) could not be sent "
+            "(%s: %s); `flask nachocode requeue` (or its beat entry) will send it",
+            delivery_id,
+            attempt,
+            type(error.__cause__ or error).__name__,
+            error,
+            exc_info=not isinstance(error, BrokerUnavailable),
+        )
+        return False
+    return True
 
 
 #: How often the claim is tried when the database asks for it (see :func:`_claim`).

@@ -69,6 +69,11 @@ CREATE_TABLES_HINT = (
     "(db.create_all() or a migration)"
 )
 
+#: ``'queued'`` written into the statement rather than bound: a database uses a partial
+#: index only when the query's WHERE visibly implies the index's, and PostgreSQL's
+#: generic plan of a prepared statement cannot see into a parameter.
+_QUEUED: sa.ColumnClause[str] = sa.literal_column("'queued'", sa.String())
+
 #: pg_advisory_xact_lock key that serialises creating the tables ("nachocod").
 _CREATE_TABLES_LOCK = 0x6E6163686F636F64
 
@@ -563,7 +568,8 @@ class Store:
         connection.execute(sa.insert(self.attempts), values)
 
     def finish_deferred(self, connection: sa.Connection, delivery_id: int, **values: Any) -> None:
-        """Give a deferred delivery its final outcome, status, error and traceback."""
+        """Give a deferred delivery its final outcome, error and traceback (its status
+        stays the 202 Nachocode was answered)."""
         table = self.deliveries
         connection.execute(sa.update(table).where(table.c.id == delivery_id).values(**values))
 
@@ -589,41 +595,52 @@ class Store:
         with self.reading() as session:
             return list(session.execute(query).all())
 
+    def _queued(self, *conditions: sa.ColumnElement[bool]) -> sa.Select[Any]:
+        """The queued deliveries (matching ``conditions``), oldest first, with when
+        each was queued, its attempts made and when the next one is due: read through
+        the index ``ix_nachocode_deliveries_queued``, and the attempts' primary key for
+        each, so it costs what the queue holds, not what the store does."""
+        table, attempts = self.deliveries, self.attempts
+        of_delivery = attempts.c.delivery_id == table.c.id
+        made = sa.select(sa.func.max(attempts.c.attempt)).where(of_delivery)
+        due_at = sa.select(sa.func.max(attempts.c.next_attempt_at)).where(of_delivery)
+        return (
+            sa.select(
+                table.c.id,
+                table.c.finished_at,
+                made.scalar_subquery().label("made"),
+                due_at.scalar_subquery().label("due_at"),
+            )
+            .where(table.c.outcome == _QUEUED, *conditions)
+            .order_by(table.c.id)
+        )
+
     def overdue_queued(self, older_than: timedelta) -> list[tuple[int, int]]:
         """``(delivery id, next attempt number)`` of every queued delivery whose next
         attempt has been due for longer than ``older_than``, oldest first: the ones
         whose task a broker may have lost."""
-        table, attempts = self.deliveries, self.attempts
-        made = (
-            sa.select(
-                attempts.c.delivery_id,
-                sa.func.max(attempts.c.attempt).label("made"),
-                sa.func.max(attempts.c.next_attempt_at).label("due_at"),
-            )
-            .group_by(attempts.c.delivery_id)
-            .subquery()
-        )
-        query = (
-            sa.select(table.c.id, table.c.finished_at, made.c.made, made.c.due_at)
-            .select_from(table.outerjoin(made, made.c.delivery_id == table.c.id))
-            .where(table.c.outcome == "queued")
-            .order_by(table.c.id)
-        )
         with self.reading() as session:
-            rows = session.execute(query).all()
-        # Compared here rather than in SQL: SQLite keeps naive UTC text, and a max()
-        # of a column loses the type that gives its zone back.
-        cutoff = utcnow() - older_than
-        overdue = []
-        for delivery_id, queued_at, made_count, due_at in rows:
-            due = due_at if due_at is not None else queued_at
-            if isinstance(due, str):
-                due = datetime.fromisoformat(due)
-            if due.tzinfo is None:
-                due = due.replace(tzinfo=timezone.utc)
-            if due <= cutoff:
-                overdue.append((int(delivery_id), int(made_count or 0) + 1))
-        return overdue
+            rows = session.execute(self._queued()).all()
+        return _due(rows, utcnow() - older_than)
+
+    def stranded_queued(self, connection: sa.Connection, identity: str) -> tuple[int, int] | None:
+        """``(delivery id, next attempt number)`` of the queued delivery of ``identity``
+        when its next attempt is due and no worker is running one (its row is then
+        locked until this transaction ends); None otherwise: nothing queued, a retry
+        waiting for its time, or an attempt under way."""
+        due = _due(
+            connection.execute(self._queued(self.deliveries.c.identity == identity)), utcnow()
+        )
+        if not due:
+            return None
+        table = self.deliveries
+        # A running attempt holds the row's lock (take_queued): pass it by, never wait.
+        free = connection.execute(
+            sa.select(table.c.id)
+            .where(table.c.id == due[0][0], table.c.outcome == "queued")
+            .with_for_update(skip_locked=True)
+        ).first()
+        return due[0] if free is not None else None
 
     def _claim_identity(
         self, connection: sa.Connection, identity: str, event_name: str, now: datetime
@@ -781,6 +798,23 @@ class Store:
         result: Any = self.session.execute(sa.delete(table).where(old))
         self.session.commit()
         return int(result.rowcount)
+
+
+def _due(rows: Any, cutoff: datetime) -> list[tuple[int, int]]:
+    """``(delivery id, next attempt number)`` of the rows of :meth:`Store._queued`
+    whose next attempt was due by ``cutoff``."""
+    due = []
+    for delivery_id, queued_at, made, due_at in rows:
+        # Compared here rather than in SQL: SQLite keeps naive UTC text, and a max()
+        # of a column loses the type that gives its zone back.
+        when = due_at if due_at is not None else queued_at
+        if isinstance(when, str):
+            when = datetime.fromisoformat(when)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        if when <= cutoff:
+            due.append((int(delivery_id), int(made or 0) + 1))
+    return due
 
 
 #: The columns of a delivery list (the CLI's table, the inspector's rows).

@@ -341,6 +341,17 @@ def define_deliveries(metadata: sa.MetaData) -> sa.Table:
             postgresql_where=sa.text("replay_of IS NOT NULL"),
             sqlite_where=sa.text("replay_of IS NOT NULL"),
         ),
+        # The queued deliveries, oldest first: what requeue, a duplicate of a queued
+        # delivery and a count of the queue read, at the cost of the queue's length.
+        # Partial, so that a delivery handled in its request writes nothing to it;
+        # MySQL has no partial indexes, and there it holds every delivery by outcome.
+        sa.Index(
+            "ix_nachocode_deliveries_queued",
+            "outcome",
+            "id",
+            postgresql_where=sa.text("outcome = 'queued'"),
+            sqlite_where=sa.text("outcome = 'queued'"),
+        ),
         **_MYSQL_TABLE,
     )
 

@@ -15,6 +15,11 @@ later. After the last one the delivery is ``failed``, its claim is released (so 
 replay or a re-send is handled, as after a synchronous failure) and
 ``delivery_failed`` is sent. :class:`~flask_nachocode.errors.Refuse` ends it at once
 as ``refused``: a decision, not a fault.
+
+Anything else that stops an attempt (the database, or flask-nachocode's own code
+raising) records nothing and raises :class:`AttemptNotMade`: the task queue runs the
+task again after :func:`not_made_delay`, for as long as it takes, so that no queued
+delivery is left without a task.
 """
 
 from __future__ import annotations
@@ -27,25 +32,51 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import signals
-from .delivery import Result, announce, failure_text, storable_text
-from .errors import HandlerFailed, NoHandler, StoreUnavailable, WebhookError
+from .delivery import Result, announce, failure_text, send_task, storable_text
+from .errors import HandlerFailed, NoHandler, WebhookError
 from .events import Event, utcnow
-from .schemas import load_event
+from .schemas import MAX_COUNT, MAX_ID, load_event
 from .state import AppState
 from .store import describe_database_error
 
 logger = logging.getLogger("flask_nachocode")
 
-#: How long a task waits before trying again while the database cannot be reached;
-#: no attempt is counted for that.
-STORE_RETRY_SECONDS = 10.0
+#: How long a task whose attempt was not made (:class:`AttemptNotMade`) waits before
+#: it runs again, doubled on each try up to :data:`NOT_MADE_MAX_DELAY`; no attempt is
+#: counted for it. Celery's ``task_annotations`` can change both (``retry_backoff``
+#: and ``retry_backoff_max`` of ``flask_nachocode.handle``).
+NOT_MADE_FIRST_DELAY = 10.0
+#: A database back from an outage is found within this many seconds.
+NOT_MADE_MAX_DELAY = 300.0
+
+
+class AttemptNotMade(Exception):
+    """An attempt stopped before it was recorded, by the database or by
+    flask-nachocode's own code (not a handler): nothing of it was kept, and its task
+    is to run again later (:func:`not_made_delay`)."""
+
+
+def not_made_delay(
+    tries: int, first: float = NOT_MADE_FIRST_DELAY, most: float = NOT_MADE_MAX_DELAY
+) -> float:
+    """Seconds before a task whose attempt was not made ``tries`` times already runs again."""
+    return float(min(first * 2 ** min(tries, 32), most))
 
 
 def run_attempt(state: AppState, delivery_id: int, attempt: int) -> Result | None:
     """Run attempt number ``attempt`` (from 1) of queued delivery ``delivery_id`` and
     return what happened; None when it is not this task's to run (handled already,
-    or that attempt was made). Raises :class:`StoreUnavailable` when the database
-    fails, having recorded nothing: the task is to be sent again."""
+    that attempt was made, or no such delivery). Raises :class:`AttemptNotMade` when
+    the database or the extension's own code fails, having recorded nothing: the
+    task is to run again later."""
+    if not (_is_number(delivery_id, MAX_ID) and _is_number(attempt, MAX_COUNT)):
+        # Retrying could never help: not an id any delivery can have.
+        logger.warning(
+            "nachocode: dropped a task for delivery %r (attempt %r): no delivery has that id",
+            delivery_id,
+            attempt,
+        )
+        return None
     store = state.store
     session = store.session
     started_at = utcnow()
@@ -55,6 +86,13 @@ def run_attempt(state: AppState, delivery_id: int, attempt: int) -> Result | Non
         row = store.take_queued(connection, delivery_id, attempt)
         if row is None:
             session.rollback()
+            if store.get_delivery(delivery_id) is None:
+                logger.warning(
+                    "nachocode: dropped the task of delivery %s (attempt %s): there is no such "
+                    "delivery (pruned, or the task came from an app on another database)",
+                    delivery_id,
+                    attempt,
+                )
             return None
         event: Event | None = None
         savepoint = session.begin_nested()
@@ -95,7 +133,20 @@ def run_attempt(state: AppState, delivery_id: int, attempt: int) -> Result | Non
             attempt,
             describe_database_error(error),
         )
-        raise StoreUnavailable("the delivery store is unavailable") from error
+        raise AttemptNotMade("the delivery store is unavailable") from error
+    except Exception as error:  # a bug of ours must not strand the delivery either
+        store.rollback_quietly()
+        logger.exception(
+            "nachocode delivery %s: attempt %s not made: flask-nachocode itself raised "
+            "(not a handler); the task runs again later",
+            delivery_id,
+            attempt,
+        )
+        raise AttemptNotMade(f"{type(error).__name__}: {error}") from error
+
+
+def _is_number(value: object, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most
 
 
 def _attempt_values(
@@ -151,7 +202,7 @@ def _attempt_failed(
         attempt=attempt,
         next_attempt_at=next_attempt_at,
     )
-    _send(state, row.id, attempt + 1, delay)
+    send_task(state, row.id, attempt + 1, delay=delay)
     return result
 
 
@@ -181,9 +232,9 @@ def _finish(
     )
     if outcome != "handled":
         store.release_claim(connection, row.identity)
+    # The status stays the 202 that Nachocode was answered: the outcome says the rest.
     values: dict[str, Any] = {
         "outcome": outcome,
-        "status": status,
         "finished_at": utcnow(),
         "error": message,
         "traceback": trace,
@@ -197,33 +248,29 @@ def _finish(
     return result
 
 
-def _send(state: AppState, delivery_id: int, attempt: int, delay: float) -> None:
-    if state.task_queue is None:
-        return  # deferral switched off meanwhile: `flask nachocode requeue` runs it
-    try:
-        state.task_queue.send(delivery_id, attempt, delay=delay)
-    except Exception:
-        logger.exception(
-            "nachocode delivery %s: attempt %s could not be sent; "
-            "`flask nachocode requeue` (or its beat entry) will send it",
-            delivery_id,
-            attempt,
-        )
-
-
-def requeue(state: AppState, older_than: timedelta) -> list[tuple[int, int]]:
+def requeue(state: AppState, older_than: timedelta) -> tuple[list[tuple[int, int]], int]:
     """Send again the task of every queued delivery whose next attempt has been due
     for longer than ``older_than`` (a broker that lost its queue, a task that could
-    not be sent); returns their ``(delivery id, attempt)``. A task still in the
-    broker meanwhile is harmless: whichever runs second does nothing.
+    not be sent); returns their ``(delivery id, attempt)``, and how many were left
+    because the broker failed a send (logged): the next ones would only wait for it
+    too, and the next requeue sends them. A task still in the broker meanwhile is
+    harmless: whichever runs second does nothing.
 
     With ``NACHOCODE_DEFERRED`` off (deliveries left queued when it was switched
-    off), the attempts run here instead, one after the other.
+    off), the attempts run here instead, one after the other, until one cannot be made.
     """
     overdue = state.store.overdue_queued(older_than)
-    for delivery_id, attempt in overdue:
-        if state.task_queue is not None:
-            state.task_queue.send(delivery_id, attempt)
-        else:
-            run_attempt(state, delivery_id, attempt)
-    return overdue
+    for done, (delivery_id, attempt) in enumerate(overdue):
+        if not _requeue_one(state, delivery_id, attempt):
+            return overdue[:done], len(overdue) - done
+    return overdue, 0
+
+
+def _requeue_one(state: AppState, delivery_id: int, attempt: int) -> bool:
+    if state.task_queue is not None:
+        return send_task(state, delivery_id, attempt)
+    try:
+        run_attempt(state, delivery_id, attempt)
+    except AttemptNotMade:
+        return False  # logged by run_attempt
+    return True

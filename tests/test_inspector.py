@@ -924,6 +924,7 @@ def test_a_deferred_delivery_shows_it_is_queued_then_each_attempt(tmp_path: Any)
     page = client.get(f"/nachocode/deliveries/{delivery}").text
     assert 'id="outcome">queued<' in page
     assert "Answered 202 and queued" in page
+    assert "<dt>Answer</dt><dd>202 <small>(queued)</small></dd>" in page
     assert 'id="attempts"' not in page
 
     handlers.failing = True
@@ -940,5 +941,7 @@ def test_a_deferred_delivery_shows_it_is_queued_then_each_attempt(tmp_path: Any)
     page = client.get(f"/nachocode/deliveries/{delivery}").text
     assert 'id="outcome">handled<' in page
     assert "Answered 202 and queued" not in page
+    # Nachocode was answered 202; handled is the worker's doing.
+    assert "<dt>Answer</dt><dd>202 <small>(queued; handled by the worker)</small></dd>" in page
     rows = re.findall(r"<tr>\s*<td>(\d)</td>\s*<td><span class=\"badge (\w+)\"", page)
     assert rows == [("1", "failed"), ("2", "handled")]

@@ -430,3 +430,38 @@ def test_a_database_made_before_deferral_keeps_working_without_the_attempts_tabl
     assert "handled (200)" in shown.output
     pruned = cli.invoke(args=["nachocode", "prune", "--older-than", "0"])
     assert pruned.output.startswith("deleted 2 deliveries"), pruned.output
+
+
+@pytest.mark.every_database
+def test_the_queued_reads_go_through_the_queued_index(make_app: Callable[..., Any]) -> None:
+    """``requeue``'s read and a duplicate's look for its queued delivery cost what the
+    queue holds, not what the store does: each goes through the queued index."""
+    from flask_nachocode.events import utcnow
+
+    built = make_app()
+    store = built.store
+    statements: list[tuple[str, Any]] = []
+
+    def note(connection: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        statements.append((statement, parameters))
+
+    with built.app.app_context():
+        store.ensure_ready()
+        sa.event.listen(store.engine, "before_cursor_execute", note)
+        try:
+            store.overdue_queued(utcnow() - utcnow())
+            store.stranded_queued(store.session.connection(), "purchase:ios:1")
+            store.session.rollback()
+        finally:
+            sa.event.remove(store.engine, "before_cursor_execute", note)
+        queued_reads = [(sql, params) for sql, params in statements if "nachocode_attempts" in sql]
+        assert len(queued_reads) == 2
+        with store.engine.begin() as connection:
+            explain = {"sqlite": "EXPLAIN QUERY PLAN "}.get(connection.dialect.name, "EXPLAIN ")
+            if connection.dialect.name == "postgresql":
+                # An empty table is scanned whatever the indexes: ask for the plan
+                # the index allows.
+                connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            for sql, params in queued_reads:
+                plan = connection.exec_driver_sql(explain + sql, params).all()
+                assert "ix_nachocode_deliveries_queued" in " ".join(map(str, plan)), sql

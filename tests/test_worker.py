@@ -1,19 +1,22 @@
 """Deferred handling (``NACHOCODE_DEFERRED``): the worker's lifecycle in-process,
 on Celery's own in-process modes (eager, and the memory broker that no worker
 reads), then against real processes: gunicorn answers, a real Celery worker
-handles, on SQLite and PostgreSQL, with Redis as the broker (and RabbitMQ once,
-to show nothing depends on Redis).
+handles, on SQLite, PostgreSQL and MySQL/MariaDB, with Redis as the broker (and
+RabbitMQ once, to show nothing depends on Redis); and gunicorn against a broker
+that is closed or hangs (Redis and RabbitMQ behind a silenced TCP proxy).
 
 The real-process tests carry the ``integration`` marker and need
 NACHOCODE_TEST_REDIS_URL (a Redis database that is flushed: give it one of its
-own, e.g. redis://127.0.0.1:6379/7) and, for the RabbitMQ run,
+own, e.g. redis://127.0.0.1:6379/7) and, for the RabbitMQ runs,
 NACHOCODE_TEST_RABBITMQ_URL; they are skipped without them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -23,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import requests
@@ -31,10 +35,12 @@ from celery import Celery
 from flask import Flask
 
 from flask_nachocode import NachocodeWebhook, Refuse, delivery_failed, delivery_retry
+from flask_nachocode.celery_queue import HANDLE_TASK
 from flask_nachocode.testing import post_delivery, purchase_payload
 
 from support.common import WEBHOOK_KEY
 from support.live import BIN, ROOT, free_port, gunicorn_args, live_server
+from support.tcp_proxy import TcpProxy
 
 #: Every test here runs on SQLite and on PostgreSQL (tests/conftest.py).
 pytestmark = pytest.mark.every_database
@@ -82,21 +88,21 @@ class DeferredRun:
             [str(BIN / "python"), "-c", code], cwd=ROOT, env={**os.environ, **self.env}, check=True
         )
 
-    def flask(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def flask(self, *args: str, timeout: float = PATIENCE) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(BIN / "flask"), "--app", "support.deferred_app", "nachocode", *args],
             cwd=ROOT,
             env={**os.environ, **self.env},
             capture_output=True,
             text=True,
-            timeout=PATIENCE,
+            timeout=timeout,
         )
 
     @contextmanager
-    def server(self) -> Iterator[str]:
+    def server(self, workers: int = 2) -> Iterator[str]:
         port = free_port()
         with live_server(
-            gunicorn_args("support.deferred_app:app", port, workers=2),
+            gunicorn_args("support.deferred_app:app", port, workers=workers),
             port=port,
             env=self.env,
             log_path=self.directory / "gunicorn.log",
@@ -134,6 +140,19 @@ class DeferredRun:
         )
         return process
 
+    def worker_log(self) -> str:
+        """What the last worker started has logged so far."""
+        return (self.directory / f"worker-{self._worker_logs}.log").read_text(errors="replace")
+
+    def send_task(self, *args: Any) -> str:
+        """Send a ``flask_nachocode.handle`` task with ``args`` as another app (or a
+        broken one) might; its task id."""
+        sender = Celery("another_app", broker=self.broker_url)
+        try:
+            return str(sender.send_task(HANDLE_TASK, args, queue=self.queue).id)
+        finally:
+            sender.close()
+
     def stop_workers(self, sig: int = signal.SIGTERM) -> None:
         for process in self.workers:
             if process.poll() is None:
@@ -145,12 +164,12 @@ class DeferredRun:
                     process.wait()
         self.workers.clear()
 
-    def post(self, payload: dict[str, Any]) -> requests.Response:
+    def post(self, payload: dict[str, Any], *, timeout: float = 30) -> requests.Response:
         return requests.post(
             f"{self.base_url}/nachocode/webhooks/purchase",
             data=json.dumps(payload),
             headers={"Authorization": f"Bearer {WEBHOOK_KEY}", "Content-Type": "application/json"},
-            timeout=30,
+            timeout=timeout,
         )
 
     def purchase_status(self, payload: dict[str, Any]) -> str:
@@ -191,6 +210,16 @@ class DeferredRun:
         wait_for(
             lambda: self.outcomes() == expected, what=f"outcomes {expected}", describe=self.outcomes
         )
+
+    def handle_one(self, outcome: str) -> tuple[dict[str, Any], int]:
+        """Start a worker, post a new purchase and wait for its ``outcome``: the
+        purchase and its delivery id."""
+        self.start_worker()
+        purchase = purchase_payload()
+        with self.server():
+            delivery = int(self.post(purchase).json()["delivery"])
+            self.wait_outcomes([outcome])
+        return purchase, delivery
 
 
 def wait_for(
@@ -268,7 +297,13 @@ def test_refuse_ends_a_deferred_delivery_as_refused_without_retries(
     answer, failed, retried = post_noting_signals(app)
     assert answer.status_code == 202
     [row] = rows_of(database_url, "SELECT id, outcome, status, error FROM nachocode_deliveries")
-    assert (row.outcome, row.status, row.error) == ("refused", 404, "no such user")
+    # The status is what Nachocode was answered; the outcome, what the worker did.
+    assert (row.outcome, row.status, row.error) == ("refused", 202, "no such user")
+    shown = app.test_cli_runner().invoke(args=["nachocode", "show", str(row.id)]).output
+    assert shown.startswith(
+        f"delivery {row.id}: purchase on purchase, answered 202 (queued), then refused "
+        "by the worker\n"
+    )
     attempts = rows_of(database_url, "SELECT attempt, outcome FROM nachocode_attempts")
     assert [tuple(a) for a in attempts] == [(1, "refused")]
     assert rows_of(database_url, "SELECT identity FROM nachocode_claims") == []
@@ -399,11 +434,7 @@ def deferred(database_url: str, broker_url: str, tmp_path: Path) -> Iterator[Def
     run.python(CREATE_TABLES)
     yield run
     run.stop_workers()
-    if broker_url.startswith("amqp"):
-        from kombu import Connection
-
-        with Connection(broker_url) as connection:
-            connection.default_channel.queue_delete(run.queue)
+    _delete_queue(broker_url, run.queue)
 
 
 @pytest.mark.integration
@@ -440,10 +471,7 @@ def test_nothing_depends_on_redis(postgres_url: str, tmp_path: Path) -> None:
             _kill_mid_handler(run)
         finally:
             run.stop_workers()
-            from kombu import Connection
-
-            with Connection(broker) as connection:
-                connection.default_channel.queue_delete(run.queue)
+            _delete_queue(broker, run.queue)
 
 
 @pytest.mark.integration
@@ -476,11 +504,7 @@ def test_ten_identical_deliveries_at_once_one_202_nine_duplicates_one_effect(
 @pytest.mark.integration
 def test_a_handler_failing_twice_is_handled_on_the_third_attempt(deferred: DeferredRun) -> None:
     deferred.file("fail_times").write_text("2")
-    deferred.start_worker()
-    purchase = purchase_payload()
-    with deferred.server():
-        delivery = deferred.post(purchase).json()["delivery"]
-        deferred.wait_outcomes(["handled"])
+    purchase, delivery = deferred.handle_one("handled")
     attempts = deferred.attempts(delivery)
     assert [(a.attempt, a.outcome) for a in attempts] == [
         (1, "failed"),
@@ -601,3 +625,249 @@ def test_a_flushed_broker_loses_the_tasks_and_requeue_recovers_them(deferred: De
             "sent the tasks of 0 queued deliveries"
         )
     assert sorted(deferred.effects()) == sorted(identity_of(p) for p in purchases)
+
+
+# --- No stranded delivery (issue 21): a deferred delivery is handled, failed, or has a
+# task on its way, whatever the broker, the database or the extension's own code does ---
+
+
+@pytest.mark.integration
+def test_an_error_in_the_extension_itself_is_retried_with_a_backoff(deferred: DeferredRun) -> None:
+    """Not a handler's error, which counts an attempt, but flask-nachocode's own code
+    raising before the attempt was made (as a connection shared across a fork made it):
+    the task runs again after a growing delay, with the delivery's id in the log."""
+    deferred.file("store_faults").write_text("2")
+    purchase, delivery = deferred.handle_one("handled")
+    log = deferred.worker_log()
+    assert log.count(f"nachocode delivery {delivery}: attempt 1 not made") == 2
+    assert "AttributeError: Could not locate column" in log
+    # Celery's own log line for each retry: 0.2 s (the test app's first delay), doubled.
+    assert re.findall(r"\] retry: Retry in ([\d.]+)s", log) == ["0.2", "0.4"]
+    [attempt] = deferred.attempts(delivery)
+    assert (attempt.attempt, attempt.outcome) == (1, "handled")
+    assert deferred.runs() == [identity_of(purchase)]
+    assert deferred.effects() == [identity_of(purchase)]
+
+
+@pytest.mark.integration
+def test_a_task_for_no_delivery_is_logged_once_and_dropped(deferred: DeferredRun) -> None:
+    """A task whose delivery does not exist (pruned, or sent by an app on another
+    database sharing the broker) or whose id no delivery can have: one log line,
+    then the task ends instead of being retried for ever."""
+    deferred.start_worker()
+    ids: list[Any] = [10**6, 2**63, "12"]
+    tasks = {deferred.send_task(delivery_id, 1): delivery_id for delivery_id in ids}
+
+    def ended(log: str, task: str) -> bool:
+        return any(f"[{task}] {end}" in log for end in ("succeeded", "retry:", "raised"))
+
+    wait_for(
+        lambda: all(ended(deferred.worker_log(), task) for task in tasks),
+        what="every task to end",
+        describe=deferred.worker_log,
+    )
+    log = deferred.worker_log()
+    assert [f"[{task}] succeeded" in log for task in tasks] == [True] * len(ids)
+    assert "retry:" not in log
+    assert log.count("nachocode: dropped the task of delivery 1000000 (attempt 1)") == 1
+    for wrong in ids[1:]:
+        assert log.count(f"nachocode: dropped a task for delivery {wrong!r}") == 1
+    assert deferred.outcomes() == []
+
+
+def test_a_resent_copy_of_a_queued_delivery_whose_answer_was_lost_sends_its_task(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The request's COMMIT reached the database but its answer did not: the request
+    is answered 503 before it sends the task. Nachocode's re-send from the dashboard
+    is a duplicate, and it sends the task that the first request never sent."""
+    effects: list[str] = []
+    app = make_deferred_app(
+        tmp_path, database_url, lambda event: effects.append(event.identity), eager=True
+    )
+    with app.app_context():
+        store = app.extensions["nachocode"].store
+        store.ensure_ready()  # its tables created (and committed) before the fault
+        engine = store.engine
+    lost: list[bool] = []
+
+    def commit_then_lose_the_answer(connection: sa.Connection) -> None:
+        if not lost:
+            lost.append(True)
+            connection.connection.dbapi_connection.commit()  # type: ignore[union-attr]
+            raise sa.exc.OperationalError("COMMIT", {}, ConnectionResetError("answer lost"))
+
+    purchase = purchase_payload()
+    client = app.test_client()
+    sa.event.listen(engine, "commit", commit_then_lose_the_answer)
+    try:
+        first = post_delivery(client, "purchase", purchase)
+    finally:
+        sa.event.remove(engine, "commit", commit_then_lose_the_answer)
+    assert first.status_code == 503
+    assert [row.outcome for row in rows_of(database_url, DELIVERIES)] == ["queued"]
+    assert effects == []
+
+    resent = post_delivery(client, "purchase", purchase)
+    assert (resent.status_code, resent.get_json()["duplicate"]) == (200, True)
+    assert [row.outcome for row in rows_of(database_url, DELIVERIES)] == ["handled", "duplicate"]
+    assert effects == [identity_of(purchase)]
+    # Once it is handled, a copy sends nothing: the handler ran once.
+    post_delivery(client, "purchase", purchase)
+    assert effects == [identity_of(purchase)]
+
+
+def test_a_database_made_before_the_queued_index_keeps_working(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The index only makes the queued reads cheap: without it (a database made by an
+    older version, not migrated yet) a deferred delivery, its duplicate and requeue
+    work as before."""
+    effects: list[str] = []
+    app = make_deferred_app(
+        tmp_path, database_url, lambda event: effects.append(event.identity), eager=False
+    )
+    client = app.test_client()
+    first = purchase_payload()
+    assert post_delivery(client, "purchase", first).status_code == 202
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        on_table = " ON nachocode_deliveries" if engine.dialect.name == "mysql" else ""
+        connection.exec_driver_sql(f"DROP INDEX ix_nachocode_deliveries_queued{on_table}")
+    engine.dispose()
+    assert post_delivery(client, "purchase", first).get_json()["duplicate"] is True
+    assert post_delivery(client, "purchase", purchase_payload()).status_code == 202
+    requeued = app.test_cli_runner().invoke(args=["nachocode", "requeue", "--older-than", "0"])
+    assert requeued.output.startswith("sent the tasks of 2 queued deliveries"), requeued.output
+    assert [row.outcome for row in rows_of(database_url, DELIVERIES)] == [
+        "queued",
+        "duplicate",
+        "queued",
+    ]
+    # And init-db gives it the index, as the deferral page says.
+    upgraded = app.test_cli_runner().invoke(args=["nachocode", "init-db"])
+    assert "created index ix_nachocode_deliveries_queued" in upgraded.output, upgraded.output
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    indexes = {index["name"] for index in sa.inspect(engine).get_indexes("nachocode_deliveries")}
+    engine.dispose()
+    assert "ix_nachocode_deliveries_queued" in indexes
+
+
+#: Each delivery's outcome, oldest first.
+DELIVERIES = "SELECT outcome FROM nachocode_deliveries ORDER BY id"
+
+
+@pytest.mark.parametrize(
+    ("broker", "config", "limits", "warned"),
+    [
+        (
+            "redis://127.0.0.1:1/0",
+            {},
+            {"socket_connect_timeout": 1.0, "socket_timeout": 1.0},
+            False,
+        ),
+        (
+            "redis://127.0.0.1:1/0",
+            {"broker_transport_options": {"socket_timeout": 30, "visibility_timeout": 9}},
+            {"socket_connect_timeout": 1.0, "socket_timeout": 30, "visibility_timeout": 9},
+            True,
+        ),
+        ("amqp://127.0.0.1:1//", {}, {"broker_connection_timeout": 1.0}, False),
+        (
+            "amqp://127.0.0.1:1//",
+            {"broker_connection_timeout": 2.5},
+            {"broker_connection_timeout": 2.5},
+            True,
+        ),
+    ],
+    ids=["redis", "redis-own-timeout", "rabbitmq", "rabbitmq-own-timeout"],
+)
+def test_the_broker_limits_are_set_only_where_the_app_set_none(
+    tmp_path: Path,
+    broker: str,
+    config: dict[str, Any],
+    limits: dict[str, Any],
+    warned: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where the app's Celery config sets none, one try to reach the broker is limited
+    to 1 s; what it set is kept, with a warning when it lets a send pass 5 s."""
+    app = Flask("broker_limits", instance_path=str(tmp_path))
+    app.config.update(
+        NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY,
+        NACHOCODE_DATABASE_URI=f"sqlite:///{tmp_path / 'nachocode.db'}",
+        NACHOCODE_DEFERRED=True,
+    )
+    celery = Celery("broker_limits")
+    celery.config_from_object({"broker_url": broker, **config})  # as Flask's pattern does
+    app.extensions["celery"] = celery
+    with caplog.at_level("WARNING", logger="flask_nachocode"):
+        NachocodeWebhook(app)
+    if broker.startswith("redis"):
+        assert celery.conf.broker_transport_options == limits
+    else:
+        assert {"broker_connection_timeout": celery.conf.broker_connection_timeout} == limits
+    assert ("lets one try to reach the broker take" in caplog.text) is warned
+
+
+#: Longer than any answer may take: Nachocode counts an answer after 10 s as failed.
+ANSWER_TIMEOUT = 7.0
+BROKEN_BROKERS = [
+    f"{broker}-{case}"
+    for broker in ("redis", "rabbitmq")
+    for case in ("closed", "silent", "silent-after-connecting")
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("broken", BROKEN_BROKERS)
+def test_a_broken_broker_never_holds_the_answer_or_requeue(broken: str, tmp_path: Path) -> None:
+    """Closed: nothing listens. Silent: a listener that accepts and never answers.
+    Silent after connecting: the broker took the app's first task, then answers
+    nothing more. Every answer is still a 202 well inside Nachocode's 10 s, the
+    delivery stays queued with a log line saying so, and ``requeue`` gives up as
+    quickly, with a one-line error."""
+    broker, _, case = broken.partition("-")
+    for real_url in _broker(broker):
+        real = urlsplit(real_url)
+        with contextlib.ExitStack() as stack:
+            if case == "closed":
+                proxy, port = None, free_port()
+            else:
+                proxy = stack.enter_context(TcpProxy(real.hostname or "", real.port or 0))
+                port = proxy.port
+                if case == "silent":
+                    proxy.silence()
+            credentials = real.netloc.rpartition("@")[0]
+            broken_url = urlunsplit(real._replace(netloc=f"{credentials}@127.0.0.1:{port}"))
+            run = DeferredRun(f"sqlite:///{tmp_path / 'app.db'}", broken_url, tmp_path)
+            run.python(CREATE_TABLES)
+            stack.callback(_delete_queue, real_url, run.queue)
+            before: list[str] = []
+            with run.server(workers=1):
+                if proxy is not None and case == "silent-after-connecting":
+                    assert run.post(purchase_payload()).status_code == 202  # connected, sent
+                    proxy.silence()
+                    before = ["queued"]
+                answer = run.post(purchase_payload(), timeout=ANSWER_TIMEOUT)
+            assert answer.status_code == 202
+            assert run.outcomes() == [*before, "queued"]
+            if (broker, case) != ("rabbitmq", "silent-after-connecting"):
+                # RabbitMQ does not confirm a publish: one written into a connection
+                # that answers no more cannot be told from one that arrived.
+                delivery = answer.json()["delivery"]
+                log = run.file("gunicorn.log").read_text()
+                assert f"nachocode delivery {delivery} is queued but its task" in log
+            requeued = run.flask("requeue", "--older-than", "0", timeout=ANSWER_TIMEOUT * 2)
+            assert requeued.returncode == 1, requeued.stdout + requeued.stderr
+            assert "Traceback" not in requeued.stderr
+            assert "could not be sent" in requeued.stderr
+            assert run.outcomes() == [*before, "queued"]
+
+
+def _delete_queue(broker_url: str, queue: str) -> None:
+    if broker_url.startswith("amqp"):
+        from kombu import Connection
+
+        with Connection(broker_url) as connection:
+            connection.default_channel.queue_delete(queue)

@@ -1,5 +1,5 @@
-"""A real TCP proxy in a thread, to take a database away from an app and give it back
-without touching the database server (other test runs share it)."""
+"""A real TCP proxy in a thread, to take a database or a broker away from an app and give
+it back without touching the server (other test runs share it)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ class TcpProxy:
     """Forward ``127.0.0.1:<port>`` to ``target``.
 
     ``cut()`` drops every open connection and closes each new one at once, as a
-    database that went away does; ``restore()`` forwards again. Use as a context
-    manager.
+    database that went away does; ``silence()`` keeps every connection open and
+    accepts new ones but forwards nothing more either way, as a server that hangs
+    (or a network that drops packets) does; ``restore()`` forwards again. Use as a
+    context manager.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -22,6 +24,7 @@ class TcpProxy:
         self._listener.settimeout(0.2)
         self.port = int(self._listener.getsockname()[1])
         self._cut = threading.Event()
+        self._silent = threading.Event()
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -41,8 +44,12 @@ class TcpProxy:
         self._cut.set()
         self._drop_all()
 
+    def silence(self) -> None:
+        self._silent.set()
+
     def restore(self) -> None:
         self._cut.clear()
+        self._silent.clear()
 
     def _drop_all(self) -> None:
         with self._lock:
@@ -63,6 +70,10 @@ class TcpProxy:
             if self._cut.is_set():
                 client.close()
                 continue
+            if self._silent.is_set():
+                with self._lock:
+                    self._open.add(client)  # held open, never answered
+                continue
             try:
                 upstream = socket.create_connection(self.target)
             except OSError:
@@ -76,7 +87,8 @@ class TcpProxy:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while chunk := source.recv(65536):
-                sink.sendall(chunk)
+                if not self._silent.is_set():
+                    sink.sendall(chunk)
         except OSError:
             pass
         finally:
