@@ -35,6 +35,8 @@ class CeleryQueue:
     """Sends ``flask_nachocode.handle`` tasks through ``celery``, for ``app``."""
 
     def __init__(self, app: Flask, celery: Celery) -> None:
+        self.celery = celery
+
         # Each task pushes the app context itself, so it needs no FlaskTask base class;
         # with one, the contexts nest harmlessly.
         def handle(task: Any, delivery_id: int, attempt: int) -> None:
@@ -62,3 +64,14 @@ class CeleryQueue:
 
     def send(self, delivery_id: int, attempt: int, *, delay: float = 0.0) -> None:
         self.handle.apply_async((delivery_id, attempt), countdown=delay or None)
+
+    def check(self, timeout: float) -> None:
+        # A connection of its own, with every wait bounded: kombu's Redis transport
+        # waits without limit by default, and a silent broker would hang the probe.
+        options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        with self.celery.connection_for_write(
+            connect_timeout=timeout, transport_options=options
+        ) as connection:
+            connection.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, timeout=timeout
+            )

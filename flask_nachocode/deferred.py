@@ -1,9 +1,10 @@
 """The task queue behind ``NACHOCODE_DEFERRED``, as the rest of the package sees it.
 
-The request path and the worker only ever call :meth:`TaskQueue.send`; which queue
+The request path and the worker only ever call :meth:`TaskQueue.send`, and the health
+check :meth:`TaskQueue.check`; which queue
 carries the task (Celery today, see :mod:`flask_nachocode.celery_queue`) is chosen
 once, in ``init_app``. Adding another one (RQ, Dramatiq) means a class with this
-method, whose task calls :func:`flask_nachocode.worker.run_attempt` inside the app
+and a ``check``, whose task calls :func:`flask_nachocode.worker.run_attempt` inside the app
 context, and nothing in the delivery lifecycle.
 """
 
@@ -19,3 +20,8 @@ class TaskQueue(Protocol):
         """Queue attempt number ``attempt`` of delivery ``delivery_id``, to run in
         ``delay`` seconds. May raise when the broker cannot be reached: the caller
         keeps the delivery queued, and ``flask nachocode requeue`` sends it later."""
+
+    def check(self, timeout: float) -> None:
+        """Reach the broker and hear back within ``timeout`` seconds, or raise: the
+        health check's question, which must be answered in a bounded time whatever
+        the broker does (refuse, or accept the connection and never answer)."""

@@ -10,6 +10,7 @@ from flask import Flask
 from .cli import nachocode_cli
 from .inspector import make_inspector_blueprint
 from .ledger import Ledger
+from .monitoring import add_monitoring_routes
 from .openapi import make_openapi_view
 from .purchase_status import add_purchase_status_route
 from .registry import Handler, HandlerRegistry, check_event_name
@@ -80,6 +81,7 @@ class NachocodeWebhook:
             blueprint.add_url_rule(
                 "/openapi.json", "openapi", make_openapi_view(state), methods=["GET"]
             )
+        add_monitoring_routes(blueprint, state)
         app.register_blueprint(blueprint, url_prefix=state.url_prefix)
         app.cli.add_command(nachocode_cli)
 
