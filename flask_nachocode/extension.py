@@ -72,7 +72,7 @@ class NachocodeWebhook:
             state.task_queue = CeleryQueue(app, app.extensions["celery"])
         app.extensions["nachocode"] = state
 
-        blueprint = make_blueprint()
+        blueprint = make_blueprint(state.metrics)
         if state.purchase_status_route:
             add_purchase_status_route(blueprint, state.purchase_status_decorators)
         if state.inspector is not None:
