@@ -27,13 +27,13 @@ from typing import Any
 import pytest
 import requests
 import sqlalchemy as sa
-from celery import Celery
 from flask import Flask
 
 from flask_nachocode import NachocodeWebhook, Refuse, delivery_failed, delivery_retry
 from flask_nachocode.testing import post_delivery, purchase_payload
 
 from support.common import WEBHOOK_KEY
+from support.deferred_in_process import make_deferred_app
 from support.live import BIN, ROOT, free_port, gunicorn_args, live_server
 
 #: Every test here runs on SQLite and on PostgreSQL (tests/conftest.py).
@@ -217,25 +217,6 @@ def wait_for(
 
 # --- In-process: Celery eager (tasks run at once, retries without waiting) or a
 # memory broker that no worker reads (deliveries stay queued) ---
-
-
-def make_deferred_app(
-    tmp_path: Path, url: str, handler: Callable[[Any], None], *, eager: bool, **config: Any
-) -> Flask:
-    app = Flask("deferred_in_process", instance_path=str(tmp_path / "instance"))
-    app.config.update(
-        TESTING=True,
-        NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY,
-        NACHOCODE_DATABASE_URI=url,
-        NACHOCODE_DEFERRED=True,
-        NACHOCODE_RETRY_DELAYS=[0, 0],
-        **config,
-    )
-    app.extensions["celery"] = Celery(
-        "deferred_in_process", broker="memory://", task_always_eager=eager
-    )
-    NachocodeWebhook(app).on_purchase(handler)
-    return app
 
 
 def post_noting_signals(app: Flask) -> tuple[Any, list[Any], list[Any]]:
