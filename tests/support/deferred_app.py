@@ -17,6 +17,7 @@ Configured by environment variables:
                              and wait while it exists
   DEFERRED_APP_RETRY_DELAYS  NACHOCODE_RETRY_DELAYS, comma-separated seconds
   NACHOCODE_WEBHOOK_KEY      the bearer key
+  DEFERRED_APP_METRICS_TOKEN switches metrics and their route on, with this token
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def create_app() -> Flask:
             "broker_connection_retry_on_startup": True,
         },
     )
+    if os.environ.get("DEFERRED_APP_METRICS_TOKEN"):
+        app.config.update(
+            NACHOCODE_METRICS=True,
+            NACHOCODE_METRICS_ROUTE=True,
+            NACHOCODE_METRICS_TOKEN=os.environ["DEFERRED_APP_METRICS_TOKEN"],
+        )
     db.init_app(app)
     celery_init_app(app)
     nachocode.init_app(app)

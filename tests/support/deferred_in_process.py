@@ -17,8 +17,15 @@ from support.common import WEBHOOK_KEY
 
 
 def make_deferred_app(
-    tmp_path: Path, url: str, handler: Callable[[Any], None], *, eager: bool, **config: Any
+    tmp_path: Path,
+    url: str,
+    handler: Callable[[Any], None],
+    *,
+    eager: bool,
+    broker: str = "memory://",
+    **config: Any,
 ) -> Flask:
+    """``broker``: a real one for the tests that only ask it whether it answers."""
     app = Flask("deferred_in_process", instance_path=str(tmp_path / "instance"))
     app.config.update(
         TESTING=True,
@@ -28,8 +35,6 @@ def make_deferred_app(
         NACHOCODE_RETRY_DELAYS=[0, 0],
         **config,
     )
-    app.extensions["celery"] = Celery(
-        "deferred_in_process", broker="memory://", task_always_eager=eager
-    )
+    app.extensions["celery"] = Celery("deferred_in_process", broker=broker, task_always_eager=eager)
     NachocodeWebhook(app).on_purchase(handler)
     return app
