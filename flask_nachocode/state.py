@@ -291,7 +291,7 @@ def _protection(
         consequence = (
             "in debug mode anyone who can reach this server can read it"
             if app.debug
-            else "the app is not in debug mode, so it answers 404"
+            else "the app is not in debug mode, so its pages answer 404"
         )
         logger.warning(
             "%s is on without protection: %s. Set NACHOCODE_%s_DECORATORS (your login "
