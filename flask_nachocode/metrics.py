@@ -300,18 +300,17 @@ class StoreCollector:
 
     def collect(self) -> Iterator[Metric]:
         up, queued, oldest = self._families()
-        with self.app.app_context():
-            store = self.app.extensions["nachocode"].store
-            try:
-                count, oldest_at = store.queued_summary()
-            except sa.exc.SQLAlchemyError as error:
-                logger.warning(
-                    "nachocode metrics: the store could not be read: %s",
-                    describe_database_error(error),
-                )
-                up.add_metric([], 0)
-                yield up
-                return
+        try:
+            with self.app.app_context():
+                count, oldest_at = self.app.extensions["nachocode"].store.queued_summary()
+        except sa.exc.SQLAlchemyError as error:
+            logger.warning(
+                "nachocode metrics: the store could not be read: %s",
+                describe_database_error(error),
+            )
+            up.add_metric([], 0)
+            yield up
+            return
         up.add_metric([], 1)
         queued.add_metric([], count)
         age = (utcnow() - oldest_at).total_seconds() if oldest_at is not None else 0.0
