@@ -201,6 +201,7 @@ class Metrics:
             registry.register(collector)
         # Label lookups take a lock and check the values: done once per combination.
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._answers: dict[tuple[str | None, str, int], tuple[Any, Any, Any]] = {}
         self._prepare()
 
     def _prepare(self) -> None:
@@ -245,12 +246,23 @@ class Metrics:
         return counted
 
     def _answered(self, result: Result, seconds: float) -> None:
-        event = _label(result.event_name)
-        self._child(self.deliveries, event, result.outcome, str(result.status)).inc()
-        self._child(self.duration, event).observe(seconds)
+        # What an answer counts depends only on these three: found once, then reused.
+        key = (result.event_name, result.outcome, result.status)
+        counters = self._answers.get(key)
+        if counters is None:
+            event = _label(result.event_name)
+            counters = self._answers[key] = (
+                self._child(self.deliveries, event, result.outcome, str(result.status)),
+                self._child(self.duration, event),
+                self._attempt_child(result.event_name, result.outcome, "request"),
+            )
+        delivered, duration, attempted = counters
+        delivered.inc()
+        duration.observe(seconds)
+        if attempted is not None:
+            attempted.inc()
         if result.error is not None and result.outcome != "failed":
             self._count_refusal(result.error)
-        self.attempt(result, "request")
 
     def _refused(self, error: WebhookError, route: str, seconds: float) -> None:
         if isinstance(error, StoreUnavailable):
@@ -274,12 +286,16 @@ class Metrics:
         a result whose handlers did not run (a duplicate, queued, an invalid body)
         counts none, except in the worker, whose every attempt is one (as in the
         attempts table). ``retry``: a worker's attempt that failed with another one due."""
-        outcome = "retry" if retry else result.outcome
+        child = self._attempt_child(result.event_name, "retry" if retry else result.outcome, mode)
+        if child is not None:
+            child.inc()
+
+    def _attempt_child(self, event_name: str | None, outcome: str, mode: str) -> Any:
         if outcome not in ATTEMPT_OUTCOMES:
-            return
+            return None
         if mode != "worker" and outcome not in ("handled", "failed", "refused"):
-            return  # invalid or unhandled: ended before any handler could run
-        self._child(self.attempts, _label(result.event_name), outcome, mode).inc()
+            return None  # invalid or unhandled: ended before any handler could run
+        return self._child(self.attempts, _label(event_name), outcome, mode)
 
 
 class StoreCollector:
