@@ -212,7 +212,7 @@ class Metrics:
                 self._child(self.deliveries, event, outcome, str(status))
             for outcome in ("handled", "retry", "failed", "refused"):
                 for mode in ("request", "worker"):
-                    self._child(self.attempts, event, outcome, mode)
+                    self._attempt_child(event, outcome, mode)  # a retry: only in the worker
             self._child(self.duration, event)
         for reason, status in REFUSAL_REASONS.items():
             self._child(self.refusals, reason, str(status))
