@@ -9,7 +9,9 @@
   purchase handler.
 
 ``BENCH_VARIANT`` (A, B or C) and ``BENCH_DATABASE_URL`` choose; ``BENCH_LEDGER=off``
-runs C with ``NACHOCODE_LEDGER = False``, to show what the ledger row costs; the key is
+runs C with ``NACHOCODE_LEDGER = False``, to show what the ledger row costs, and
+``BENCH_METRICS=on`` with ``NACHOCODE_METRICS`` (in multiprocess mode when
+``PROMETHEUS_MULTIPROC_DIR`` is set), to show what counting costs; the key is
 :data:`KEY`. B and C share one database and one ``db`` setup, so the only
 difference between them is what the extension does.
 """
@@ -93,6 +95,7 @@ def create_app(
             return jsonify(success=True)
 
     elif variant == "C":
+        app.config["NACHOCODE_METRICS"] = os.environ.get("BENCH_METRICS") == "on"
         nachocode = NachocodeWebhook(app, db=db)
 
         @nachocode.on_purchase

@@ -227,7 +227,8 @@ def measured(generate: Callable[[str, float, str, str], Load], workers: list[int
 
 
 def run_scenario(scenario: Scenario, rounds: int, seconds: float, dup_rounds: int,
-                 generate: Callable[[str, float, str, str], Load], logs: Path, ledger: str) -> None:
+                 generate: Callable[[str, float, str, str], Load], logs: Path, ledger: str,
+                 metrics: str = "off") -> None:
     prepare_database(scenario.database_url)
     ports = {variant: free_port() for variant in VARIANTS}
     scenario.load_before = load_average()
@@ -239,7 +240,9 @@ def run_scenario(scenario: Scenario, rounds: int, seconds: float, dup_rounds: in
         for variant in VARIANTS:
             args = gunicorn_args("benchmarks.apps:create_app()", ports[variant], scenario.workers)
             env = {"BENCH_VARIANT": variant, "BENCH_DATABASE_URL": scenario.database_url,
-                   "BENCH_LEDGER": ledger}
+                   "BENCH_LEDGER": ledger, "BENCH_METRICS": metrics}
+            if metrics == "on" and variant == "C":  # the workers' counters, as in production
+                env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(dir=logs, prefix="metrics-")
             base = servers.enter_context(live_server(
                 args, port=ports[variant], env=env, ready_path="/ping",
                 log_path=logs / f"{scenario.workers}-{variant}.log",
@@ -415,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these parts (repeatable)")
     parser.add_argument("--ledger", choices=["on", "off"], default="on",
                         help="C with the ledger (default) or with NACHOCODE_LEDGER = False")
+    parser.add_argument("--metrics", choices=["on", "off"], default="off",
+                        help="C with NACHOCODE_METRICS (multiprocess mode) or without (default)")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk exists")
     args = parser.parse_args(argv)
 
@@ -428,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         generate = python_load
 
     print(f"load average at start: {load_average()}  ({os.cpu_count()} CPUs)")
-    print(f"C's ledger: {args.ledger}")
+    print(f"C's ledger: {args.ledger}, C's metrics: {args.metrics}")
     if "inprocess" in parts:
         figures = inprocess(count=2000 if args.quick else 5000, repeats=7)
         print("in-process, CPU per delivery: " + ", ".join(f"{k} {v:.0f} µs" for k, v in figures.items()))
@@ -449,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             scenarios.append(Scenario(f"{name}, {workers}", url, workers))
     for scenario in scenarios:
         print(f"{scenario.title} worker(s): {rounds} rounds of {seconds:g} s, {CONNECTIONS} connections", flush=True)
-        run_scenario(scenario, rounds, seconds, dup_rounds, generate, workdir, args.ledger)
+        run_scenario(scenario, rounds, seconds, dup_rounds, generate, workdir, args.ledger, args.metrics)
     if scenarios:
         print()
         print(table(scenarios))

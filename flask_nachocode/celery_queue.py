@@ -65,6 +65,7 @@ class CeleryQueue:
     """Sends ``flask_nachocode.handle`` tasks through ``celery``, for ``app``."""
 
     def __init__(self, app: Flask, celery: Celery) -> None:
+        self.celery = celery
         bound_broker_waits(celery)
 
         # Each task pushes the app context itself, so it needs no FlaskTask base class;
@@ -116,6 +117,17 @@ class CeleryQueue:
             )
         except KombuOperationalError as error:  # what kombu makes of every broker failure
             raise BrokerUnavailable(str(error)) from error
+
+    def check(self, timeout: float) -> None:
+        # A connection of its own, with every wait bounded: kombu's Redis transport
+        # waits without limit by default, and a silent broker would hang the probe.
+        options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        with self.celery.connection_for_write(
+            connect_timeout=timeout, transport_options=options
+        ) as connection:
+            connection.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, timeout=timeout
+            )
 
 
 def bound_broker_waits(celery: Celery) -> None:

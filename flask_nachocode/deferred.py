@@ -1,10 +1,11 @@
 """The task queue behind ``NACHOCODE_DEFERRED``, as the rest of the package sees it.
 
-The request path and the worker only ever call :meth:`TaskQueue.send`; which queue
-carries the task (Celery today, see :mod:`flask_nachocode.celery_queue`) is chosen
-once, in ``init_app``. Adding another one (RQ, Dramatiq) means a class with this
-method, whose task calls :func:`flask_nachocode.worker.run_attempt` inside the app
-context, and nothing in the delivery lifecycle.
+The request path and the worker only ever call :meth:`TaskQueue.send`, and the health
+check :meth:`TaskQueue.check`; which queue carries the task (Celery today, see
+:mod:`flask_nachocode.celery_queue`) is chosen once, in ``init_app``. Adding another one
+(RQ, Dramatiq) means a class with these two methods, whose task calls
+:func:`flask_nachocode.worker.run_attempt` inside the app context, and nothing in the
+delivery lifecycle.
 """
 
 from __future__ import annotations
@@ -26,3 +27,8 @@ class TaskQueue(Protocol):
         ``flask nachocode requeue`` sends it later. The task calls
         :func:`~flask_nachocode.worker.run_attempt` and runs again later when that
         raises :class:`~flask_nachocode.worker.AttemptNotMade`."""
+
+    def check(self, timeout: float) -> None:
+        """Reach the broker and hear back within ``timeout`` seconds, or raise: the
+        health check's question, which must be answered in a bounded time whatever
+        the broker does (refuse, or accept the connection and never answer)."""

@@ -502,4 +502,7 @@ def replay(state: AppState, delivery_id: int) -> Result:
         payload=payload,
         replay_of=row.id,
     )
-    return dispatch(state, delivery, event)
+    result = dispatch(state, delivery, event)
+    if state.metrics is not None:
+        state.metrics.attempt(result, "replay")
+    return result

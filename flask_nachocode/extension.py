@@ -12,6 +12,7 @@ from flask.signals import appcontext_pushed
 from .cli import nachocode_cli
 from .inspector import make_inspector_blueprint
 from .ledger import Ledger
+from .monitoring import add_monitoring_routes
 from .openapi import make_openapi_view
 from .purchase_status import add_purchase_status_route
 from .registry import Handler, HandlerRegistry, check_event_name
@@ -74,7 +75,7 @@ class NachocodeWebhook:
             state.task_queue = CeleryQueue(app, app.extensions["celery"])
         app.extensions["nachocode"] = state
 
-        blueprint = make_blueprint()
+        blueprint = make_blueprint(state.metrics)
         if state.purchase_status_route:
             add_purchase_status_route(blueprint, state.purchase_status_decorators)
         if state.inspector is not None:
@@ -83,6 +84,7 @@ class NachocodeWebhook:
             blueprint.add_url_rule(
                 "/openapi.json", "openapi", make_openapi_view(state), methods=["GET"]
             )
+        add_monitoring_routes(blueprint, state)
         app.register_blueprint(blueprint, url_prefix=state.url_prefix)
         app.cli.add_command(nachocode_cli)
         # Flask-Migrate may be set up before or after this, and replaces its config

@@ -21,6 +21,7 @@ from werkzeug.utils import import_string
 from .auth import normalize_keys
 from .deferred import TaskQueue
 from .ledger import Ledger
+from .metrics import Metrics
 from .registry import Handler, HandlerRegistry, registry_from_config
 from .store import Store
 
@@ -46,9 +47,15 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "NACHOCODE_OPENAPI": True,
     "NACHOCODE_DEFERRED": False,
     "NACHOCODE_RETRY_DELAYS": [30, 120, 600, 3600, 21600],
+    "NACHOCODE_METRICS": False,
+    "NACHOCODE_METRICS_REGISTRY": None,
+    "NACHOCODE_METRICS_ROUTE": False,
+    "NACHOCODE_METRICS_TOKEN": None,
+    "NACHOCODE_METRICS_DECORATORS": [],
+    "NACHOCODE_HEALTH_ROUTE": False,
 }
 
-#: Shortest ``NACHOCODE_INSPECTOR_TOKEN`` accepted.
+#: Shortest ``NACHOCODE_INSPECTOR_TOKEN`` (or ``NACHOCODE_METRICS_TOKEN``) accepted.
 MIN_TOKEN_LENGTH = 16
 
 ViewDecorator = Callable[[Any], Any]
@@ -78,8 +85,9 @@ def decorate(view: Callable[..., Any], decorators: Sequence[ViewDecorator]) -> C
 
 
 @dataclass(frozen=True)
-class InspectorSettings:
-    """How the delivery inspector of one app is protected (see :mod:`flask_nachocode.inspector`)."""
+class Protection:
+    """How a page that shows business data is protected: a token, the app's own view
+    decorators, or both (``NACHOCODE_<PAGE>_TOKEN`` and ``NACHOCODE_<PAGE>_DECORATORS``)."""
 
     token: str | None
     decorators: tuple[ViewDecorator, ...]
@@ -87,6 +95,11 @@ class InspectorSettings:
     @property
     def protected(self) -> bool:
         return bool(self.token or self.decorators)
+
+
+@dataclass(frozen=True)
+class InspectorSettings(Protection):
+    """How the delivery inspector of one app is protected (see :mod:`flask_nachocode.inspector`)."""
 
     @property
     def session_mark(self) -> str:
@@ -126,6 +139,12 @@ class AppState:
     retry_delays: tuple[float, ...] = ()
     #: What sends the worker's tasks; set by ``init_app`` when ``deferred``.
     task_queue: TaskQueue | None = None
+    #: The Prometheus counters, or None while NACHOCODE_METRICS is off.
+    metrics: Metrics | None = None
+    #: {prefix}/metrics's protection, or None while NACHOCODE_METRICS_ROUTE is off.
+    metrics_route: Protection | None = None
+    #: {prefix}/health is mounted (NACHOCODE_HEALTH_ROUTE).
+    health_route: bool = False
 
     def handlers(self, name: str) -> list[Handler]:
         """The handlers of event ``name``: decorated ones first, then NACHOCODE_HANDLERS."""
@@ -177,6 +196,12 @@ def build_state(app: Flask, db: SQLAlchemy | None, decorated: HandlerRegistry) -
             "calling init_app (pip install 'flask-nachocode[celery]')"
         )
     store = Store(app, db, ledger_enabled=ledger_enabled)
+    metrics_route = bool(config["NACHOCODE_METRICS_ROUTE"])
+    if metrics_route and not config["NACHOCODE_METRICS"]:
+        raise RuntimeError(
+            "NACHOCODE_METRICS_ROUTE serves the counters of NACHOCODE_METRICS: "
+            "set NACHOCODE_METRICS = True too"
+        )
     state = AppState(
         keys=keys,
         url_prefix=url_prefix,
@@ -190,10 +215,23 @@ def build_state(app: Flask, db: SQLAlchemy | None, decorated: HandlerRegistry) -
         purchase_status_decorators=resolve_decorators(
             "NACHOCODE_PURCHASE_STATUS_DECORATORS", config["NACHOCODE_PURCHASE_STATUS_DECORATORS"]
         ),
-        inspector=_inspector_settings(app, url_prefix) if config["NACHOCODE_INSPECTOR"] else None,
+        inspector=_inspector_settings(app, keys, url_prefix)
+        if config["NACHOCODE_INSPECTOR"]
+        else None,
         openapi=bool(config["NACHOCODE_OPENAPI"]),
         deferred=deferred,
         retry_delays=retry_delays,
+        metrics=(
+            Metrics.start(config["NACHOCODE_METRICS_REGISTRY"])
+            if config["NACHOCODE_METRICS"]
+            else None
+        ),
+        metrics_route=(
+            Protection(*_protection(app, keys, "METRICS", f"{url_prefix}/metrics"))
+            if metrics_route
+            else None
+        ),
+        health_route=bool(config["NACHOCODE_HEALTH_ROUTE"]),
     )
     if not keys and not (app.debug or app.testing):
         logger.warning(
@@ -219,39 +257,48 @@ def _retry_delays(value: Any) -> tuple[float, ...]:
     return tuple(float(delay) for delay in delays)
 
 
-def _inspector_settings(app: Flask, url_prefix: str) -> InspectorSettings:
-    """Read the inspector's protection; refuse a config that cannot work and warn
-    when the inspector is on without protection."""
-    config = app.config
-    token = config["NACHOCODE_INSPECTOR_TOKEN"]
-    if token is not None and (not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH):
-        raise RuntimeError(
-            "NACHOCODE_INSPECTOR_TOKEN must be a string of at least "
-            f"{MIN_TOKEN_LENGTH} characters; "
-            "make one with: python -c 'import secrets; print(secrets.token_urlsafe())'"
-        )
-    decorators = resolve_decorators(
-        "NACHOCODE_INSPECTOR_DECORATORS", config["NACHOCODE_INSPECTOR_DECORATORS"]
-    )
+def _inspector_settings(app: Flask, keys: tuple[bytes, ...], url_prefix: str) -> InspectorSettings:
+    """Read the inspector's protection; it also needs the session."""
     if not app.secret_key:
         raise RuntimeError(
             "NACHOCODE_INSPECTOR needs the app's SECRET_KEY: the inspector keeps its CSRF "
             "token (and a token login) in the session cookie"
         )
-    settings = InspectorSettings(token=token, decorators=decorators)
-    if not settings.protected:
-        if app.debug:
-            logger.warning(
-                "The delivery inspector at %s/deliveries is on without protection: in debug mode "
-                "anyone who can reach this server can read deliveries and replay them. Set "
-                "NACHOCODE_INSPECTOR_DECORATORS or NACHOCODE_INSPECTOR_TOKEN.",
-                url_prefix,
-            )
-        else:
-            logger.warning(
-                "The delivery inspector at %s/deliveries is on without protection and the app is "
-                "not in debug mode, so its pages answer 404. Set NACHOCODE_INSPECTOR_DECORATORS "
-                "(your login decorator) or NACHOCODE_INSPECTOR_TOKEN.",
-                url_prefix,
-            )
-    return settings
+    return InspectorSettings(*_protection(app, keys, "INSPECTOR", f"{url_prefix}/deliveries"))
+
+
+def _protection(
+    app: Flask, keys: tuple[bytes, ...], page: str, url: str
+) -> tuple[str | None, tuple[ViewDecorator, ...]]:
+    """Read ``NACHOCODE_<page>_TOKEN`` and ``NACHOCODE_<page>_DECORATORS``; refuse a
+    token that cannot work or would give the webhook key away, and warn when the
+    page is on without protection (it then answers only in debug mode)."""
+    config = app.config
+    name = f"NACHOCODE_{page}_TOKEN"
+    token = config[name]
+    if token is not None and (not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH):
+        raise RuntimeError(
+            f"{name} must be a string of at least {MIN_TOKEN_LENGTH} characters; "
+            "make one with: python -c 'import secrets; print(secrets.token_urlsafe())'"
+        )
+    if token is not None and token.encode() in keys:
+        # Whoever holds this token (a browser, a scraper's config) would hold the key too.
+        raise RuntimeError(f"{name} must not be the webhook key: make a token of its own")
+    decorators = resolve_decorators(
+        f"NACHOCODE_{page}_DECORATORS", config[f"NACHOCODE_{page}_DECORATORS"]
+    )
+    if not (token or decorators):
+        consequence = (
+            "in debug mode anyone who can reach this server can read it"
+            if app.debug
+            else "the app is not in debug mode, so its pages answer 404"
+        )
+        logger.warning(
+            "%s is on without protection: %s. Set NACHOCODE_%s_DECORATORS (your login "
+            "decorator) or %s.",
+            url,
+            consequence,
+            page,
+            name,
+        )
+    return token, decorators

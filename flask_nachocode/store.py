@@ -379,18 +379,26 @@ class Store:
                 _set_up_connections(engine)
                 # The tables are the app's to create (create_all or migrations): say
                 # so once, now, rather than only in every failed delivery's log line.
-                self._warn_if_tables_missing(engine)
+                self._warn_if_tables_missing()
             if engine.dialect.name in MYSQL_DIALECTS:
                 with engine.connect() as connection:
                     _check_mysql_charset(connection)
             self._dialect_name = engine.dialect.name
             self._ready = True
 
-    def _warn_if_tables_missing(self, engine: Engine) -> None:
-        with engine.connect() as connection:
+    def missing_tables(self, *, attempts: bool = False) -> list[str]:
+        """The names of the tables a delivery needs that do not exist (with
+        ``attempts``, also the deferred deliveries' ``nachocode_attempts``); raises
+        ``SQLAlchemyError`` while the database cannot be reached."""
+        tables = [self.deliveries, self.claims, self.purchases]
+        if attempts:
+            tables.append(self.attempts)
+        with self.engine.connect() as connection:
             inspector = sa.inspect(connection)
-            tables = (self.deliveries, self.claims, self.purchases)
-            missing = [table.name for table in tables if not inspector.has_table(table.name)]
+            return [table.name for table in tables if not inspector.has_table(table.name)]
+
+    def _warn_if_tables_missing(self) -> None:
+        missing = self.missing_tables()
         if missing:
             logger.warning(
                 "nachocode: the tables %s are missing, so every delivery will be answered "
@@ -614,6 +622,22 @@ class Store:
             .where(table.c.outcome == _QUEUED, *conditions)
             .order_by(table.c.id)
         )
+
+    def queued_summary(self) -> tuple[int, datetime | None]:
+        """How many deliveries are ``queued``, and when the oldest of them arrived
+        (None when none is): one statement that the partial index of queued
+        deliveries serves, for the metrics' gauges at every scrape."""
+        table = self.deliveries
+        query = sa.select(sa.func.count(), sa.func.min(table.c.received_at).label("oldest")).where(
+            table.c.outcome == _QUEUED
+        )
+        with self.reading() as session:
+            count, oldest = session.execute(query).one()
+        if isinstance(oldest, str):  # SQLite's aggregate comes back as the stored text
+            oldest = datetime.fromisoformat(oldest)
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=timezone.utc)
+        return int(count), oldest
 
     def overdue_queued(self, older_than: timedelta) -> list[tuple[int, int]]:
         """``(delivery id, next attempt number)`` of every queued delivery whose next

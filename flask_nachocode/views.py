@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
@@ -28,6 +29,7 @@ from .errors import (
     error_answer,
 )
 from .events import ROUTES, ROUTES_BY_NAME, utcnow
+from .metrics import Metrics
 from .schemas import infer_event_name, load_event
 from .state import current_state
 
@@ -97,8 +99,9 @@ def read_json_object(max_bytes: int, delivery: Delivery) -> dict[str, Any]:
     return payload
 
 
-def receive(route: str) -> Response:
-    """Receive one delivery on the route named ``route`` (one of ``events.ROUTES``)."""
+def receive(route: str) -> Result:
+    """Receive one delivery on the route named ``route`` (one of ``events.ROUTES``):
+    what happened to it, or a raised refusal (401, or 503 while the store is unavailable)."""
     state = current_state()
     delivery = Delivery(route=route, received_at=utcnow(), started=time.perf_counter())
     # Before anything is read or stored: a delivery without the key leaves no trace.
@@ -110,8 +113,8 @@ def receive(route: str) -> Response:
         payload = read_json_object(state.max_body_bytes, delivery)
         event = load_event(ROUTES_BY_NAME[route].event or infer_event_name(payload), payload)
     except WebhookError as refusal:
-        return answer(record(state, delivery, refusal))
-    return answer(dispatch(state, delivery, event, defer=state.deferred))
+        return record(state, delivery, refusal)
+    return dispatch(state, delivery, event, defer=state.deferred)
 
 
 def internal_error(error: Exception) -> Response:
@@ -119,7 +122,7 @@ def internal_error(error: Exception) -> Response:
     return error_answer(InternalError("an unexpected error occurred; re-send this delivery later"))
 
 
-def refuse_method() -> Response:
+def refuse_method(route: str) -> NoReturn:
     """Answer a non-POST request on a webhook URL; nothing is read or stored."""
     raise WrongMethod(request.method)
 
@@ -141,9 +144,18 @@ def answer(result: Result) -> Response:
     return response
 
 
-def make_blueprint() -> Blueprint:
-    """The ``nachocode`` blueprint with the webhook routes; the extension adds the
-    optional routes the app switched on."""
+def make_blueprint(metrics: Metrics | None = None) -> Blueprint:
+    """The ``nachocode`` blueprint with the webhook routes, counted by ``metrics``
+    when the app switched them on; the extension adds the optional routes."""
+    # Wrapped once, here: an app without metrics runs no counting code, not even a test.
+    take = receive if metrics is None else metrics.observed(receive)
+    refuse: Callable[[str], Any] = (
+        refuse_method if metrics is None else metrics.observed(refuse_method)
+    )
+
+    def receive_and_answer(route: str) -> Response:
+        return answer(take(route))
+
     blueprint = Blueprint("nachocode", __name__)
     blueprint.register_error_handler(WebhookError, error_answer)
     blueprint.register_error_handler(500, internal_error)
@@ -151,14 +163,15 @@ def make_blueprint() -> Blueprint:
         blueprint.add_url_rule(
             route.path,
             "wrong_method" + route.path.replace("/", "_").replace("-", "_"),
-            refuse_method,
+            refuse,
             methods=_OTHER_METHODS,
             provide_automatic_options=False,
+            defaults={"route": route.name},
         )
         blueprint.add_url_rule(
             route.path,
             route.name.replace("-", "_"),
-            receive,
+            receive_and_answer,
             methods=["POST"],
             defaults={"route": route.name},
         )

@@ -194,6 +194,8 @@ def _attempt_failed(
     )
     store.session.commit()
     result = Result("queued", 202, row.event, row.id)
+    if state.metrics is not None:
+        state.metrics.attempt(result, "worker", retry=True)
     signals.send_after_commit(
         signals.delivery_retry,
         event=event,
@@ -244,6 +246,8 @@ def _finish(
     store.finish_deferred(connection, row.id, **values)
     store.session.commit()
     result = Result(outcome, status, row.event, row.id, error)
+    if state.metrics is not None:
+        state.metrics.attempt(result, "worker")
     announce(result, event, error)
     return result
 

@@ -32,6 +32,7 @@ from support.common import WEBHOOK_KEY, delivery_rows, load_fixture, stored_deli
 from support.effects_app import create_tables, serve
 from support.figures import count
 from support.live import flask_run_args, free_port, live_server
+from support.scrape import METRICS_CONFIG, METRICS_TOKEN
 
 URL = "/nachocode/webhooks/purchase"
 AppFactory = Callable[..., "tuple[Flask, NachocodeWebhook]"]
@@ -241,6 +242,8 @@ def test_the_key_never_reaches_logs_answers_database_or_cli(
         NACHOCODE_INSPECTOR=True,
         NACHOCODE_INSPECTOR_TOKEN=INSPECTOR_TOKEN,
         SECRET_KEY="session-secret-for-the-test",
+        NACHOCODE_HEALTH_ROUTE=True,
+        **METRICS_CONFIG,
     )
     app, ext = built
 
@@ -304,6 +307,10 @@ def test_the_key_never_reaches_logs_answers_database_or_cli(
     assert all(page.status_code == 200 for page in pages)
     assert b"handler bug" in b"".join(page.get_data() for page in pages)
     answers += pages
+    # Nor what a scraper or a load balancer reads.
+    scrape = client.get("/nachocode/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert b'nachocode_deliveries_total{event="purchase",outcome="handled"' in scrape.get_data()
+    answers += [scrape, client.get("/nachocode/health")]
 
     searched = {
         "logs": caplog.text.encode(),

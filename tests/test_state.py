@@ -15,6 +15,8 @@ from flask_nachocode.state import CONFIG_DEFAULTS
 from flask_nachocode.testing import post_delivery, purchase_payload
 
 DELAYS = "NACHOCODE_RETRY_DELAYS must be a list of seconds"
+METRICS = {"NACHOCODE_METRICS": True, "NACHOCODE_METRICS_ROUTE": True}
+LONG_KEY = "a-webhook-key-long-enough"
 AppFactory = Callable[..., "tuple[Flask, NachocodeWebhook]"]
 
 
@@ -114,6 +116,37 @@ def test_the_url_prefix_mounts_the_routes(make_app: AppFactory, prefix: str, url
         ),
         ({"NACHOCODE_RETRY_DELAYS": [True]}, DELAYS),
         ({"NACHOCODE_RETRY_DELAYS": None}, DELAYS),
+        (
+            {"NACHOCODE_METRICS_ROUTE": True},
+            "NACHOCODE_METRICS_ROUTE serves the counters of NACHOCODE_METRICS",
+        ),
+        ({**METRICS, "NACHOCODE_METRICS_TOKEN": "short"}, "NACHOCODE_METRICS_TOKEN must be a"),
+        ({**METRICS, "NACHOCODE_METRICS_TOKEN": 1234567890123456789}, "at least 16 characters"),
+        (
+            {**METRICS, "NACHOCODE_METRICS_TOKEN": LONG_KEY, "NACHOCODE_WEBHOOK_KEY": LONG_KEY},
+            "NACHOCODE_METRICS_TOKEN must not be the webhook key",
+        ),
+        (
+            {
+                "NACHOCODE_INSPECTOR": True,
+                "SECRET_KEY": "s",
+                "NACHOCODE_INSPECTOR_TOKEN": LONG_KEY,
+                "NACHOCODE_WEBHOOK_KEY": ["old-key", LONG_KEY],
+            },
+            "NACHOCODE_INSPECTOR_TOKEN must not be the webhook key",
+        ),
+        (
+            {**METRICS, "NACHOCODE_METRICS_DECORATORS": ["nowhere.at.all:login_required"]},
+            "NACHOCODE_METRICS_DECORATORS: cannot import",
+        ),
+        (
+            {"NACHOCODE_METRICS": True, "NACHOCODE_METRICS_REGISTRY": "nowhere.at.all:registry"},
+            "NACHOCODE_METRICS_REGISTRY: cannot import",
+        ),
+        (
+            {"NACHOCODE_METRICS": True, "NACHOCODE_METRICS_REGISTRY": {"not": "a registry"}},
+            "NACHOCODE_METRICS_REGISTRY must be a prometheus_client CollectorRegistry",
+        ),
     ],
 )
 def test_bad_values_stop_init_app(

@@ -434,8 +434,9 @@ def test_a_database_made_before_deferral_keeps_working_without_the_attempts_tabl
 
 @pytest.mark.every_database
 def test_the_queued_reads_go_through_the_queued_index(make_app: Callable[..., Any]) -> None:
-    """``requeue``'s read and a duplicate's look for its queued delivery cost what the
-    queue holds, not what the store does: each goes through the queued index."""
+    """``requeue``'s read, a duplicate's look for its queued delivery and the metrics'
+    count of the queue cost what the queue holds, not what the store does: each goes
+    through the queued index."""
     from flask_nachocode.events import utcnow
 
     built = make_app()
@@ -452,10 +453,11 @@ def test_the_queued_reads_go_through_the_queued_index(make_app: Callable[..., An
             store.overdue_queued(utcnow() - utcnow())
             store.stranded_queued(store.session.connection(), "purchase:ios:1")
             store.session.rollback()
+            assert store.queued_summary() == (0, None)
         finally:
             sa.event.remove(store.engine, "before_cursor_execute", note)
-        queued_reads = [(sql, params) for sql, params in statements if "nachocode_attempts" in sql]
-        assert len(queued_reads) == 2
+        queued_reads = [(sql, params) for sql, params in statements if "queued" in sql]
+        assert len(queued_reads) == 3
         with store.engine.begin() as connection:
             explain = {"sqlite": "EXPLAIN QUERY PLAN "}.get(connection.dialect.name, "EXPLAIN ")
             if connection.dialect.name == "postgresql":

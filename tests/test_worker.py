@@ -39,7 +39,9 @@ from flask_nachocode.celery_queue import HANDLE_TASK
 from flask_nachocode.testing import post_delivery, purchase_payload
 
 from support.common import WEBHOOK_KEY
+from support.deferred_in_process import make_deferred_app
 from support.live import BIN, ROOT, free_port, gunicorn_args, live_server
+from support.scrape import METRICS_TOKEN, counted, scrape
 from support.tcp_proxy import TcpProxy
 
 #: Every test here runs on SQLite and on PostgreSQL (tests/conftest.py).
@@ -246,25 +248,6 @@ def wait_for(
 
 # --- In-process: Celery eager (tasks run at once, retries without waiting) or a
 # memory broker that no worker reads (deliveries stay queued) ---
-
-
-def make_deferred_app(
-    tmp_path: Path, url: str, handler: Callable[[Any], None], *, eager: bool, **config: Any
-) -> Flask:
-    app = Flask("deferred_in_process", instance_path=str(tmp_path / "instance"))
-    app.config.update(
-        TESTING=True,
-        NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY,
-        NACHOCODE_DATABASE_URI=url,
-        NACHOCODE_DEFERRED=True,
-        NACHOCODE_RETRY_DELAYS=[0, 0],
-        **config,
-    )
-    app.extensions["celery"] = Celery(
-        "deferred_in_process", broker="memory://", task_always_eager=eager
-    )
-    NachocodeWebhook(app).on_purchase(handler)
-    return app
 
 
 def post_noting_signals(app: Flask) -> tuple[Any, list[Any], list[Any]]:
@@ -515,6 +498,32 @@ def test_a_handler_failing_twice_is_handled_on_the_third_attempt(deferred: Defer
     assert all(a.next_attempt_at is not None for a in attempts[:2])
     assert deferred.runs() == [identity_of(purchase)] * 3
     assert deferred.effects() == [identity_of(purchase)]
+
+
+@pytest.mark.integration
+def test_the_prefork_workers_attempts_show_in_the_web_apps_scrape(
+    deferred: DeferredRun, tmp_path: Path
+) -> None:
+    # The documented same-host set-up: the Celery worker writes its counters where
+    # gunicorn's workers do, and any web worker's scrape adds up every process's.
+    folder = tmp_path / "multiproc"
+    folder.mkdir()
+    deferred.env.update(
+        PROMETHEUS_MULTIPROC_DIR=str(folder), DEFERRED_APP_METRICS_TOKEN=METRICS_TOKEN
+    )
+    deferred.file("fail_times").write_text("1")
+    deferred.start_worker()
+    with deferred.server() as base_url:
+        before = scrape(base_url)
+        for _ in range(4):
+            assert deferred.post(purchase_payload()).status_code == 202
+        deferred.wait_outcomes(["handled"] * 4)
+        changes = counted(before, scrape(base_url))
+    assert changes["nachocode_handler_attempts_total"] == {
+        ("purchase", "worker", "retry"): 4,
+        ("purchase", "worker", "handled"): 4,
+    }
+    assert changes["nachocode_deliveries_total"] == {("purchase", "queued", "202"): 4}
 
 
 @pytest.mark.integration

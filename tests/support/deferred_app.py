@@ -20,6 +20,7 @@ Configured by environment variables:
                              own code would (not a handler)
   DEFERRED_APP_RETRY_DELAYS  NACHOCODE_RETRY_DELAYS, comma-separated seconds
   NACHOCODE_WEBHOOK_KEY      the bearer key
+  DEFERRED_APP_METRICS_TOKEN switches metrics and their route on, with this token
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ def create_app() -> Flask:
             "task_annotations": {"flask_nachocode.handle": {"retry_backoff": 0.2}},
         },
     )
+    if os.environ.get("DEFERRED_APP_METRICS_TOKEN"):
+        app.config.update(
+            NACHOCODE_METRICS=True,
+            NACHOCODE_METRICS_ROUTE=True,
+            NACHOCODE_METRICS_TOKEN=os.environ["DEFERRED_APP_METRICS_TOKEN"],
+        )
     db.init_app(app)
     celery_init_app(app)
     nachocode.init_app(app)

@@ -21,6 +21,7 @@ back). Configured from the environment, because every worker builds the app:
                               warning threshold, half of it).
 ``EFFECTS_APP_LOG_LEVEL``     root log level (DEBUG in the key-leak tests).
 ``EFFECTS_APP_INSTANCE``      the instance folder.
+``EFFECTS_APP_METRICS_TOKEN`` switches metrics and their route on, with this token.
 
 The purchase-status route is on, for the ledger's concurrency test.
 """
@@ -93,6 +94,12 @@ def create_app() -> Flask:
         NACHOCODE_WEBHOOK_KEY=keys.split(",") if keys else None,
         NACHOCODE_PURCHASE_STATUS_ROUTE=True,
     )
+    if os.environ.get("EFFECTS_APP_METRICS_TOKEN"):
+        app.config.update(
+            NACHOCODE_METRICS=True,
+            NACHOCODE_METRICS_ROUTE=True,
+            NACHOCODE_METRICS_TOKEN=os.environ["EFFECTS_APP_METRICS_TOKEN"],
+        )
     if os.environ.get("EFFECTS_APP_MODE", "shared_db") == "shared_db":
         app.config["SQLALCHEMY_DATABASE_URI"] = uri
         db.init_app(app)
@@ -153,13 +160,16 @@ def serve(
     key: str | None,
     mode: str = "shared_db",
     log_level: str = "DEBUG",
+    gunicorn_config: Path | None = None,
+    environment: dict[str, str] | None = None,
     **env: str,
 ) -> Iterator[tuple[str, int, Path]]:
     """Run this app under gunicorn with ``workers`` workers on ``uri``, logging at
     ``log_level`` into ``folder/gunicorn-PORT.log``; yield (base URL, port, log path).
     With the shared db the tables are created first; with the own engine the
     workers create them on first use, and effects go to ``folder/effects.txt``.
-    ``env`` sets the EFFECTS_APP_* knobs above (without the prefix: ``MARKER=...``)."""
+    ``env`` sets the EFFECTS_APP_* knobs above (without the prefix: ``MARKER=...``),
+    ``environment`` other variables; ``gunicorn_config`` is gunicorn's ``--config``."""
     from support.live import ROOT, free_port, gunicorn_args, live_server
 
     if mode == "shared_db":
@@ -174,9 +184,12 @@ def serve(
         "EFFECTS_APP_LOG_LEVEL": log_level,
         "NACHOCODE_WEBHOOK_KEY": key or "",
         **{f"EFFECTS_APP_{name}": value for name, value in env.items()},
+        **(environment or {}),
     }
     args = gunicorn_args("support.effects_app:create_app()", port, workers)
     args += ["--chdir", str(ROOT / "tests"), "--log-level", log_level.lower()]
     args += ["--access-logfile", "-"]
+    if gunicorn_config is not None:
+        args += ["--config", str(gunicorn_config)]
     with live_server(args, port=port, env=full_env, log_path=log) as base_url:
         yield base_url, port, log
