@@ -216,6 +216,16 @@ def test_the_readmes_first_run_works_as_printed(tmp_path: Path) -> None:
         assert posted.status_code == 200, posted.text
 
 
+def test_the_quickstart_gives_the_same_first_run_as_the_readme() -> None:
+    # The README's first run is tested above; the manual's copy must not drift from it.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quickstart = (ROOT / "docs" / "quickstart.rst").read_text(encoding="utf-8")
+    for command in readme_commands(readme, "## Run the example shop"):
+        assert f"   {command.strip()}\n" in quickstart
+    (key,) = re.findall(r"The shop's webhook key is `([^`]+)`", readme)
+    assert f"The shop's webhook key is ``{key}``" in quickstart
+
+
 def test_ci_runs_the_readmes_test_command() -> None:
     # The README's other command, run as printed on a fresh checkout by .ci/run's last step.
     ci = ROOT / ".ci" / "run"
