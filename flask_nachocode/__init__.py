@@ -21,7 +21,7 @@ from .signals import (
     delivery_received,
     delivery_retry,
 )
-from .tables import ExactText
+from .tables import ExactText, alembic_render_item
 
 __all__ = [
     "AppStorePurchaseData",
@@ -33,6 +33,7 @@ __all__ = [
     "RefundEvent",
     "Refuse",
     "UnavailableUsersEvent",
+    "alembic_render_item",
     "delivery_failed",
     "delivery_handled",
     "delivery_queued",

@@ -27,7 +27,7 @@ from .sender import (
     show_answer,
 )
 from .state import current_state
-from .store import DeliveryFilter, describe_database_error
+from .store import DeliveryFilter, add_column_statement, describe_database_error
 from .tables import OUTCOMES
 from .testing import payload_for, refund_payload
 from .worker import requeue
@@ -71,12 +71,28 @@ def nachocode_cli() -> None:
 @with_appcontext
 @_needs_store
 def init_db() -> None:
-    """Create the nachocode_* tables (deliveries, claims, purchases)."""
+    """Create the nachocode_* tables, or bring those of an earlier version up to
+    date: the missing tables and indexes are added. A missing column is not: the
+    command prints the statement to run and fails."""
     store = current_state().store
-    store.create_tables()
-    click.echo(
-        f"created the nachocode tables on {store.engine.url.render_as_string(hide_password=True)}"
-    )
+    gaps = store.upgrade_schema()
+    where = store.engine.url.render_as_string(hide_password=True)
+    for table in gaps.tables:
+        click.echo(f"created table {table.name}")
+    for index in gaps.addable_indexes():
+        click.echo(f"created index {index.name}")
+    if gaps.columns:
+        dialect = store.engine.dialect
+        statements = "".join(
+            f"\n    {add_column_statement(column, dialect)};" for column in gaps.columns
+        )
+        raise click.ClickException(
+            "the nachocode tables lack columns of this version, which init-db does not add "
+            "(on a large table that can hold every delivery while the database rewrites it). "
+            f"Run, at a quiet moment, on {where}:{statements}\n"
+            "then `flask nachocode init-db` again."
+        )
+    click.echo(f"the nachocode tables on {where} are up to date")
 
 
 @nachocode_cli.command("deliveries")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask
+from flask.signals import appcontext_pushed
 
 from .cli import nachocode_cli
 from .inspector import make_inspector_blueprint
@@ -14,6 +16,7 @@ from .openapi import make_openapi_view
 from .purchase_status import add_purchase_status_route
 from .registry import Handler, HandlerRegistry, check_event_name
 from .state import build_state, current_ledger
+from .tables import alembic_render_item
 from .views import make_blueprint
 
 if TYPE_CHECKING:
@@ -82,6 +85,9 @@ class NachocodeWebhook:
             )
         app.register_blueprint(blueprint, url_prefix=state.url_prefix)
         app.cli.add_command(nachocode_cli)
+        # Flask-Migrate may be set up before or after this, and replaces its config
+        # when it is; every `flask db` command pushes an app context first.
+        appcontext_pushed.connect(_offer_render_item, app)
 
     def handler(self, event_name: str) -> Callable[[H], H]:
         """Register the decorated function for ``event_name`` (``purchase``,
@@ -107,6 +113,27 @@ class NachocodeWebhook:
         """Register a handler for ``unavailable_users``; it receives an
         :class:`UnavailableUsersEvent`."""
         return self.handler("unavailable_users")(function)
+
+
+def _render_item_before(
+    theirs: Callable[..., Any] | None, kind: str, obj: Any, autogen_context: Any
+) -> Any:
+    rendered = alembic_render_item(kind, obj, autogen_context)
+    if rendered is False and theirs is not None:
+        return theirs(kind, obj, autogen_context)
+    return rendered
+
+
+def _offer_render_item(app: Flask, **_: Any) -> None:
+    """Put :func:`~flask_nachocode.tables.alembic_render_item` into the Alembic
+    arguments that Flask-Migrate's ``env.py`` passes on, ahead of the app's own
+    ``render_item`` if it has one, so that generated migrations run unedited."""
+    arguments = getattr(app.extensions.get("migrate"), "configure_args", None)
+    if not isinstance(arguments, dict):
+        return
+    theirs = arguments.get("render_item")
+    if getattr(theirs, "func", None) is not _render_item_before:
+        arguments["render_item"] = functools.partial(_render_item_before, theirs)
 
 
 __all__ = ["NachocodeWebhook"]

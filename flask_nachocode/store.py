@@ -21,9 +21,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -234,6 +234,34 @@ def resolve_database_uri(app: Flask) -> str:
     return url.render_as_string(hide_password=False)
 
 
+@dataclass
+class SchemaGaps:
+    """What a database lacks of the tables this version defines (:meth:`Store.schema_gaps`)."""
+
+    tables: list[sa.Table] = field(default_factory=list)
+    indexes: list[sa.Index] = field(default_factory=list)
+    columns: list[sa.Column[Any]] = field(default_factory=list)
+
+    def addable_indexes(self) -> list[sa.Index]:
+        """The missing indexes :meth:`Store.upgrade_schema` creates: those of tables
+        that lack no column (an index may be on the missing one)."""
+        lacking = {column.table.name for column in self.columns}
+        return [index for index in self.indexes if getattr(index.table, "name", "") not in lacking]
+
+    def describe(self) -> str:
+        """``"index ix_a, column t.c"``: the indexes and columns missing, for a log line."""
+        named = [f"index {index.name}" for index in self.indexes]
+        named += [f"column {column.table.name}.{column.name}" for column in self.columns]
+        return ", ".join(named)
+
+
+def add_column_statement(column: sa.Column[Any], dialect: sa.Dialect) -> str:
+    """The ``ALTER TABLE ... ADD COLUMN`` that adds ``column`` to its existing table."""
+    preparer = dialect.identifier_preparer
+    definition = sa.schema.CreateColumn(column).compile(dialect=dialect)
+    return f"ALTER TABLE {preparer.format_table(column.table)} ADD COLUMN {definition}"
+
+
 class Store:
     """Where one app's deliveries, claims and ledger live, and how to reach them.
 
@@ -329,7 +357,15 @@ class Store:
                 return
             engine = self.engine
             if self.db is None:
-                self.create_tables()
+                gaps = self.create_tables()
+                if gaps.indexes or gaps.columns:
+                    # Not added here: building an index or a column on a large table
+                    # would hold the deliveries of every worker starting up.
+                    logger.warning(
+                        "nachocode: the tables lack %s of this version; deliveries work, "
+                        "but run `flask nachocode init-db` to add them",
+                        gaps.describe(),
+                    )
                 if engine.dialect.name == "sqlite":
                     _warn_if_flask_sqlalchemy_shares_the_file(engine)
             else:
@@ -358,10 +394,48 @@ class Store:
                 CREATE_TABLES_HINT,
             )
 
-    def create_tables(self) -> None:
-        """Create the ``nachocode_*`` tables that do not exist yet; safe when several
-        workers start at once."""
-        tables = [self.deliveries, self.claims, self.purchases, self.attempts]
+    def create_tables(self) -> SchemaGaps:
+        """Create the ``nachocode_*`` tables that do not exist yet, and return what
+        the database lacked before (:meth:`schema_gaps`); safe when several workers
+        start at once."""
+        return self._changing_schema(self._create_missing_tables)
+
+    def upgrade_schema(self) -> SchemaGaps:
+        """``init-db``: create the missing tables and the missing indexes of existing
+        ones, and return what the database lacked before. Missing columns are left
+        to the operator (:func:`add_column_statement`): adding one can rewrite a
+        large table while every delivery waits."""
+
+        def upgrade(connection: sa.Connection) -> SchemaGaps:
+            gaps = self._create_missing_tables(connection)
+            for index in gaps.addable_indexes():
+                index.create(connection)
+            return gaps
+
+        return self._changing_schema(upgrade)
+
+    def schema_gaps(self, connection: sa.Connection) -> SchemaGaps:
+        """What the database lacks of this version's tables: whole tables, and the
+        indexes and columns of tables that exist (a database made by an earlier version)."""
+        inspector = sa.inspect(connection)
+        existing = set(inspector.get_table_names())
+        gaps = SchemaGaps()
+        for table in (self.deliveries, self.claims, self.purchases, self.attempts):
+            if table.name not in existing:
+                gaps.tables.append(table)
+                continue
+            columns = {column["name"] for column in inspector.get_columns(table.name)}
+            gaps.columns.extend(column for column in table.columns if column.name not in columns)
+            indexes = {index["name"] for index in inspector.get_indexes(table.name)}
+            gaps.indexes.extend(index for index in table.indexes if index.name not in indexes)
+        return gaps
+
+    def _create_missing_tables(self, connection: sa.Connection) -> SchemaGaps:
+        gaps = self.schema_gaps(connection)
+        self.metadata.create_all(connection, tables=gaps.tables)
+        return gaps
+
+    def _changing_schema(self, change: Callable[[sa.Connection], SchemaGaps]) -> SchemaGaps:
         engine = self.engine
         if engine.dialect.name == "postgresql":
             # Concurrent CREATE TABLEs of one name fail on PostgreSQL even with
@@ -369,17 +443,17 @@ class Store:
             # and each one after the first finds the tables there.
             with engine.begin() as connection:
                 connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_CREATE_TABLES_LOCK)))
-                self.metadata.create_all(connection, tables=tables)
-            return
-        for attempt in range(5):
+                return change(connection)
+        for _ in range(4):
             try:
-                self.metadata.create_all(engine, tables=tables)
-                return
+                with engine.begin() as connection:
+                    return change(connection)
             except sa.exc.OperationalError:
                 # Another worker created a table between our check and our CREATE
                 # ("table ... already exists"); the next checked pass skips it.
-                if attempt == 4:
-                    raise
+                pass
+        with engine.begin() as connection:
+            return change(connection)
 
     def claim(
         self,

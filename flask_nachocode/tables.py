@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -163,30 +163,42 @@ def pg_claim(claims: sa.Table) -> Any:
 class ExactText(sa.types.TypeDecorator[str]):
     """A SQLAlchemy column type for text that must compare exactly on every
     database: the extension's identities, store ids, user ids and product ids, and
-    your own tables' user ids, as in ``mapped_column(ExactText(255), primary_key=True)``.
+    your own tables' user ids::
+
+        user_id: Mapped[str] = mapped_column(ExactText(255), primary_key=True)
 
     MySQL's default collations compare case- and accent-insensitively, and even its
     ``_bin`` collations ignore trailing spaces, so that ``testUser`` and ``TESTUSER``
-    (or ``x`` and ``x ``) would be one user. There the text is kept as UTF-8 bytes
-    (``VARBINARY(4 * length)``, or ``MEDIUMBLOB`` without a length), which compare
-    exactly whatever the server's defaults; values read back are ``str``. On SQLite and
-    PostgreSQL, which compare text exactly, it is ``VARCHAR(length)`` or ``TEXT``.
+    (or ``"x"`` and ``"x "``) would be one user. There the text is
+    kept as UTF-8 bytes: ``VARBINARY(4 * length)``, or ``MEDIUMBLOB`` without a
+    length. Bytes compare exactly whatever the server's defaults, and values read
+    back are ``str``. On SQLite and PostgreSQL, which compare text exactly, it is
+    ``VARCHAR(length)``, or ``TEXT`` without a length.
+
+    Give it a length when the column is a key or indexed: MySQL indexes a
+    ``MEDIUMBLOB`` only with a prefix length (``mysql_length`` on the ``Index``).
+    Flask-Migrate writes it into migrations as those standard types (see
+    :func:`alembic_render_item`).
     """
 
     impl = sa.Text
     cache_ok = True
 
     def __init__(self, length: int | None = None) -> None:
-        super().__init__()
+        # The impl carries the length too: repr(), and with it any rendering that
+        # falls back on it, would drop it otherwise.
+        super().__init__(length)
         self.length = length
 
-    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
-        if dialect.name in MYSQL_DIALECTS:
+    def portable_types(self) -> tuple[sa.types.TypeEngine[Any], sa.types.TypeEngine[Any]]:
+        """The standard types with this type's DDL: everywhere but MySQL, and on MySQL."""
+        if self.length:
             # Four bytes per character is UTF-8's longest.
-            binary = mysql.VARBINARY(self.length * 4) if self.length else mysql.MEDIUMBLOB()
-            return dialect.type_descriptor(binary)
-        text = sa.String(self.length) if self.length else sa.Text()
-        return dialect.type_descriptor(text)
+            return sa.String(self.length), mysql.VARBINARY(self.length * 4)
+        return sa.Text(), mysql.MEDIUMBLOB()
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        return _for_dialect(self.portable_types(), dialect)
 
     def process_bind_param(self, value: str | None, dialect: Dialect) -> Any:
         if value is not None and dialect.name in MYSQL_DIALECTS:
@@ -197,6 +209,14 @@ class ExactText(sa.types.TypeDecorator[str]):
         if isinstance(value, (bytes, bytearray)):
             return bytes(value).decode("utf-8")
         return value  # type: ignore[no-any-return]
+
+
+def _for_dialect(
+    types: tuple[sa.types.TypeEngine[Any], sa.types.TypeEngine[Any]], dialect: Dialect
+) -> sa.types.TypeEngine[Any]:
+    # Not passed through ``dialect.type_descriptor``: SQLAlchemy adapts it for binding
+    # itself, and psycopg's adaptation of ``Text`` compiles to ``VARCHAR`` in DDL.
+    return types[1] if dialect.name in MYSQL_DIALECTS else types[0]
 
 
 def _long(type_: sa.types.TypeEngine[Any], mysql_type: sa.types.TypeEngine[Any]) -> Any:
@@ -235,10 +255,12 @@ class UTCTimestamp(sa.types.TypeDecorator[datetime]):
     impl = sa.DateTime(timezone=True)
     cache_ok = True
 
+    def portable_types(self) -> tuple[sa.types.TypeEngine[Any], sa.types.TypeEngine[Any]]:
+        """The standard types with this type's DDL: everywhere but MySQL, and on MySQL."""
+        return sa.DateTime(timezone=True), mysql.DATETIME(fsp=6)
+
     def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
-        if dialect.name in MYSQL_DIALECTS:
-            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
-        return dialect.type_descriptor(self.impl_instance)
+        return _for_dialect(self.portable_types(), dialect)
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -252,6 +274,30 @@ class UTCTimestamp(sa.types.TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
+
+
+def alembic_render_item(kind: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
+    """Alembic's ``render_item`` hook: write :class:`ExactText` and :class:`UTCTimestamp`
+    columns into a generated migration as the standard SQLAlchemy types they stand
+    for, e.g. ``sa.String(length=256).with_variant(mysql.VARBINARY(length=1024),
+    'mysql', 'mariadb')``, importing what that needs.
+
+    Alembic writes any other type from outside SQLAlchemy as ``module.Class(...)``
+    without importing the module, so the migration fails with ``NameError``. The
+    extension passes this hook to Flask-Migrate by itself; name it in
+    ``context.configure(render_item=...)`` only in an ``env.py`` of your own that
+    does not take Flask-Migrate's ``configure_args``. The migration keeps the DDL of
+    the day it was generated, as migrations should, and needs no import of this
+    package to run.
+    """
+    if kind != "type" or not isinstance(obj, (ExactText, UTCTimestamp)):
+        return False
+    generic, on_mysql = obj.portable_types()
+    if autogen_context.imports is not None:
+        autogen_context.imports.add("from sqlalchemy.dialects import mysql")
+    prefix = autogen_context.opts.get("sqlalchemy_module_prefix") or ""
+    dialects = ", ".join(repr(name) for name in MYSQL_DIALECTS)
+    return f"{prefix}{generic!r}.with_variant(mysql.{on_mysql!r}, {dialects})"
 
 
 def _table(metadata: sa.MetaData, name: str, *columns: Any, **options: Any) -> sa.Table:

@@ -3,6 +3,7 @@ deliveries, and `urls`."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -236,11 +237,154 @@ def test_init_db_creates_the_tables(make_effects_app: Any) -> None:
     assert "nachocode_claims" not in sa.inspect(engine).get_table_names()
     result = run(store_app, "init-db")
     assert result.exit_code == 0, result.output
-    assert "created the nachocode tables" in result.output
+    assert "created table nachocode_claims" in result.output
+    assert "are up to date" in result.output
     assert {"nachocode_deliveries", "nachocode_claims", "nachocode_purchases"} <= set(
         sa.inspect(engine).get_table_names()
     )
-    assert run(store_app, "init-db").exit_code == 0  # again: nothing to do, no error
+    again = run(store_app, "init-db")  # nothing to do, no error
+    assert again.exit_code == 0
+    assert "created" not in again.output
+    engine.dispose()
+
+
+#: The tables as version 0.1.0 created them (``{...}``: what differs by database).
+#: Deferral added ``nachocode_attempts`` since; later versions may add indexes.
+FIRST_RELEASE_DDL = """
+CREATE TABLE nachocode_claims (
+    identity VARCHAR(512) NOT NULL, event VARCHAR(32) NOT NULL,
+    claimed_at {stamp} NOT NULL, PRIMARY KEY (identity)
+){without_rowid};
+CREATE TABLE nachocode_deliveries (
+    id {serial} NOT NULL, event VARCHAR(32), route VARCHAR(32) NOT NULL,
+    outcome VARCHAR(16) NOT NULL, status INTEGER NOT NULL, identity VARCHAR(512),
+    user_id TEXT, iap_log_id BIGINT, body {blob}, headers JSON, remote_addr VARCHAR(64),
+    received_at {stamp} NOT NULL, finished_at {stamp} NOT NULL, duration_ms FLOAT NOT NULL,
+    error TEXT, traceback TEXT, replay_of BIGINT, replay_count INTEGER DEFAULT '0' NOT NULL,
+    PRIMARY KEY (id)
+);
+CREATE INDEX ix_nachocode_deliveries_user_id ON nachocode_deliveries (user_id);
+CREATE INDEX ix_nachocode_deliveries_replay_of ON nachocode_deliveries (replay_of)
+    WHERE replay_of IS NOT NULL;
+CREATE INDEX ix_nachocode_deliveries_iap_log_id ON nachocode_deliveries (iap_log_id);
+CREATE TABLE nachocode_purchases (
+    id {serial} NOT NULL, platform VARCHAR(16) NOT NULL,
+    store_purchase_id VARCHAR(256) NOT NULL, store_token TEXT NOT NULL, user_id TEXT NOT NULL,
+    iap_log_id BIGINT NOT NULL, nacho_product_id TEXT NOT NULL, product_id TEXT NOT NULL,
+    product_type VARCHAR(16) NOT NULL, environment VARCHAR(16) NOT NULL,
+    quantity INTEGER NOT NULL, unit_price VARCHAR(64) NOT NULL,
+    refunded_quantity INTEGER NOT NULL, state VARCHAR(24) NOT NULL,
+    purchase_received BOOLEAN NOT NULL, purchased_at {stamp}, verified_at {stamp},
+    refunded_at {stamp}, updated_at {stamp} NOT NULL, PRIMARY KEY (id),
+    CONSTRAINT uq_nachocode_purchases_store_id UNIQUE (platform, store_purchase_id)
+);
+CREATE INDEX ix_nachocode_purchases_iap_log_id ON nachocode_purchases (iap_log_id);
+CREATE INDEX ix_nachocode_purchases_user_id ON nachocode_purchases (user_id)
+"""
+FIRST_RELEASE_TYPES = {
+    "sqlite": {
+        "stamp": "DATETIME",
+        "serial": "INTEGER",
+        "blob": "BLOB",
+        "without_rowid": " WITHOUT ROWID",
+    },
+    "postgresql": {
+        "stamp": "TIMESTAMP WITH TIME ZONE",
+        "serial": "BIGSERIAL",
+        "blob": "BYTEA",
+        "without_rowid": "",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "store_variant", [("sqlite", "own_engine"), ("postgresql", "own_engine")], indirect=True
+)
+def test_init_db_brings_a_first_release_database_up_to_date(
+    make_effects_app: Any, database_url: str
+) -> None:
+    # 0.1.0 ran on SQLite and PostgreSQL only. Its purchases must still be known
+    # (a re-sent one is a duplicate), and every table and index of this version
+    # must be there after init-db, whatever this version added.
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    ddl = FIRST_RELEASE_DDL.format(**FIRST_RELEASE_TYPES[engine.dialect.name])
+    old_purchase = purchase_payload()
+    with engine.begin() as connection:
+        for statement in ddl.split(";"):
+            connection.exec_driver_sql(statement)
+        connection.execute(
+            sa.text("INSERT INTO nachocode_claims VALUES (:identity, 'purchase', :now)"),
+            {"identity": f"purchase:ios:{old_purchase['data']['transactionId']}", "now": utcnow()},
+        )
+    store_app = make_effects_app(url=database_url)
+
+    result = run(store_app, "init-db")
+    assert result.exit_code == 0, result.output
+    assert "created table nachocode_attempts" in result.output
+    with store_app.app.app_context(), store_app.store.engine.connect() as connection:
+        gaps = store_app.store.schema_gaps(connection)
+    assert (gaps.tables, gaps.indexes, gaps.columns) == ([], [], [])
+    assert run(store_app, "init-db").output.count("created") == 0
+
+    assert post_delivery(store_app.client, "purchase", old_purchase).get_json()["duplicate"]
+    new_purchase = purchase_payload()
+    assert post_delivery(store_app.client, "purchase", new_purchase).status_code == 200
+    assert store_app.effects() == [f"purchase:ios:{new_purchase['data']['transactionId']}"]
+    engine.dispose()
+
+
+@pytest.mark.every_database
+def test_init_db_adds_a_missing_index_that_first_use_only_reports(
+    make_effects_app: Any, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first use creates missing tables itself, cheaply; an index on a table in
+    # use is built by init-db, which the first use's log names.
+    setup = make_effects_app(url=database_url)
+    assert run(setup, "init-db").exit_code == 0
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    (index,) = [i for i in setup.store.purchases.indexes if i.name.endswith("iap_log_id")]
+    index.drop(engine)
+
+    store_app = make_effects_app(url=database_url)
+    with caplog.at_level(logging.WARNING, logger="flask_nachocode"):
+        answer = post_delivery(store_app.client, "purchase", purchase_payload())
+    assert answer.status_code == 200
+    assert f"index {index.name}" in caplog.text
+    assert "flask nachocode init-db" in caplog.text
+
+    result = run(store_app, "init-db")
+    assert result.exit_code == 0, result.output
+    assert f"created index {index.name}" in result.output
+    names = {i["name"] for i in sa.inspect(engine).get_indexes("nachocode_purchases")}
+    assert index.name in names
+    engine.dispose()
+
+
+@pytest.mark.every_database
+def test_init_db_prints_the_statement_for_a_missing_column(
+    make_effects_app: Any, database_url: str
+) -> None:
+    # A column is not added by init-db: it says what to run, and that is enough.
+    store_app = make_effects_app(url=database_url)
+    assert run(store_app, "init-db").exit_code == 0
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE nachocode_deliveries DROP COLUMN replay_count")
+
+    result = run(store_app, "init-db")
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    (statement,) = [
+        line.strip().rstrip(";") for line in result.output.splitlines() if "ALTER TABLE" in line
+    ]
+    assert "replay_count" in statement
+    with engine.begin() as connection:
+        connection.exec_driver_sql(statement)
+    again = run(store_app, "init-db")
+    assert again.exit_code == 0, again.output
+    assert "up to date" in again.output
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("nachocode_deliveries")}
+    assert "replay_count" in columns
     engine.dispose()
 
 
