@@ -338,8 +338,10 @@ def urls(base_url: str) -> None:
 @nachocode_cli.command("send")
 @click.argument("event", type=EventChoice())
 @click.option(
-    "--url", help=f"Where to POST. Default: this app's route for EVENT on {DEFAULT_BASE_URL}."
+    "--base-url",
+    help=f"Where the app runs (default {DEFAULT_BASE_URL}): POST to its route for EVENT there.",
 )
+@click.option("--url", help="Where to POST: a full URL, instead of --base-url and the route.")
 @click.option(
     "--key", help="Webhook key sent as Bearer. Default: the first NACHOCODE_WEBHOOK_KEY, if any."
 )
@@ -371,6 +373,7 @@ def urls(base_url: str) -> None:
 @with_appcontext
 def send(
     event: str,
+    base_url: str | None,
     url: str | None,
     key: str | None,
     platform: str | None,
@@ -394,7 +397,12 @@ def send(
         raise click.UsageError("--os applies to built bodies, not to --file")
     if platform and event == "unavailable_users":
         raise click.UsageError("--os applies to purchase and refund, not unavailable_users")
-    url = _check_http_url(url, "--url") if url else webhook_url(DEFAULT_BASE_URL, event)
+    if url and base_url:
+        raise click.UsageError("--url is the whole URL; give it or --base-url, not both")
+    if url:
+        url = _check_http_url(url, "--url")
+    else:
+        url = webhook_url(_check_http_url(base_url or DEFAULT_BASE_URL, "--base-url"), event)
     if key is None and current_state().keys:
         key = current_state().keys[0].decode("utf-8")
 

@@ -374,8 +374,10 @@ def apply_refund(
 class Ledger:
     """Read the ledger: ``nachocode.ledger`` on the extension.
 
-    Every query keeps sandbox and production apart: ``environment`` defaults to
-    ``"production"``; pass ``"sandbox"`` for test purchases, or ``None`` for both.
+    Every query finds purchases of both environments unless ``environment`` names
+    one: ``"production"`` leaves out sandbox (test) purchases, ``"sandbox"`` keeps
+    only them. Sandbox purchases count by default because your handlers received
+    them too, and app review buys in sandbox against your live server.
     Inside a webhook handler, queries see the delivery's own uncommitted writes.
     A user or product id that no delivery can carry (longer than
     :data:`~flask_nachocode.schemas.MAX_ID_LENGTH` characters, or holding a NUL)
@@ -398,7 +400,7 @@ class Ledger:
         return [Purchase.from_row(row) for row in store.session.execute(statement)]
 
     def get(
-        self, iap_log_id: int, *, environment: str | None = "production", user_id: str | None = None
+        self, iap_log_id: int, *, environment: str | None = None, user_id: str | None = None
     ) -> Purchase | None:
         """The purchase whose ``iapLogId`` (the SDK's ``purchaseId``) is given;
         with ``user_id``, only when that user made it. A row that only an early
@@ -422,9 +424,7 @@ class Ledger:
         )
         return found[0] if found else None
 
-    def purchases_of(
-        self, user_id: str, *, environment: str | None = "production"
-    ) -> list[Purchase]:
+    def purchases_of(self, user_id: str, *, environment: str | None = None) -> list[Purchase]:
         """Every purchase of a user, newest first, refunded ones included."""
         if not fits_id(user_id):
             return []
@@ -442,13 +442,11 @@ class Ledger:
             environment=environment,
         )
 
-    def owns(self, user_id: str, product: str, *, environment: str | None = "production") -> bool:
+    def owns(self, user_id: str, product: str, *, environment: str | None = None) -> bool:
         """Whether the user holds a product now: a handled purchase of it that is
         not fully refunded. ``product`` is the store's productId or the nachoProductId."""
         return any(p.net_quantity > 0 for p in self._of_product(user_id, product, environment))
 
-    def net_quantity(
-        self, user_id: str, product: str, *, environment: str | None = "production"
-    ) -> int:
+    def net_quantity(self, user_id: str, product: str, *, environment: str | None = None) -> int:
         """Units of a consumable the user bought, minus those refunded."""
         return sum(p.net_quantity for p in self._of_product(user_id, product, environment))

@@ -278,31 +278,36 @@ def test_a_handler_that_raises_rolls_the_ledger_back(shop: Shop, event: str) -> 
     assert purchase.refunded_quantity == (1 if event == "refund" else 0)
 
 
-def test_sandbox_and_production_are_kept_apart(shop: Shop) -> None:
+def test_queries_find_every_environment_unless_one_is_asked_for(shop: Shop) -> None:
     ledger = shop.ext.ledger
     live = purchase_payload(environment="production", quantity=2, userId="u1")
-    test = purchase_payload(environment="sandbox", quantity=5, userId="u1")
+    # What `flask nachocode send` and the test factories build: a sandbox purchase.
+    test = purchase_payload(quantity=5, userId="u1")
+    assert test["environment"] == "sandbox"
     other_user = purchase_payload(environment="production", quantity=7, userId="u2")
     for payload in (live, test, other_user):
         shop.post("purchase", payload)
     product = live["productId"]
 
-    assert shop.read(ledger.net_quantity, "u1", product) == 2
+    assert shop.read(ledger.get, test["iapLogId"]).environment == "sandbox"
+    assert shop.read(ledger.get, test["iapLogId"], environment="production") is None
+    assert shop.read(ledger.get, test["iapLogId"], environment="sandbox") is not None
+    assert shop.read(ledger.get, live["iapLogId"], user_id="u2") is None
+    assert shop.read(ledger.net_quantity, "u1", product) == 7
+    assert shop.read(ledger.net_quantity, "u1", product, environment="production") == 2
     assert shop.read(ledger.net_quantity, "u1", product, environment="sandbox") == 5
-    assert shop.read(ledger.net_quantity, "u1", product, environment=None) == 7
-    assert [p.iap_log_id for p in shop.read(ledger.purchases_of, "u1")] == [live["iapLogId"]]
-    assert [p.iap_log_id for p in shop.read(ledger.purchases_of, "u1", environment=None)] == [
+    assert [p.iap_log_id for p in shop.read(ledger.purchases_of, "u1")] == [
         test["iapLogId"],
         live["iapLogId"],  # newest first
     ]
-    assert shop.read(ledger.get, test["iapLogId"]) is None
-    assert shop.read(ledger.get, test["iapLogId"], environment="sandbox") is not None
-    assert shop.read(ledger.get, live["iapLogId"], user_id="u2") is None
+    assert [
+        p.iap_log_id for p in shop.read(ledger.purchases_of, "u1", environment="production")
+    ] == [live["iapLogId"]]
 
     shop.post("refund", refund_payload(live))
-    assert not shop.read(ledger.owns, "u1", product)
+    assert shop.read(ledger.owns, "u1", product)  # the sandbox units are still held
+    assert not shop.read(ledger.owns, "u1", product, environment="production")
     assert shop.read(ledger.owns, "u1", product, environment="sandbox")
-    assert shop.read(ledger.owns, "u1", product, environment=None)
 
 
 def test_refunds_arriving_out_of_order_keep_the_latest_refund_time(shop: Shop) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -134,6 +138,43 @@ def test_the_manual_example_passes_with_the_installed_plugin(pytester: pytest.Py
         "-p", "no:cacheprovider", f"--rootdir={pytester.path}", "-o", f"pythonpath={ROOT}"
     )
     result.assert_outcomes(passed=3)
+
+
+def manual_files(section_title: str) -> dict[str, str]:
+    """The files a section of the manual's Testing page shows, by their captions."""
+    page = (ROOT / "docs" / "testing.rst").read_text()
+    section = page.split(f"\n{section_title}\n", 1)[1].split("\n---", 1)[0]
+    blocks = re.findall(r"\.\. code-block:: \w+\n   :caption: (\S+)\n\n((?:   .*\n|\n)+)", section)
+    return {name: textwrap.dedent(text) for name, text in blocks}
+
+
+@pytest.mark.parametrize("configured", [True, False], ids=["pythonpath", "without"])
+def test_a_new_apps_tests_run_with_a_plain_pytest(tmp_path: Path, configured: bool) -> None:
+    files = manual_files("A new app's tests")
+    assert set(files) == {"pyproject.toml", "tests/conftest.py", "tests/test_coins.py"}
+    if not configured:  # the failure the page's configuration is there to prevent
+        files["pyproject.toml"] = files["pyproject.toml"].replace('pythonpath = ["."]', "")
+    project = tmp_path / "coins"
+    (project / "tests").mkdir(parents=True)
+    shutil.copy(ROOT / "examples" / "minimal.py", project / "coins.py")
+    for name, text in files.items():
+        (project / name).write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "FLASK_"))}
+    # `pytest` itself, run from the project's root, as the page says; not `python -m pytest`.
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "pytest"), "-p", "no:cacheprovider"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if configured:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "1 passed" in result.stdout
+    else:
+        assert result.returncode != 0
+        assert "No module named 'coins'" in result.stdout + result.stderr
 
 
 def test_post_without_an_app_fixture_says_what_is_missing(pytester: pytest.Pytester) -> None:

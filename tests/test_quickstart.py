@@ -1,22 +1,30 @@
-"""The quickstart's app (examples/minimal.py) works as the manual shows it.
+"""A newcomer's first run: the README's commands and the quickstart's app
+(examples/minimal.py) work as printed.
 
 The app is loaded the way ``flask --app examples/minimal.py`` loads it, and the
-commands the quickstart prints are run as a user runs them, from the repository root.
+commands the quickstart and the README print are run as a user runs them, from the
+repository root (the README's, in a fresh copy of the repository).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import requests
 from flask import Flask
 from flask.cli import ScriptInfo
 
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
+
+from support.common import load_fixture
+from support.live import free_port, live_server
 
 ROOT = Path(__file__).parent.parent
 APP = "examples/minimal.py"
@@ -115,3 +123,114 @@ def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with app.app_context():
         module = sys.modules["coins"]
         assert module.db.session.get(module.Wallet, "dana").coins == 200
+
+
+def readme_commands(readme: str, heading: str) -> list[str]:
+    """The ``sh`` blocks of one section of a README, as a reader copies them."""
+    section = readme.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```sh\n(.*?)^```", section, flags=re.M | re.S)
+
+
+def a_fresh_shell() -> dict[str, str]:
+    """A newcomer's environment: none of this project's variables, no virtualenv active."""
+    here = str(Path(sys.executable).parent)
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("FLASK_", "NACHOCODE_", "PYTHON")) and name != "VIRTUAL_ENV"
+    }
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != here)
+    return env
+
+
+@pytest.mark.integration
+@pytest.mark.once  # pip and a server, once: what pip resolves is not the matrix's concern
+def test_the_readmes_first_run_works_as_printed(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start_the_shop, send_a_purchase = readme_commands(readme, "## Run the example shop")
+    # What a clone holds: the sources, without this checkout's virtualenv, database or caches.
+    clone = tmp_path / "flask-nachocode"
+    shutil.copytree(
+        ROOT,
+        clone,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "instance",
+            "_build",
+            "*.egg-info",
+            "__pycache__",
+            ".*_cache",
+            "test-artifacts",
+            "dist",
+            "build",
+        ),
+    )
+    port = free_port()
+    # FLASK_RUN_PORT and FLASK_NACHOCODE_SEND_BASE_URL are `flask run --port` and
+    # `send --base-url`, read from the environment: the commands run as printed, on a
+    # port of the test's own instead of 5000.
+    shell = {**a_fresh_shell(), "FLASK_RUN_PORT": str(port)}
+    with live_server(
+        ["bash", "-c", start_the_shop],
+        port=port,
+        env=shell,
+        cwd=clone,
+        process_group=True,
+        timeout=600,  # creating the virtualenv and installing come first
+        log_path=tmp_path / "shop.log",
+    ) as base_url:
+        sent = subprocess.run(
+            ["bash", "-c", send_a_purchase],
+            cwd=clone,
+            env={**shell, "FLASK_NACHOCODE_SEND_BASE_URL": base_url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert sent.stdout.splitlines()[1].startswith("200 OK")
+        answer = json.loads("\n".join(sent.stdout.splitlines()[2:]))
+        assert answer["duplicate"] is False
+
+        # "The delivery inspector at http://127.0.0.1:5000/nachocode/deliveries then shows it."
+        (inspector,) = re.findall(r"<http://127\.0\.0\.1:5000(/nachocode/deliveries)>", readme)
+        listed = requests.get(base_url + inspector, timeout=10)
+        assert listed.status_code == 200
+        assert f"{inspector}/{answer['delivery']}" in listed.text
+        page = requests.get(f"{base_url}{inspector}/{answer['delivery']}", timeout=10)
+        body = json.loads(
+            (clone / "examples" / "instance" / "nachocode-last-sent.json").read_text()
+        )
+        assert str(body["purchase"]["iapLogId"]) in page.text
+
+        # The key the README names is the shop's: Nachocode's own example purchase gets in with it.
+        (key,) = re.findall(r"The shop's webhook key is `([^`]+)`", readme)
+        assert f"`{key}`" in (ROOT / "README.ko.md").read_text(encoding="utf-8")
+        posted = requests.post(
+            f"{base_url}/nachocode/webhooks/purchase",
+            json=load_fixture("purchase-ios"),
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+        assert posted.status_code == 200, posted.text
+
+
+def test_the_quickstart_gives_the_same_first_run_as_the_readme() -> None:
+    # The README's first run is tested above; the manual's copy must not drift from it.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quickstart = (ROOT / "docs" / "quickstart.rst").read_text(encoding="utf-8")
+    for command in readme_commands(readme, "## Run the example shop"):
+        assert f"   {command.strip()}\n" in quickstart
+    (key,) = re.findall(r"The shop's webhook key is `([^`]+)`", readme)
+    assert f"The shop's webhook key is ``{key}``" in quickstart
+
+
+def test_ci_runs_the_readmes_test_command() -> None:
+    # The README's other command, run as printed on a fresh checkout by .ci/run's last step.
+    ci = ROOT / ".ci" / "run"
+    if not ci.exists():
+        pytest.skip("no .ci/ here (an sdist)")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (command,) = readme_commands(readme, "## Run the tests")
+    assert command.strip() in ci.read_text().splitlines()

@@ -49,11 +49,11 @@ def base_url(app_env: dict[str, str], instance: Path) -> Iterator[str]:
 @pytest.fixture
 def send(app_env: dict[str, str], base_url: str) -> Send:
     """Run `flask nachocode send ARGS...` as a user does, against the live app
-    unless --url is given."""
+    unless --url or --base-url is given."""
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         command = [str(BIN / "flask"), "nachocode", "send", *args]
-        if "--url" not in args:
+        if "--url" not in args and "--base-url" not in args:
             event = args[0]
             path = {"unavailable_users": "unavailable-users"}.get(event, event)
             command += ["--url", f"{base_url}/nachocode/webhooks/{path}"]
@@ -123,6 +123,35 @@ def test_send_takes_the_urls_spelling_of_unavailable_users(send: Send, instance:
     # Kept under the event's name: --repeat finds it whichever spelling sent it.
     assert send("unavailable_users", "--repeat").returncode == 0
     assert handled(instance)[-1]["raw"] == last_sent(instance, "unavailable_users")
+
+
+def test_base_url_sends_to_the_route_of_the_event_on_that_server(
+    send: Send, instance: Path, base_url: str
+) -> None:
+    # What a user under gunicorn types: the server's address, not each route's URL.
+    before = len(handled(instance))
+    result = send("unavailable-users", "--base-url", f"{base_url}/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"POST {base_url}/nachocode/webhooks/unavailable-users ")
+    assert len(handled(instance)) == before + 1
+    assert handled(instance)[-1]["event"] == "unavailable_users"
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--base-url", "ftp://127.0.0.1"], "is not an http:// or https:// URL"),
+        (["--url", "http://127.0.0.1:1/x"], "give it or --base-url, not both"),
+    ],
+)
+def test_base_url_refuses_a_wrong_url_and_a_url_beside_it(
+    send: Send, instance: Path, base_url: str, args: list[str], error: str
+) -> None:
+    before = handled(instance)
+    result = send("purchase", *(["--base-url", base_url] if "--url" in args else []), *args)
+    assert result.returncode == 2
+    assert error in result.stderr
+    assert handled(instance) == before
 
 
 def test_each_send_is_a_new_delivery(send: Send, instance: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,16 +33,24 @@ def live_server(
     log_path: Path | None = None,
     ready_path: str = "/",
     timeout: float = 30.0,
+    cwd: Path = ROOT,
+    process_group: bool = False,
 ) -> Iterator[str]:
     """Run ``args`` (a server listening on ``port``) until the block ends; yield its base URL.
 
-    Output goes to ``log_path`` so a failing test can show what the server said.
+    Output goes to ``log_path`` so a failing test can show what the server said. With
+    ``process_group``, the end stops every process ``args`` started (a shell's children too).
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with ExitStack() as closing:
         log = closing.enter_context(open(log_path, "wb")) if log_path else subprocess.DEVNULL
         process = subprocess.Popen(
-            args, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
+            args,
+            cwd=cwd,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=process_group,
         )
         base_url = f"http://127.0.0.1:{port}"
         try:
@@ -64,11 +73,14 @@ def live_server(
                     time.sleep(0.1)
             yield base_url
         finally:
-            process.terminate()
+            stop = (
+                (lambda sig: os.killpg(process.pid, sig)) if process_group else process.send_signal
+            )
+            stop(signal.SIGTERM)
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                process.kill()
+                stop(signal.SIGKILL)
                 process.wait()
 
 
