@@ -5,8 +5,8 @@ handles, on SQLite and PostgreSQL, with Redis as the broker (and RabbitMQ once,
 to show nothing depends on Redis).
 
 The real-process tests carry the ``integration`` marker and need
-NACHOCODE_TEST_REDIS_URL (a Redis database that is flushed: give it one of its
-own, e.g. redis://127.0.0.1:6379/7) and, for the RabbitMQ run,
+NACHOCODE_TEST_REDIS_URL (a Redis database; each test uses a queue of its own
+and deletes only its keys, e.g. redis://127.0.0.1:6379/7) and, for the RabbitMQ run,
 NACHOCODE_TEST_RABBITMQ_URL; they are skipped without them.
 """
 
@@ -33,7 +33,7 @@ from flask import Flask
 from flask_nachocode import NachocodeWebhook, Refuse, delivery_failed, delivery_retry
 from flask_nachocode.testing import post_delivery, purchase_payload
 
-from support.common import WEBHOOK_KEY
+from support.common import WEBHOOK_KEY, drop_queue
 from support.live import BIN, ROOT, free_port, gunicorn_args, live_server
 
 #: Every test here runs on SQLite and on PostgreSQL (tests/conftest.py).
@@ -380,13 +380,7 @@ def _broker(kind: str) -> Iterator[str]:
     if kind == "redis":
         if not REDIS_URL:
             pytest.skip("NACHOCODE_TEST_REDIS_URL is not set; Celery worker tests skipped")
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        client.flushdb()  # this test's database only, never FLUSHALL
         yield REDIS_URL
-        client.flushdb()
-        client.close()
     else:
         if not RABBITMQ_URL:
             pytest.skip("NACHOCODE_TEST_RABBITMQ_URL is not set; RabbitMQ test skipped")
@@ -399,11 +393,7 @@ def deferred(database_url: str, broker_url: str, tmp_path: Path) -> Iterator[Def
     run.python(CREATE_TABLES)
     yield run
     run.stop_workers()
-    if broker_url.startswith("amqp"):
-        from kombu import Connection
-
-        with Connection(broker_url) as connection:
-            connection.default_channel.queue_delete(run.queue)
+    drop_queue(broker_url, run.queue)
 
 
 @pytest.mark.integration
@@ -440,10 +430,7 @@ def test_nothing_depends_on_redis(postgres_url: str, tmp_path: Path) -> None:
             _kill_mid_handler(run)
         finally:
             run.stop_workers()
-            from kombu import Connection
-
-            with Connection(broker) as connection:
-                connection.default_channel.queue_delete(run.queue)
+            drop_queue(broker, run.queue)
 
 
 @pytest.mark.integration
@@ -585,8 +572,8 @@ def test_a_flushed_broker_loses_the_tasks_and_requeue_recovers_them(deferred: De
         assert [deferred.post(p).status_code for p in purchases] == [202] * 5
         client = redis.Redis.from_url(deferred.broker_url)
         assert client.llen(deferred.queue) == 5
-        client.flushdb()  # Redis restarted without persistence
         client.close()
+        drop_queue(deferred.broker_url, deferred.queue)  # Redis restarted without persistence
         deferred.start_worker()
         time.sleep(2)
         assert deferred.outcomes() == ["queued"] * 5  # the tasks are gone
