@@ -3,6 +3,7 @@ deliveries, and `urls`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -98,6 +99,18 @@ def test_show_pretty_prints_the_body_and_escapes_control_characters(make_effects
     missing = run(store_app, "show", "99")
     assert missing.exit_code == 1
     assert "no delivery 99" in missing.output
+
+
+@pytest.mark.every_database
+def test_show_prints_a_lone_surrogate_as_its_escape(make_effects_app: Any) -> None:
+    # Valid JSON ("\\ud800") and a valid purchase, but no terminal can print the character.
+    store_app = make_effects_app()
+    body = json.dumps(purchase_payload(userId="lone", note="\ud800"))
+    delivery = delivery_id(post_delivery(store_app.client, "purchase", body))
+    shown = run(store_app, "show", str(delivery))
+    assert shown.exit_code == 0, shown.output
+    assert shown.exception is None
+    assert '\n  "note": "\\ud800"\n' in shown.output
 
 
 @pytest.mark.every_store
