@@ -34,14 +34,26 @@ def normalize_keys(configured: KeyConfig) -> tuple[bytes, ...]:
     for key in candidates:
         if not isinstance(key, str) or not key.strip():
             raise ValueError("NACHOCODE_WEBHOOK_KEY entries must be non-empty strings")
-        if any(ch.isspace() for ch in key):
-            # A bearer token cannot carry white space, so such a key (usually a
-            # copy-paste slip) would refuse every delivery with a 401.
-            raise ValueError("NACHOCODE_WEBHOOK_KEY entries must not contain spaces or line breaks")
-        keys.append(key.encode("utf-8"))
+        try:
+            keys.append(key_bytes(key))
+        except ValueError as error:
+            raise ValueError(f"NACHOCODE_WEBHOOK_KEY entries {error}") from None
     if not keys:
         raise ValueError("NACHOCODE_WEBHOOK_KEY is an empty list; use None to disable the check")
     return tuple(keys)
+
+
+def key_bytes(key: str) -> bytes:
+    """``key`` as the bytes a Bearer header carries: its UTF-8. ``ValueError`` (whose
+    message follows "a key") for a key that no delivery could match."""
+    if any(ch.isspace() for ch in key):
+        # A bearer token cannot carry white space, so such a key (usually a
+        # copy-paste slip) would refuse every delivery with a 401.
+        raise ValueError("must not contain spaces or line breaks")
+    try:
+        return key.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8, passed on as lone surrogates
+        raise ValueError("must be UTF-8 text") from None
 
 
 def check_bearer(authorization: str | None, keys: tuple[bytes, ...]) -> None:

@@ -18,10 +18,15 @@ from .delivery import replay as replay_delivery
 from .display import escape_controls, pretty_json
 from .errors import WebhookError
 from .events import EVENT_SPELLINGS, ROUTES, ROUTES_BY_EVENT
+from .schemas import MAX_ID, parse_id
 from .sender import (
     DEFAULT_BASE_URL,
+    check_key,
+    check_url,
     deliver,
+    encode_body,
     read_last_sent,
+    refund_of_last_purchase,
     save_last_sent,
     set_field,
     show_answer,
@@ -29,7 +34,7 @@ from .sender import (
 from .state import current_state
 from .store import DeliveryFilter, add_column_statement, describe_database_error
 from .tables import OUTCOMES
-from .testing import payload_for, refund_payload
+from .testing import payload_for
 from .worker import requeue
 
 
@@ -59,6 +64,23 @@ class EventChoice(click.Choice):  # type: ignore[type-arg]
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         return EVENT_SPELLINGS[super().convert(value, param, ctx)]
+
+
+class WholeNumber(click.IntRange):
+    """A whole number in ASCII digits, from ``min`` to ``max``. Click's int also takes
+    other scripts' digits ("٣" is 3), signs, spaces and underscores, as the inspector
+    does not (it uses :func:`flask_nachocode.schemas.parse_id` too)."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            number = parse_id(value)
+            if number is None:
+                wanted = f"a whole number in digits 0-9 up to {MAX_ID}"
+                self.fail(f"{value!r} is not {wanted}", param, ctx)
+            value = number
+        return super().convert(value, param, ctx)
 
 
 @click.group("nachocode")
@@ -103,7 +125,7 @@ def init_db() -> None:
     is_flag=True,
     help="List replays too; by default each delivery is listed once, with its latest outcome.",
 )
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--limit", default=20, show_default=True, type=WholeNumber(1, 10_000))
 @with_appcontext
 @_needs_store
 def list_deliveries(outcome: str | None, event: str | None, replays: bool, limit: int) -> None:
@@ -127,7 +149,7 @@ def list_deliveries(outcome: str | None, event: str | None, replays: bool, limit
 
 
 @nachocode_cli.command("show")
-@click.argument("delivery_id", type=int)
+@click.argument("delivery_id", type=WholeNumber())
 @with_appcontext
 @_needs_store
 def show(delivery_id: int) -> None:
@@ -173,7 +195,7 @@ def show(delivery_id: int) -> None:
 
 
 @nachocode_cli.command("replay")
-@click.argument("delivery_id", type=int, required=False)
+@click.argument("delivery_id", type=WholeNumber(), required=False)
 @click.option(
     "--failed",
     "all_failed",
@@ -232,7 +254,7 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
     "minutes",
     default=10,
     show_default=True,
-    type=click.IntRange(0),
+    type=WholeNumber(0),
     help="Minutes a queued delivery's next attempt has been due.",
 )
 @with_appcontext
@@ -268,7 +290,7 @@ def requeue_command(minutes: int) -> None:
 
 
 @nachocode_cli.command("prune")
-@click.option("--older-than", "days", required=True, type=click.IntRange(0), help="Age in days.")
+@click.option("--older-than", "days", required=True, type=WholeNumber(0), help="Age in days.")
 @with_appcontext
 @_needs_store
 def prune(days: int) -> None:
@@ -291,13 +313,6 @@ def webhook_url(base_url: str, route: str) -> str:
     return f"{base_url.rstrip('/')}{current_state().url_prefix}{ROUTES_BY_EVENT[route].path}"
 
 
-def _check_http_url(value: str, option: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise click.BadParameter(f"{value!r} is not an http:// or https:// URL", param_hint=option)
-    return value
-
-
 @nachocode_cli.command("urls")
 @click.option(
     "--base-url",
@@ -309,7 +324,7 @@ def _check_http_url(value: str, option: str) -> str:
 def urls(base_url: str) -> None:
     """The URL of each webhook route, labelled with the Nachocode dashboard
     field it goes into, and whether a webhook key is configured."""
-    _check_http_url(base_url, "--base-url")
+    check_url(base_url, "--base-url")
     width = max(len(route.dashboard_field) for route in ROUTES)
     for route in ROUTES:
         click.echo(
@@ -400,11 +415,13 @@ def send(
     if url and base_url:
         raise click.UsageError("--url is the whole URL; give it or --base-url, not both")
     if url:
-        url = _check_http_url(url, "--url")
+        url = check_url(url, "--url")
     else:
-        url = webhook_url(_check_http_url(base_url or DEFAULT_BASE_URL, "--base-url"), event)
+        url = webhook_url(check_url(base_url or DEFAULT_BASE_URL, "--base-url"), event)
     if key is None and current_state().keys:
         key = current_state().keys[0].decode("utf-8")
+    elif key:
+        check_key(key)
 
     last_sent = read_last_sent()
     body: Any
@@ -421,20 +438,26 @@ def send(
             raise click.BadParameter(
                 f"{body_file.name} is not JSON: {error}", param_hint="--file"
             ) from None
-    elif event == "refund" and last_sent.get("purchase", {}).get("os") == (platform or "ios"):
-        # Refund what was bought, so the ledger and the app's handlers find the purchase.
-        body = refund_payload(last_sent["purchase"])
+        except RecursionError:
+            raise click.BadParameter(
+                f"{body_file.name} is nested too deeply", param_hint="--file"
+            ) from None
+    # Refund what was bought, so the ledger and the app's handlers find the purchase.
+    elif (
+        event == "refund"
+        and (refund := refund_of_last_purchase(last_sent, platform or "ios")) is not None
+    ):
+        body = refund
     else:
         body = payload_for(event, os=platform)
     for assignment in assignments:
         set_field(body, assignment)
+    data = encode_body(body)
     # Kept before sending: a body that found the app down is the one to send again.
     save_last_sent(event, body)
 
     click.echo(f"POST {url} ({event}{', Bearer key' if key else ', no key'})")
-    status, reason, answer, seconds = deliver(
-        url, json.dumps(body, ensure_ascii=False).encode("utf-8"), key
-    )
+    status, reason, answer, seconds = deliver(url, data, key)
     click.echo(f"{status} {reason} in {seconds * 1000:.0f} ms")
     click.echo(show_answer(answer))
     if status == 404:

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 
 from . import signals
 from .deferred import BrokerUnavailable
+from .display import escape_surrogates
 from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookError
 from .events import ROUTES_BY_NAME, Event, utcnow
 from .schemas import MAX_ID_LENGTH, load_event
@@ -439,7 +440,7 @@ def storable_text(text: str) -> str:
     # PostgreSQL text cannot hold NUL, and no database can encode a lone surrogate
     # (JSON's "\\ud800" escape); an invalid body's userId or an exception message
     # may hold either. Escaped, the delivery is still recorded instead of a 503 or 500.
-    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    return escape_surrogates(text.replace("\x00", "\\x00"))
 
 
 def _storable_user_id(value: Any) -> str | None:

@@ -24,6 +24,13 @@ def escape_controls(text: str, keep: str = "\n\t") -> str:
     )
 
 
+def escape_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate written as its escape (``\\ud800``): legal in
+    JSON, such a character cannot be encoded in UTF-8, so a page, a terminal or a
+    database that holds it fails."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def parse_json(raw: bytes | str) -> tuple[str, Any]:
     """``raw`` as text, and its parsed JSON value (``NOT_JSON`` when it is not JSON)."""
     text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8", "replace")
@@ -44,13 +51,14 @@ MAX_PRETTY_CHARS = 250_000
 
 def pretty_json(raw: bytes | str) -> tuple[str, Any]:
     """``raw`` indented when it is JSON (else the text as it is), and the parsed value
-    (``NOT_JSON`` when it is not JSON). A value nested deeper than
+    (``NOT_JSON`` when it is not JSON); the text can always be encoded. A value nested deeper than
     :data:`MAX_PRETTY_DEPTH` or whose indented text would pass :data:`MAX_PRETTY_CHARS`
     is shown as received, so showing a body costs about as much as the body."""
     text, value = parse_json(raw)
     if value is NOT_JSON or not _pretty_fits(value, len(text)):
         return text, value
-    return json.dumps(value, indent=2, ensure_ascii=False), value
+    # A lone surrogate comes back as the escape that was received, inside its string.
+    return escape_surrogates(json.dumps(value, indent=2, ensure_ascii=False)), value
 
 
 def _pretty_fits(value: Any, length: int) -> bool:

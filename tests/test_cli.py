@@ -3,6 +3,7 @@ deliveries, and `urls`."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from datetime import timedelta
@@ -99,6 +100,18 @@ def test_show_pretty_prints_the_body_and_escapes_control_characters(make_effects
     missing = run(store_app, "show", "99")
     assert missing.exit_code == 1
     assert "no delivery 99" in missing.output
+
+
+@pytest.mark.every_database
+def test_show_prints_a_lone_surrogate_as_its_escape(make_effects_app: Any) -> None:
+    # Valid JSON ("\\ud800") and a valid purchase, but no terminal can print the character.
+    store_app = make_effects_app()
+    body = json.dumps(purchase_payload(userId="lone", note="\ud800"))
+    delivery = delivery_id(post_delivery(store_app.client, "purchase", body))
+    shown = run(store_app, "show", str(delivery))
+    assert shown.exit_code == 0, shown.output
+    assert shown.exception is None
+    assert '\n  "note": "\\ud800"\n' in shown.output
 
 
 @pytest.mark.every_store
@@ -482,8 +495,8 @@ def test_deliveries_lists_each_delivery_once_with_its_latest_outcome(make_effect
             "Invalid value for '--older-than': 800000 days ago is before the calendar's first year",
         ),
         (["prune", "--older-than", "9" * 20], "Invalid value for '--older-than'"),
-        (["show", "9" * 20], "Error: no delivery 99999999999999999999"),
-        (["replay", "9" * 20], "delivery 99999999999999999999: not replayed: no delivery 9999"),
+        (["show", "9" * 20], "Invalid value for 'DELIVERY_ID': '99999999999999999999' is not"),
+        (["replay", "9" * 20], "Invalid value for '[DELIVERY_ID]': '99999999999999999999'"),
     ],
 )
 def test_inputs_out_of_range_are_a_one_line_error(
@@ -517,3 +530,57 @@ def test_deliveries_takes_the_urls_spelling_of_unavailable_users(make_effects_ap
         result = run(store_app, "deliveries", "--event", spelling)
         assert result.exit_code == 0, result.output
         assert listed_ids(result.output) == [2]
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://[::1",
+        "http://shop.example:80a",
+        "http://shop.example:99999",
+        "http://shop.example/a b",
+        "http://shop.\x1b[2Jexample",
+        "http://:80/",
+        "http://\udcff.example",  # a byte that is not UTF-8, as Python passes it on
+    ],
+)
+def test_urls_refuses_a_base_url_that_cannot_be_used_in_one_line(
+    make_app: Callable[..., Any], base_url: str
+) -> None:
+    app, _ = make_app()
+    result = app.test_cli_runner().invoke(args=["nachocode", "urls", "--base-url", base_url])
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.output.splitlines()[-1].startswith("Error: Invalid value for --base-url: ")
+    assert "\x1b" not in result.output  # not even in the error
+
+
+# Click's int takes any script's digits ("٣" is 3), signs, spaces and underscores.
+@pytest.mark.parametrize("number", ["\u0663", "\uff13", "+3", " 3", "3_0", "3a", "-1", ""])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["show"],
+        ["replay"],
+        ["prune", "--older-than"],
+        ["requeue", "--older-than"],
+        ["deliveries", "--limit"],
+    ],
+    ids=lambda args: args[0],
+)
+def test_numbers_are_ascii_digits_only(make_effects_app: Any, args: list[str], number: str) -> None:
+    store_app = make_effects_app()
+    store_app.broken = True  # failed, so that replay would act on them
+    for _ in range(3):
+        post_delivery(store_app.client, "purchase", purchase_payload())
+    old = utcnow() - timedelta(days=30)
+    with store_app.app.app_context():
+        store = store_app.store
+        store.session.execute(sa.update(store.deliveries).values(received_at=old))
+        store.session.commit()
+    result = run(store_app, *args, number)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.output.splitlines()[-1].startswith("Error: ")  # "Invalid value", "No such option"
+    assert [row.replay_of for row in store_app.deliveries()] == [None] * 3  # nothing replayed
+    assert run(store_app, *args, "3").exit_code in (0, 1)  # the ASCII spelling is taken

@@ -685,6 +685,43 @@ def test_a_deeply_nested_body_is_shown_as_received(inspector: Callable[..., Any]
     assert "\n  &#34;userId&#34;: &#34;shallow&#34;," in page
 
 
+@pytest.mark.every_database
+@pytest.mark.parametrize(
+    ("body", "answer"),
+    [
+        # Valid JSON and a valid purchase: the handler ran, the page must show it.
+        (purchase_payload(userId="lone", note="\ud800"), 200),
+        # A surrogate where the schema refuses it: stored (escaped) as an invalid delivery.
+        (purchase_payload(userId="\udc00"), 422),
+    ],
+    ids=["unknown-field", "user-id"],
+)
+def test_a_lone_surrogate_in_a_body_is_shown_as_its_escape(
+    inspector: Callable[..., Any], body: dict[str, Any], answer: int
+) -> None:
+    """JSON's "\\ud800" is a character no page can be encoded with: it is shown as the
+    escape that was received, and the delivery can be replayed."""
+    _, handlers, client = inspector()
+    handlers.failing = answer == 200  # replayable, so that the page has the replay form
+    response = post_delivery(client, "purchase", json.dumps(body))  # ASCII, escapes and all
+    assert response.status_code == (500 if handlers.failing else answer)
+    delivery = response.json["delivery"]
+    page = client.get(f"/nachocode/deliveries/{delivery}")
+    assert page.status_code == 200
+    assert "\\ud800" in page.text or "\\udc00" in page.text
+    assert client.get("/nachocode/deliveries").status_code == 200
+    if handlers.failing:
+        handlers.failing = False
+        replayed = client.post(
+            f"/nachocode/deliveries/{delivery}/replay",
+            data={"nachocode_csrf": csrf_of(page.text)},
+            follow_redirects=True,
+        )
+        assert replayed.status_code == 200
+        assert "Replayed as delivery" in replayed.text
+        assert handlers.handled == ["lone"]
+
+
 # -- in a real browser, against a real server (integration, browser) ------------------------
 
 SERVED_APP = "tests/support/served_app.py"

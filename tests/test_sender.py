@@ -183,6 +183,10 @@ def test_refund_refunds_the_last_purchase_on_its_platform(send: Send, instance: 
     # Another platform has no purchase to refund: a fresh one is made up.
     assert send("refund", "--os", "android").returncode == 0
     assert last_sent(instance, "refund")["data"]["orderId"] != purchase["data"]["transactionId"]
+    # So it is when the last purchase was no object (a --file body): a fresh one is made up.
+    (instance / LAST_SENT_FILE).write_text(json.dumps({"purchase": [1]}))
+    assert send("refund", "--os", "ios").returncode == 0
+    assert last_sent(instance, "refund")["data"]["transactionId"].isdigit()
 
 
 def test_set_reaches_nested_fields_and_keeps_types(send: Send, instance: Path) -> None:
@@ -276,3 +280,132 @@ def test_repeat_without_a_previous_body_is_refused(
     )
     assert result.returncode != 0
     assert "no refund body was sent from here yet" in result.stderr
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+def send_here(instance: Path, *args: str | bytes, **env: str) -> subprocess.CompletedProcess[str]:
+    """`flask nachocode send ARGS...` with ``instance`` as the app's instance folder, no
+    server needed; ARGS may be bytes, as a terminal passes what it was given."""
+    return subprocess.run(
+        [str(BIN / "flask"), "nachocode", "send", *args],
+        cwd=ROOT,
+        env={**os.environ, INSTANCE_ENV: str(instance), "FLASK_APP": APP, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--url", "http://[::1"], "'http://[::1' is not a URL: Invalid IPv6 URL"),
+        (["--url", "http://127.0.0.1:80a/x"], "its port is not a number from 0 to 65535"),
+        (["--url", "http://127.0.0.1:99999/x"], "its port is not a number from 0 to 65535"),
+        (["--url", "http://127.0.0.1:5000/a b"], "a space or a control character"),
+        (["--url", "http://exa mple.com/"], "a space or a control character"),
+        (["--url", "http://127.0.0.1:5000/a\x01b"], "a space or a control character"),
+        (["--url", "http://127.0.0.1:5000/a\nb"], "a space or a control character"),
+        (["--url", "http://127.0.0.1:5000/웹훅"], "percent-encode"),
+        (["--url", b"http://\xff.example/"], "is not UTF-8 text"),
+        (["--url", "http://:5000/x"], "has no host"),
+        (["--key", "a\nb"], "a webhook key must not contain spaces or line breaks"),
+        (["--key", "new key"], "a webhook key must not contain spaces or line breaks"),
+        (["--key", b"\xff"], "is not UTF-8 text"),
+        (["--set", b"userId=\xff"], "is not UTF-8 text"),
+        (["--set", b"user\xffId=1"], "is not UTF-8 text"),
+        (["--set", f"note={DEEP}"], "nested too deeply"),
+        (["--set", ".".join(["a"] * 5000) + "=1"], "nested too deeply"),
+        (["--file", "DEEP_FILE"], "nested too deeply"),
+    ],
+    ids=lambda value: repr(value)[:40],
+)
+def test_bad_input_is_a_one_line_error_and_nothing_is_sent(
+    tmp_path: Path, args: list[str | bytes], message: str
+) -> None:
+    deep_file = tmp_path / "deep.json"
+    deep_file.write_text('{"a": ' + DEEP + "}")
+    args = [str(deep_file) if arg == "DEEP_FILE" else arg for arg in args]
+    # Where the body would go: a listener that would show any connection.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/nachocode/webhooks/purchase"
+        with_url = args if "--url" in args else [*args, "--url", url]
+        result = send_here(tmp_path, "purchase", *with_url)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert result.returncode in (1, 2)
+    assert "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: ")
+    assert message in error, result.stderr
+    assert result.stdout == ""
+    assert not (tmp_path / LAST_SENT_FILE).exists()  # nothing kept for --repeat either
+
+
+@pytest.mark.parametrize(
+    ("last_sent", "args", "message"),
+    [
+        ({"purchase": {"os": "ios"}}, ["refund"], "the last purchase sent from here has no"),
+        ({"purchase": {"os": "ios", "data": 5}}, ["refund"], "the last purchase sent from"),
+        ('{"purchase": ' + DEEP + "}", ["purchase", "--repeat"], "no purchase body was sent"),
+    ],
+    ids=["no-data", "data-not-an-object", "deep-repeat"],
+)
+def test_a_last_sent_body_that_cannot_be_used_is_a_one_line_error(
+    tmp_path: Path, last_sent: Any, args: list[str], message: str
+) -> None:
+    saved = last_sent if isinstance(last_sent, str) else json.dumps(last_sent)
+    (tmp_path / LAST_SENT_FILE).write_text(saved)
+    result = send_here(tmp_path, *args, "--url", "http://127.0.0.1:9/nachocode/webhooks/refund")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert message in result.stderr
+    assert (tmp_path / LAST_SENT_FILE).read_text() == saved
+
+
+def test_a_lone_surrogate_escape_in_a_file_is_sent_as_that_escape(
+    send: Send, instance: Path, tmp_path: Path
+) -> None:
+    body = tmp_path / "lone.json"
+    body.write_text(
+        json.dumps({**json.loads((FIXTURES / "purchase-ios.json").read_text()), "note": "\ud800"})
+    )
+    result = send("purchase", "--file", str(body))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert handled(instance)[-1]["raw"]["note"] == "\ud800"
+    assert last_sent(instance, "purchase")["note"] == "\ud800"
+    repeat = send("purchase", "--repeat")
+    assert repeat.returncode == 0, repeat.stdout + repeat.stderr
+    assert answer_of(repeat)["duplicate"] is True
+
+
+def test_a_key_beyond_ascii_is_sent_as_utf8(tmp_path: Path) -> None:
+    """As the app compares it: the UTF-8 bytes of NACHOCODE_WEBHOOK_KEY."""
+    seen: list[bytes] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/nachocode/webhooks/purchase"
+
+        def answer() -> None:
+            for _ in range(2):
+                connection, _ = listener.accept()
+                with connection:
+                    request = connection.recv(65536)
+                    seen.append(request.split(b"\r\n\r\n")[0])
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        given = send_here(tmp_path, "purchase", "--url", url, "--key", "키-1")
+        configured = send_here(tmp_path, "purchase", "--url", url, **{KEY_ENV: "키-2"})
+        thread.join(timeout=30)
+    assert given.returncode == configured.returncode == 0, given.stderr + configured.stderr
+    assert "Authorization: Bearer 키-1".encode() in seen[0].split(b"\r\n")
+    assert "Authorization: Bearer 키-2".encode() in seen[1].split(b"\r\n")

@@ -93,6 +93,11 @@ def test_the_url_prefix_mounts_the_routes(make_app: AppFactory, prefix: str, url
             "NACHOCODE_WEBHOOK_KEY entries must not contain spaces or line breaks",
         ),
         (
+            # A byte that is not UTF-8 in FLASK_NACHOCODE_WEBHOOK_KEY, as Python passes it on.
+            {"NACHOCODE_WEBHOOK_KEY": "key-\udcff"},
+            "NACHOCODE_WEBHOOK_KEY entries must be UTF-8 text",
+        ),
+        (
             {"NACHOCODE_WEBHOOK_KEY": 12345},
             "NACHOCODE_WEBHOOK_KEY must be a string or a list of strings",
         ),

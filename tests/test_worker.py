@@ -6,8 +6,8 @@ RabbitMQ once, to show nothing depends on Redis); and gunicorn against a broker
 that is closed or hangs (Redis and RabbitMQ behind a silenced TCP proxy).
 
 The real-process tests carry the ``integration`` marker and need
-NACHOCODE_TEST_REDIS_URL (a Redis database that is flushed: give it one of its
-own, e.g. redis://127.0.0.1:6379/7) and, for the RabbitMQ runs,
+NACHOCODE_TEST_REDIS_URL (a Redis database; each test uses a queue of its own
+and deletes only its keys, e.g. redis://127.0.0.1:6379/7) and, for the RabbitMQ run,
 NACHOCODE_TEST_RABBITMQ_URL; they are skipped without them.
 """
 
@@ -38,7 +38,7 @@ from flask_nachocode import NachocodeWebhook, Refuse, delivery_failed, delivery_
 from flask_nachocode.celery_queue import HANDLE_TASK
 from flask_nachocode.testing import post_delivery, purchase_payload
 
-from support.common import WEBHOOK_KEY
+from support.common import WEBHOOK_KEY, drop_queue
 from support.deferred_in_process import make_deferred_app
 from support.live import BIN, ROOT, free_port, gunicorn_args, live_server
 from support.scrape import METRICS_TOKEN, counted, scrape
@@ -398,13 +398,7 @@ def _broker(kind: str) -> Iterator[str]:
     if kind == "redis":
         if not REDIS_URL:
             pytest.skip("NACHOCODE_TEST_REDIS_URL is not set; Celery worker tests skipped")
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        client.flushdb()  # this test's database only, never FLUSHALL
         yield REDIS_URL
-        client.flushdb()
-        client.close()
     else:
         if not RABBITMQ_URL:
             pytest.skip("NACHOCODE_TEST_RABBITMQ_URL is not set; RabbitMQ test skipped")
@@ -417,7 +411,7 @@ def deferred(database_url: str, broker_url: str, tmp_path: Path) -> Iterator[Def
     run.python(CREATE_TABLES)
     yield run
     run.stop_workers()
-    _delete_queue(broker_url, run.queue)
+    drop_queue(broker_url, run.queue)
 
 
 @pytest.mark.integration
@@ -454,7 +448,7 @@ def test_nothing_depends_on_redis(postgres_url: str, tmp_path: Path) -> None:
             _kill_mid_handler(run)
         finally:
             run.stop_workers()
-            _delete_queue(broker, run.queue)
+            drop_queue(broker, run.queue)
 
 
 @pytest.mark.integration
@@ -618,8 +612,8 @@ def test_a_flushed_broker_loses_the_tasks_and_requeue_recovers_them(deferred: De
         assert [deferred.post(p).status_code for p in purchases] == [202] * 5
         client = redis.Redis.from_url(deferred.broker_url)
         assert client.llen(deferred.queue) == 5
-        client.flushdb()  # Redis restarted without persistence
         client.close()
+        drop_queue(deferred.broker_url, deferred.queue)  # Redis restarted without persistence
         deferred.start_worker()
         time.sleep(2)
         assert deferred.outcomes() == ["queued"] * 5  # the tasks are gone
@@ -851,7 +845,7 @@ def test_a_broken_broker_never_holds_the_answer_or_requeue(broken: str, tmp_path
             broken_url = urlunsplit(real._replace(netloc=f"{credentials}@127.0.0.1:{port}"))
             run = DeferredRun(f"sqlite:///{tmp_path / 'app.db'}", broken_url, tmp_path)
             run.python(CREATE_TABLES)
-            stack.callback(_delete_queue, real_url, run.queue)
+            stack.callback(drop_queue, real_url, run.queue)
             before: list[str] = []
             with run.server(workers=1):
                 if proxy is not None and case == "silent-after-connecting":
@@ -872,11 +866,3 @@ def test_a_broken_broker_never_holds_the_answer_or_requeue(broken: str, tmp_path
             assert "Traceback" not in requeued.stderr
             assert "could not be sent" in requeued.stderr
             assert run.outcomes() == [*before, "queued"]
-
-
-def _delete_queue(broker_url: str, queue: str) -> None:
-    if broker_url.startswith("amqp"):
-        from kombu import Connection
-
-        with Connection(broker_url) as connection:
-            connection.default_channel.queue_delete(queue)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -18,10 +22,75 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+#: Lock files of the ports that a test process holds: one per port, machine-wide.
+PORT_LOCKS = Path(tempfile.gettempdir()) / "flask-nachocode-test-ports"
+_held_ports: list[Any] = []
+
+
+def _ports_the_kernel_keeps() -> range:
+    """Ports below the kernel's ephemeral range, which it never hands out by itself
+    (to a bind to port 0, or as the local port of an outgoing connection)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(10000, max(low, 20000))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port for a test server that no other test process is handed until this one
+    exits. A port freed by a bind to port 0 could be handed to another process (another
+    test run on the machine) before the server binds it, and then the tests would talk
+    to that process's server: so the port comes from outside the kernel's ephemeral
+    range, and a lock file held for the life of this process reserves it."""
+    PORT_LOCKS.mkdir(exist_ok=True)
+    ports = _ports_the_kernel_keeps()
+    while True:
+        port = random.choice(ports)
+        lock = open(PORT_LOCKS / f"{port}.lock", "a")  # noqa: SIM115 (held until exit)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", port))
+        except OSError:  # another run holds it, or something listens there
+            lock.close()
+            continue
+        _held_ports.append(lock)
+        return port
+
+
+def _listener_is_ours(pid: int, port: int) -> bool:
+    """Whether the socket listening on ``port`` belongs to process ``pid`` or one of
+    its children (Linux; elsewhere assumed)."""
+    try:
+        tables = [Path("/proc/net/tcp").read_text(), Path("/proc/net/tcp6").read_text()]
+    except OSError:
+        return True
+    listening = {
+        f"socket:[{fields[9]}]"
+        for table in tables
+        for fields in (line.split() for line in table.splitlines()[1:])
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A"
+    }
+    family = {pid} | {
+        int(proc.name)
+        for proc in Path("/proc").iterdir()
+        if proc.name.isdigit() and _parent_of(proc) == pid
+    }
+    for member in family:
+        try:
+            if any(os.readlink(fd) in listening for fd in Path(f"/proc/{member}/fd").iterdir()):
+                return True
+        except OSError:  # exited meanwhile
+            continue
+    return False
+
+
+def _parent_of(proc: Path) -> int | None:
+    try:
+        return int((proc / "status").read_text().split("PPid:")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @contextmanager
@@ -38,8 +107,10 @@ def live_server(
 ) -> Iterator[str]:
     """Run ``args`` (a server listening on ``port``) until the block ends; yield its base URL.
 
-    Output goes to ``log_path`` so a failing test can show what the server said. With
-    ``process_group``, the end stops every process ``args`` started (a shell's children too).
+    Output goes to ``log_path`` so a failing test can show what the server said. It is
+    ready once it answers *and* holds the listening socket itself: another process
+    answering on ``port`` is never taken for it. With ``process_group``, the end stops
+    every process ``args`` started (a shell's children too).
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with ExitStack() as closing:
@@ -61,16 +132,21 @@ def live_server(
                     raise RuntimeError(f"server exited with {process.returncode}:\n{output}")
                 try:
                     requests.get(base_url + ready_path, timeout=1)
-                    break
+                    if _listener_is_ours(process.pid, port):
+                        break
+                    stranger = True  # it will fail to bind and exit, or time out below
                 except (
                     requests.ConnectionError,
                     requests.Timeout,
                 ):  # a loaded machine starts slowly
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"server on port {port} did not start in {timeout} s"
-                        ) from None
-                    time.sleep(0.1)
+                    stranger = False
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"another process answers on port {port}"
+                        if stranger
+                        else f"server on port {port} did not start in {timeout} s"
+                    )
+                time.sleep(0.1)
             yield base_url
         finally:
             stop = (
@@ -112,10 +188,12 @@ def worker_pids(port: int) -> list[int]:
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes()
-            status = (proc / "status").read_text()
         except OSError:
             continue  # exited meanwhile
-        parents[int(proc.name)] = int(status.split("PPid:")[1].split()[0])
+        parent = _parent_of(proc)
+        if parent is None:
+            continue
+        parents[int(proc.name)] = parent
         if b"gunicorn" in cmdline and f"127.0.0.1:{port}".encode() in cmdline:
             matching.append(int(proc.name))
     # Workers carry the master's command line too: the master is the one whose parent does not.

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from flask_nachocode.testing import (
     unavailable_users_payload,
 )
 from shop import create_app
+
+from support.common import drop_queue
 
 COINS = "coins_500"  # 500 coins per unit
 
@@ -118,9 +121,8 @@ def test_with_deferral_the_web_answers_202_and_the_worker_grants(tmp_path: Path)
     redis_url = os.environ.get("NACHOCODE_TEST_REDIS_URL")
     if not redis_url:
         pytest.skip("NACHOCODE_TEST_REDIS_URL is not set; the shop's worker test skipped")
-    import redis
-
-    redis.Redis.from_url(redis_url).flushdb()  # this test's Redis database only
+    # A queue of its own: other test runs may share the Redis database.
+    queue = f"shop-{uuid.uuid4().hex[:12]}"
     database = f"sqlite:///{tmp_path / 'shop.db'}"
     app = create_app(
         {
@@ -130,6 +132,7 @@ def test_with_deferral_the_web_answers_202_and_the_worker_grants(tmp_path: Path)
             "CELERY_BROKER_URL": redis_url,
         }
     )
+    app.extensions["celery"].conf.task_default_queue = queue
     client = app.test_client()
     answer = post_delivery(client, "purchase", purchase_payload(user_id="ann", product_id=COINS))
     assert (answer.status_code, answer.get_json()["deferred"]) == (202, True)
@@ -145,7 +148,7 @@ def test_with_deferral_the_web_answers_202_and_the_worker_grants(tmp_path: Path)
     celery = Path(sys.executable).parent / "celery"
     with open(tmp_path / "worker.log", "wb") as log:
         worker = subprocess.Popen(
-            [str(celery), "-A", "examples.shop.worker", "worker", "--pool", "solo",
+            [str(celery), "-A", "examples.shop.worker", "worker", "--pool", "solo", "-Q", queue,
              "--without-gossip", "--without-mingle", "--without-heartbeat"],
             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -158,4 +161,4 @@ def test_with_deferral_the_web_answers_202_and_the_worker_grants(tmp_path: Path)
     finally:
         worker.terminate()
         worker.wait(timeout=30)
-        redis.Redis.from_url(redis_url).flushdb()
+        drop_queue(redis_url, queue)
