@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -217,16 +217,16 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
     state = current_state()
     if (delivery_id is None) == (not all_failed):
         raise click.UsageError("give a delivery ID or --failed, not both")
+    ids: Iterable[int]
     if all_failed:
-        ids = reads.replayable_ids(state.store)
-        if not ids:
-            click.echo("nothing to replay")
-            return
+        where = reads.DeliveryFilter(replayable=True)
+        ids = (row.id for row in reads.iter_deliveries(state.store, where, columns=("id",)))
     else:
         assert delivery_id is not None
         ids = [delivery_id]
-    failures = 0
+    failures = replayed = 0
     for one in ids:
+        replayed += 1
         try:
             result = replay_delivery(state, one)
         except (LookupError, ValueError, WebhookError) as error:
@@ -247,6 +247,8 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
             f"delivery {one}: {result.outcome} ({result.status}) "
             f"as delivery {result.delivery_id}{detail}"
         )
+    if not replayed:
+        click.echo("nothing to replay")
     if failures:
         raise SystemExit(1)
 
