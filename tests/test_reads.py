@@ -20,6 +20,7 @@ from flask_nachocode.reads import (
     count_deliveries,
     delivery_record,
     iter_deliveries,
+    list_deliveries,
 )
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
 
@@ -303,3 +304,56 @@ def test_ledger_queries_find_every_environment_unless_one_is_asked_for(shop: Sho
         assert ledger.owns("u1", product)  # the sandbox units are still held
         assert not ledger.owns("u1", product, environment="production")
         assert ledger.owns("u1", product, environment="sandbox")
+
+
+@pytest.mark.every_database
+def test_a_user_id_is_read_through_its_index_on_every_page(shop: Shop) -> None:
+    """A user id is read through its index on a next page and in a stream too (the
+    id bounded), in a store of 20,000 deliveries. On MySQL the ``replay_of`` index
+    holds every delivery (it cannot be partial there), and MariaDB, its statistics
+    lagging behind a growing table, read "originals only" through it instead."""
+    shop.post("purchase", purchase_payload())  # creates the tables
+    table = shop.store.deliveries
+    moment = datetime(2025, 3, 1, tzinfo=UTC)
+    rows = [
+        {
+            "event": "purchase",
+            "route": "purchase",
+            "outcome": "handled",
+            "status": 200,
+            "user_id": f"user-{number % 5000}",
+            "received_at": moment,
+            "finished_at": moment,
+            "duration_ms": 1.0,
+        }
+        for number in range(20_000)
+    ]
+    engine = sa.create_engine(shop.built.url, poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        connection.execute(sa.insert(table), rows)
+        # The statistics a database keeps of a table that size, not of an empty one.
+        analyze = {"postgresql": "ANALYZE", "sqlite": "ANALYZE"}.get(
+            connection.dialect.name, "ANALYZE TABLE"
+        )
+        connection.exec_driver_sql(f"{analyze} nachocode_deliveries")
+    statements: list[tuple[str, Any]] = []
+
+    def note(connection: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if "user_id =" in statement:
+            statements.append((statement, parameters))
+
+    where = DeliveryFilter(user_id="user-42")
+    with shop.app.app_context():
+        sa.event.listen(shop.store.engine, "before_cursor_execute", note)
+        try:
+            assert len(list(iter_deliveries(shop.store, where))) == 4
+            assert len(list_deliveries(shop.store, where, limit=5, before=10_000)) == 2
+        finally:
+            sa.event.remove(shop.store.engine, "before_cursor_execute", note)
+    assert len(statements) == 2
+    with engine.begin() as connection:
+        explain = {"sqlite": "EXPLAIN QUERY PLAN "}.get(connection.dialect.name, "EXPLAIN ")
+        for sql, params in statements:
+            plan = connection.exec_driver_sql(explain + sql, params).all()
+            assert "ix_nachocode_deliveries_user_id" in " ".join(map(str, plan)), (sql, plan)
+    engine.dispose()
