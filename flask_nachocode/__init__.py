@@ -14,6 +14,7 @@ from .events import (
 )
 from .extension import NachocodeWebhook
 from .ledger import Purchase
+from .reads import Ledger
 from .signals import (
     delivery_failed,
     delivery_handled,
@@ -26,6 +27,7 @@ from .tables import ExactText, alembic_render_item
 __all__ = [
     "AppStorePurchaseData",
     "ExactText",
+    "Ledger",
     "NachocodeWebhook",
     "PlayStorePurchaseData",
     "Purchase",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,6 +13,7 @@ import click
 import sqlalchemy as sa
 from flask.cli import with_appcontext
 
+from . import reads
 from .delivery import DELIVERY_BUDGET_SECONDS
 from .delivery import replay as replay_delivery
 from .display import escape_controls, pretty_json
@@ -32,7 +33,7 @@ from .sender import (
     show_answer,
 )
 from .state import current_state
-from .store import DeliveryFilter, add_column_statement, describe_database_error
+from .store import add_column_statement, describe_database_error
 from .tables import OUTCOMES
 from .testing import payload_for
 from .worker import requeue
@@ -130,8 +131,8 @@ def init_db() -> None:
 @_needs_store
 def list_deliveries(outcome: str | None, event: str | None, replays: bool, limit: int) -> None:
     """A table of recent deliveries, newest first."""
-    where = DeliveryFilter(outcome=outcome or "", event=event or "", replays=replays)
-    rows = current_state().store.list_deliveries(where, limit=limit)
+    where = reads.DeliveryFilter(outcome=outcome or "", event=event or "", replays=replays)
+    rows = reads.list_deliveries(current_state().store, where, limit=limit)
     click.echo(
         f"{'id':>6}  {'received (UTC)':19}  {'event':17}  {'outcome':9}  "
         f"{'status':>6}  {'ms':>8}  user"
@@ -154,7 +155,7 @@ def list_deliveries(outcome: str | None, event: str | None, replays: bool, limit
 @_needs_store
 def show(delivery_id: int) -> None:
     """One delivery: headers, body pretty-printed, error and traceback."""
-    row = current_state().store.get_delivery(delivery_id)
+    row = reads.get_delivery(current_state().store, delivery_id)
     if row is None:
         raise click.ClickException(f"no delivery {delivery_id}")
     outcome = f"{row.outcome} ({row.status})"
@@ -177,7 +178,7 @@ def show(delivery_id: int) -> None:
         lines += ["error:", row.error]
     if row.traceback:
         lines += ["traceback:", row.traceback]
-    attempts = current_state().store.attempts_of(delivery_id)
+    attempts = reads.attempts_of(current_state().store, delivery_id)
     if attempts:
         lines.append("attempts:")
     for attempt in attempts:
@@ -216,16 +217,16 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
     state = current_state()
     if (delivery_id is None) == (not all_failed):
         raise click.UsageError("give a delivery ID or --failed, not both")
+    ids: Iterable[int]
     if all_failed:
-        ids = state.store.replayable_ids()
-        if not ids:
-            click.echo("nothing to replay")
-            return
+        where = reads.DeliveryFilter(replayable=True)
+        ids = (row.id for row in reads.iter_deliveries(state.store, where, columns=("id",)))
     else:
         assert delivery_id is not None
         ids = [delivery_id]
-    failures = 0
+    failures = replayed = 0
     for one in ids:
+        replayed += 1
         try:
             result = replay_delivery(state, one)
         except (LookupError, ValueError, WebhookError) as error:
@@ -237,13 +238,17 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
         detail = ""
         if result.error is not None:
             # The stored error says what the handler raised; the answer only that it failed.
-            stored = state.store.get_delivery(result.delivery_id) if result.delivery_id else None
+            stored = (
+                reads.get_delivery(state.store, result.delivery_id) if result.delivery_id else None
+            )
             stored_error = stored.error if stored is not None else None
             detail = f": {escape_controls(stored_error or result.error.message)}"
         click.echo(
             f"delivery {one}: {result.outcome} ({result.status}) "
             f"as delivery {result.delivery_id}{detail}"
         )
+    if not replayed:
+        click.echo("nothing to replay")
     if failures:
         raise SystemExit(1)
 

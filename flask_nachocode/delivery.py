@@ -32,6 +32,7 @@ from .deferred import BrokerUnavailable
 from .display import escape_surrogates
 from .errors import HandlerFailed, NoHandler, Refuse, StoreUnavailable, WebhookError
 from .events import ROUTES_BY_NAME, Event, utcnow
+from .reads import get_delivery
 from .schemas import MAX_ID_LENGTH, load_event
 from .state import AppState
 from .store import describe_database_error, is_lock_timeout, is_worth_retrying
@@ -473,11 +474,11 @@ def replay(state: AppState, delivery_id: int) -> Result:
     ``unavailable_users`` delivery that was handled already (those are never
     deduplicated, so a replay would run its handlers twice).
     """
-    row = state.store.get_delivery(delivery_id)
+    row = get_delivery(state.store, delivery_id)
     if row is None:
         raise LookupError(f"no delivery {delivery_id}")
     if row.replay_of is not None:
-        original = state.store.get_delivery(row.replay_of)
+        original = get_delivery(state.store, row.replay_of)
         if original is None:
             raise LookupError(
                 f"delivery {delivery_id} replays delivery {row.replay_of}, which was pruned"

@@ -11,10 +11,10 @@ from flask.signals import appcontext_pushed
 
 from .cli import nachocode_cli
 from .inspector import make_inspector_blueprint
-from .ledger import Ledger
 from .monitoring import add_monitoring_routes
 from .openapi import make_openapi_view
 from .purchase_status import add_purchase_status_route
+from .reads import Ledger
 from .registry import Handler, HandlerRegistry, check_event_name
 from .state import build_state, current_ledger
 from .tables import alembic_render_item
@@ -55,7 +55,7 @@ class NachocodeWebhook:
 
     @property
     def ledger(self) -> Ledger:
-        """The purchase ledger of the current app (see :class:`~flask_nachocode.ledger.Ledger`)."""
+        """The purchase ledger of the current app (see :class:`~flask_nachocode.Ledger`)."""
         return current_ledger
 
     def init_app(self, app: Flask) -> None:

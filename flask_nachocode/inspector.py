@@ -55,13 +55,13 @@ from flask import (
 )
 from werkzeug.wrappers import Response as BaseResponse
 
+from . import reads
 from .delivery import replay
 from .display import NOT_JSON, pretty_json
 from .errors import BODY_ERRORS, InvalidEvent, WebhookError
 from .events import EVENT_NAMES, EVENT_SPELLINGS
 from .schemas import SCHEMAS, load_event, parse_id
 from .state import AppState, InspectorSettings, decorate
-from .store import DeliveryFilter
 from .tables import OUTCOMES, REPLAYABLE
 
 logger = logging.getLogger("flask_nachocode")
@@ -180,7 +180,7 @@ def check_csrf() -> None:
         )
 
 
-def filter_from_request() -> DeliveryFilter:
+def filter_from_request() -> reads.DeliveryFilter:
     """The list's filters from the query string; 400 for values no delivery can have."""
     outcome = request.args.get("outcome", "")
     event = request.args.get("event", "")
@@ -195,10 +195,10 @@ def filter_from_request() -> DeliveryFilter:
     if "\x00" in q:
         # No stored user id holds one, and PostgreSQL refuses it in a query as an error.
         abort(400, "the search cannot contain a NUL character")
-    return DeliveryFilter(outcome, event, q, replays=request.args.get("replays") == "1")
+    return reads.DeliveryFilter(outcome, event, q, replays=request.args.get("replays") == "1")
 
 
-def filter_args(where: DeliveryFilter) -> dict[str, Any]:
+def filter_args(where: reads.DeliveryFilter) -> dict[str, Any]:
     """The filters that are set, as query arguments for links."""
     args = {name: value for name, value in dataclasses.asdict(where).items() if value}
     if where.replays:
@@ -240,12 +240,12 @@ class _Views:
         if not 1 <= per_page <= MAX_PAGE_SIZE:
             abort(400, f"per_page must be between 1 and {MAX_PAGE_SIZE}")
         store = self.state.store
-        rows = store.list_deliveries(where, limit=per_page, before=before, after=after)
+        rows = reads.list_deliveries(store, where, limit=per_page, before=before, after=after)
         live = before is None and after is None
         older = newer = None
-        if rows and store.has_deliveries(where, before=rows[-1].id):
+        if rows and reads.has_deliveries(store, where, before=rows[-1].id):
             older = url_for(".deliveries", before=rows[-1].id, **self._page_args(where, per_page))
-        if not live and rows and store.has_deliveries(where, after=rows[0].id):
+        if not live and rows and reads.has_deliveries(store, where, after=rows[0].id):
             newer = url_for(".deliveries", after=rows[0].id, **self._page_args(where, per_page))
         return render_template(
             "nachocode/deliveries.html",
@@ -263,14 +263,14 @@ class _Views:
         )
 
     @staticmethod
-    def _page_args(where: DeliveryFilter, per_page: int) -> dict[str, Any]:
+    def _page_args(where: reads.DeliveryFilter, per_page: int) -> dict[str, Any]:
         return {**filter_args(where), **({"per_page": per_page} if per_page != PAGE_SIZE else {})}
 
     def poll(self) -> Response:
         """Rows newer than ``?after=``, rendered by the same template as the page."""
         after = _int_arg("after") or 0
-        rows = self.state.store.list_deliveries(
-            filter_from_request(), limit=POLL_BATCH, after=after
+        rows = reads.list_deliveries(
+            self.state.store, filter_from_request(), limit=POLL_BATCH, after=after
         )
         html = render_template("nachocode/_rows.html", rows=rows) if rows else ""
         return jsonify(latest=rows[0].id if rows else after, count=len(rows), html=html)
@@ -278,7 +278,7 @@ class _Views:
     def delivery(self, delivery_id: str) -> str:
         store = self.state.store
         number = _delivery_id(delivery_id)
-        row = store.get_delivery(number)
+        row = reads.get_delivery(store, number)
         if row is None:
             abort(404, f"No delivery {delivery_id}.")
         body, payload = pretty_json(row.body) if row.body is not None else (None, NOT_JSON)
@@ -290,8 +290,8 @@ class _Views:
             event_type=event_type,
             event_fields=event_fields,
             event_errors=event_errors,
-            replays=store.replays_of(number),
-            attempts=store.attempts_of(number),
+            replays=reads.replays_of(store, number),
+            attempts=reads.attempts_of(store, number),
             replayable=row.outcome in REPLAYABLE and row.body is not None,
             replayable_outcomes=REPLAYABLE,
         )

@@ -7,23 +7,24 @@ and a duplicate (which never gets past the claim) never counts twice. A refund
 that arrives before its purchase (re-sends from the dashboard come in any
 order) creates the row from the refund's own copy of the purchase fields; the
 purchase, when it comes, completes the row and its handlers see it refunded.
+
+This module writes the ledger and defines its row, :class:`Purchase`; the
+reader, :class:`~flask_nachocode.reads.Ledger`, is with the other reads.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from .errors import Refuse
 from .events import PurchaseEvent, RefundEvent
-from .schemas import fits_id
 from .tables import (
     ACTIVE,
     MYSQL_DIALECTS,
@@ -34,9 +35,6 @@ from .tables import (
     insert_or_keep,
     pg_claim,
 )
-
-if TYPE_CHECKING:
-    from .store import Store
 
 
 @dataclass(frozen=True)
@@ -369,84 +367,3 @@ def apply_refund(
             status=422,
             code="refund_exceeds_quantity",
         )
-
-
-class Ledger:
-    """Read the ledger: ``nachocode.ledger`` on the extension.
-
-    Every query finds purchases of both environments unless ``environment`` names
-    one: ``"production"`` leaves out sandbox (test) purchases, ``"sandbox"`` keeps
-    only them. Sandbox purchases count by default because your handlers received
-    them too, and app review buys in sandbox against your live server.
-    Inside a webhook handler, queries see the delivery's own uncommitted writes.
-    A user or product id that no delivery can carry (longer than
-    :data:`~flask_nachocode.schemas.MAX_ID_LENGTH` characters, or holding a NUL)
-    finds nothing, without asking the database.
-    """
-
-    def __init__(self, store_for_app: Callable[[], Store]) -> None:
-        self._store_for_app = store_for_app
-
-    def _query(
-        self, *conditions: Any, environment: str | None, newest_first: bool = False
-    ) -> list[Purchase]:
-        store = self._store_for_app()
-        store.ensure_ready()
-        table = store.purchases
-        statement = sa.select(table).where(*conditions)
-        if environment is not None:
-            statement = statement.where(table.c.environment == environment)
-        statement = statement.order_by(table.c.id.desc() if newest_first else table.c.id)
-        return [Purchase.from_row(row) for row in store.session.execute(statement)]
-
-    def get(
-        self, iap_log_id: int, *, environment: str | None = None, user_id: str | None = None
-    ) -> Purchase | None:
-        """The purchase whose ``iapLogId`` (the SDK's ``purchaseId``) is given;
-        with ``user_id``, only when that user made it. A row that only an early
-        refund has created so far is returned too: check ``purchase_received``."""
-        table = self._store_for_app().purchases
-        conditions = [table.c.iap_log_id == iap_log_id]
-        if user_id is not None:
-            if not fits_id(user_id):
-                return None
-            conditions.append(table.c.user_id == user_id)
-        found = self._query(*conditions, environment=environment)
-        return found[0] if found else None
-
-    def find(self, event: PurchaseEvent | RefundEvent) -> Purchase | None:
-        """The ledger row of the purchase an event is about (the same store id)."""
-        table = self._store_for_app().purchases
-        found = self._query(
-            table.c.platform == event.os,
-            table.c.store_purchase_id == event.store_purchase_id,
-            environment=None,
-        )
-        return found[0] if found else None
-
-    def purchases_of(self, user_id: str, *, environment: str | None = None) -> list[Purchase]:
-        """Every purchase of a user, newest first, refunded ones included."""
-        if not fits_id(user_id):
-            return []
-        table = self._store_for_app().purchases
-        return self._query(table.c.user_id == user_id, environment=environment, newest_first=True)
-
-    def _of_product(self, user_id: str, product: str, environment: str | None) -> list[Purchase]:
-        if not (fits_id(user_id) and fits_id(product)):
-            return []
-        table = self._store_for_app().purchases
-        return self._query(
-            table.c.user_id == user_id,
-            table.c.purchase_received.is_(True),
-            sa.or_(table.c.product_id == product, table.c.nacho_product_id == product),
-            environment=environment,
-        )
-
-    def owns(self, user_id: str, product: str, *, environment: str | None = None) -> bool:
-        """Whether the user holds a product now: a handled purchase of it that is
-        not fully refunded. ``product`` is the store's productId or the nachoProductId."""
-        return any(p.net_quantity > 0 for p in self._of_product(user_id, product, environment))
-
-    def net_quantity(self, user_id: str, product: str, *, environment: str | None = None) -> int:
-        """Units of a consumable the user bought, minus those refunded."""
-        return sum(p.net_quantity for p in self._of_product(user_id, product, environment))

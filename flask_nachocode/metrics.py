@@ -47,6 +47,7 @@ from .errors import (
     WrongMethod,
 )
 from .events import ROUTES_BY_NAME, utcnow
+from .reads import queued_summary
 from .store import describe_database_error
 
 if TYPE_CHECKING:
@@ -318,7 +319,7 @@ class StoreCollector:
         up, queued, oldest = self._families()
         try:
             with self.app.app_context():
-                count, oldest_at = self.app.extensions["nachocode"].store.queued_summary()
+                count, oldest_at = queued_summary(self.app.extensions["nachocode"].store)
         except sa.exc.SQLAlchemyError as error:
             logger.warning(
                 "nachocode metrics: the store could not be read: %s",

@@ -20,8 +20,8 @@ from werkzeug.utils import import_string
 
 from .auth import normalize_keys
 from .deferred import TaskQueue
-from .ledger import Ledger
 from .metrics import Metrics
+from .reads import Ledger
 from .registry import Handler, HandlerRegistry, registry_from_config
 from .store import Store
 

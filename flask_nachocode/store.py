@@ -9,9 +9,8 @@ event, and every other process, host or re-send finds the row and answers
 first transaction: if that one rolls back (a handler crashed), the waiting one
 takes over, so a failure never blocks the next attempt.
 
-The reads (:meth:`Store.list_deliveries`, :meth:`Store.get_delivery`, ...) are
-shared by the CLI and the inspector, and end their transaction when done, so that
-an SQLite writer never waits on a reader.
+What the CLI, the inspector, the metrics and the ledger read lives in
+:mod:`.reads`, through :meth:`Store.reading`.
 """
 
 from __future__ import annotations
@@ -35,14 +34,13 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 
 from . import ledger
 from .events import Event, PurchaseEvent, RefundEvent, utcnow
-from .schemas import MAX_ID, parse_id
 from .tables import (
     LOCK_TIMEOUT_SECONDS,
     MYSQL_DEADLOCK,
     MYSQL_DIALECTS,
     MYSQL_LOCK_WAIT_TIMEOUT,
     MYSQL_NO_SUCH_TABLE,
-    REPLAYABLE,
+    QUEUED_INLINE,
     SUPPORTED_DIALECTS,
     define_tables,
     insert_if_new,
@@ -68,11 +66,6 @@ CREATE_TABLES_HINT = (
     "run `flask nachocode init-db`, or create them with your app's tables "
     "(db.create_all() or a migration)"
 )
-
-#: ``'queued'`` written into the statement rather than bound: a database uses a partial
-#: index only when the query's WHERE visibly implies the index's, and PostgreSQL's
-#: generic plan of a prepared statement cannot see into a parameter.
-_QUEUED: sa.ColumnClause[str] = sa.literal_column("'queued'", sa.String())
 
 #: pg_advisory_xact_lock key that serialises creating the tables ("nachocod").
 _CREATE_TABLES_LOCK = 0x6E6163686F636F64
@@ -590,19 +583,6 @@ class Store:
             self._attempts_table_exists = sa.inspect(self.engine).has_table(self.attempts.name)
         return self._attempts_table_exists
 
-    def attempts_of(self, delivery_id: int) -> list[sa.Row[Any]]:
-        """The attempts of deferred delivery ``delivery_id``, first attempt first."""
-        if not self.has_attempts_table():
-            return []
-        attempts = self.attempts
-        query = (
-            sa.select(attempts)
-            .where(attempts.c.delivery_id == delivery_id)
-            .order_by(attempts.c.attempt)
-        )
-        with self.reading() as session:
-            return list(session.execute(query).all())
-
     def _queued(self, *conditions: sa.ColumnElement[bool]) -> sa.Select[Any]:
         """The queued deliveries (matching ``conditions``), oldest first, with when
         each was queued, its attempts made and when the next one is due: read through
@@ -619,25 +599,9 @@ class Store:
                 made.scalar_subquery().label("made"),
                 due_at.scalar_subquery().label("due_at"),
             )
-            .where(table.c.outcome == _QUEUED, *conditions)
+            .where(table.c.outcome == QUEUED_INLINE, *conditions)
             .order_by(table.c.id)
         )
-
-    def queued_summary(self) -> tuple[int, datetime | None]:
-        """How many deliveries are ``queued``, and when the oldest of them arrived
-        (None when none is): one statement that the partial index of queued
-        deliveries serves, for the metrics' gauges at every scrape."""
-        table = self.deliveries
-        query = sa.select(sa.func.count(), sa.func.min(table.c.received_at).label("oldest")).where(
-            table.c.outcome == _QUEUED
-        )
-        with self.reading() as session:
-            count, oldest = session.execute(query).one()
-        if isinstance(oldest, str):  # SQLite's aggregate comes back as the stored text
-            oldest = datetime.fromisoformat(oldest)
-        if oldest is not None and oldest.tzinfo is None:
-            oldest = oldest.replace(tzinfo=timezone.utc)
-        return int(count), oldest
 
     def overdue_queued(self, older_than: timedelta) -> list[tuple[int, int]]:
         """``(delivery id, next attempt number)`` of every queued delivery whose next
@@ -723,84 +687,14 @@ class Store:
 
     @contextmanager
     def reading(self) -> Iterator[Any]:
-        """The session, for reads; the read transaction ends on the way out, so that
-        SQLite writers never wait on it."""
+        """The session, for reads (:mod:`.reads`, and the worker's look for overdue
+        deliveries); the read transaction ends on the way out, so that SQLite
+        writers never wait on it."""
         self.ensure_ready()
         try:
             yield self.session
         finally:
             self.rollback_quietly()
-
-    def get_delivery(self, delivery_id: int) -> sa.Row[Any] | None:
-        """The stored delivery ``delivery_id``, or None (also for ids no column can hold)."""
-        if not 0 <= delivery_id <= MAX_ID:
-            return None
-        with self.reading() as session:
-            row: sa.Row[Any] | None = session.execute(
-                sa.select(self.deliveries).where(self.deliveries.c.id == delivery_id)
-            ).first()
-        return row
-
-    def list_deliveries(
-        self,
-        where: DeliveryFilter,
-        *,
-        limit: int,
-        before: int | None = None,
-        after: int | None = None,
-    ) -> list[sa.Row[Any]]:
-        """Up to ``limit`` deliveries matching ``where``, newest first, with the
-        :data:`LIST_COLUMNS`. With ``before``, those older than that id; with ``after``,
-        the ``limit`` oldest of those newer than that id (the next page up, or a poll)."""
-        table = self.deliveries
-        query = sa.select(*[table.c[name] for name in LIST_COLUMNS]).where(*where.conditions(table))
-        if after is not None:
-            query = query.where(table.c.id > after).order_by(table.c.id.asc())
-        else:
-            if before is not None:
-                query = query.where(table.c.id < before)
-            query = query.order_by(table.c.id.desc())
-        with self.reading() as session:
-            rows = list(session.execute(query.limit(limit)).all())
-        if after is not None:
-            rows.reverse()
-        return rows
-
-    def has_deliveries(
-        self, where: DeliveryFilter, *, before: int | None = None, after: int | None = None
-    ) -> bool:
-        """Whether any delivery matching ``where`` is older than ``before`` or newer
-        than ``after``: is there a next page?"""
-        table = self.deliveries
-        query = sa.select(table.c.id).where(*where.conditions(table))
-        if before is not None:
-            query = query.where(table.c.id < before)
-        if after is not None:
-            query = query.where(table.c.id > after)
-        with self.reading() as session:
-            return session.execute(query.limit(1)).first() is not None
-
-    def replays_of(self, delivery_id: int) -> list[sa.Row[Any]]:
-        """The replays of delivery ``delivery_id``, newest first, with the :data:`LIST_COLUMNS`."""
-        table = self.deliveries
-        query = (
-            sa.select(*[table.c[name] for name in LIST_COLUMNS])
-            .where(table.c.replay_of == delivery_id)
-            .order_by(table.c.id.desc())
-        )
-        with self.reading() as session:
-            return list(session.execute(query).all())
-
-    def replayable_ids(self) -> list[int]:
-        """Every original delivery whose latest outcome is replayable, oldest first."""
-        table = self.deliveries
-        query = (
-            sa.select(table.c.id)
-            .where(table.c.outcome.in_(REPLAYABLE), table.c.replay_of.is_(None))
-            .order_by(table.c.id)
-        )
-        with self.reading() as session:
-            return list(session.execute(query).scalars())
 
     def prune(self, older_than: timedelta) -> int:
         """Delete the deliveries received longer ago than ``older_than``, except queued
@@ -839,50 +733,6 @@ def _due(rows: Any, cutoff: datetime) -> list[tuple[int, int]]:
         if when <= cutoff:
             due.append((int(delivery_id), int(made or 0) + 1))
     return due
-
-
-#: The columns of a delivery list (the CLI's table, the inspector's rows).
-LIST_COLUMNS = (
-    "id",
-    "received_at",
-    "event",
-    "user_id",
-    "outcome",
-    "status",
-    "duration_ms",
-    "replay_of",
-    "replay_count",
-)
-
-
-@dataclass(frozen=True)
-class DeliveryFilter:
-    """Which deliveries a list shows; every field left empty matches all."""
-
-    #: The latest outcome (an original shows its last replay's).
-    outcome: str = ""
-    event: str = ""
-    #: An exact user id, or an ``iapLogId``.
-    q: str = ""
-    #: Replays too; by default each delivery is listed once, as its original.
-    replays: bool = False
-
-    def conditions(self, table: sa.Table) -> list[sa.ColumnElement[bool]]:
-        conditions: list[sa.ColumnElement[bool]] = []
-        if not self.replays:
-            conditions.append(table.c.replay_of.is_(None))
-        if self.outcome:
-            conditions.append(table.c.outcome == self.outcome)
-        if self.event:
-            conditions.append(table.c.event == self.event)
-        if self.q:
-            # Exact matches, so that both columns' indexes serve the search.
-            match = table.c.user_id == self.q
-            iap_log_id = parse_id(self.q)
-            if iap_log_id is not None:
-                match = match | (table.c.iap_log_id == iap_log_id)
-            conditions.append(match)
-        return conditions
 
 
 def _warn_if_flask_sqlalchemy_shares_the_file(engine: Engine) -> None:

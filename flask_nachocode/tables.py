@@ -27,6 +27,12 @@ OUTCOMES = ("handled", "duplicate", "queued", "failed", "refused", "invalid", "u
 #: Outcomes whose handlers can be run again by ``replay``.
 REPLAYABLE = ("failed", "refused", "unhandled")
 
+#: ``'queued'`` written into a statement rather than bound, for the reads of the
+#: queued deliveries: a database uses the partial index ``ix_nachocode_deliveries_queued``
+#: only when the query's WHERE visibly implies the index's, and PostgreSQL's generic
+#: plan of a prepared statement cannot see into a parameter.
+QUEUED_INLINE: sa.ColumnClause[str] = sa.literal_column("'queued'", sa.String())
+
 #: A ledger row's ``state``.
 ACTIVE, PARTIALLY_REFUNDED, REFUNDED = "active", "partially_refunded", "refunded"
 

@@ -35,6 +35,7 @@ from . import signals
 from .delivery import Result, announce, failure_text, send_task, storable_text
 from .errors import HandlerFailed, NoHandler, WebhookError
 from .events import Event, utcnow
+from .reads import get_delivery
 from .schemas import MAX_COUNT, MAX_ID, load_event
 from .state import AppState
 from .store import describe_database_error
@@ -86,7 +87,7 @@ def run_attempt(state: AppState, delivery_id: int, attempt: int) -> Result | Non
         row = store.take_queued(connection, delivery_id, attempt)
         if row is None:
             session.rollback()
-            if store.get_delivery(delivery_id) is None:
+            if get_delivery(store, delivery_id) is None:
                 logger.warning(
                     "nachocode: dropped the task of delivery %s (attempt %s): there is no such "
                     "delivery (pruned, or the task came from an app on another database)",

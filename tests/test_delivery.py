@@ -34,6 +34,7 @@ import flask_nachocode.delivery
 from flask_nachocode import PurchaseEvent, delivery_failed, delivery_handled, delivery_received
 from flask_nachocode import delivery as nachocode_delivery
 from flask_nachocode.events import ROUTES_BY_EVENT
+from flask_nachocode.reads import get_delivery
 from flask_nachocode.testing import (
     payload_for,
     post_delivery,
@@ -258,7 +259,7 @@ def test_the_record_written_with_the_claim_gets_the_handlers_time_when_it_matter
     answer = post_delivery(client, "purchase", purchase_payload())
     assert answer.status_code == 200
     with app.app_context():
-        row = app.extensions["nachocode"].store.get_delivery(answer.json["delivery"])
+        row = get_delivery(app.extensions["nachocode"].store, answer.json["delivery"])
     assert row.outcome == "handled"
     recorded_ms = (row.finished_at - row.received_at).total_seconds() * 1000
     assert abs(recorded_ms - row.duration_ms) < 5

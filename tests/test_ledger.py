@@ -19,6 +19,7 @@ import requests
 from flask import Flask
 
 from flask_nachocode import NachocodeWebhook, Purchase, PurchaseEvent, RefundEvent
+from flask_nachocode.reads import get_delivery
 from flask_nachocode.schemas import MAX_COUNT
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
 
@@ -49,7 +50,8 @@ class Shop:
 
     def outcome(self, answer: Any) -> str:
         delivery = answer.get_json()["delivery"]
-        return str(self.read(self.app.extensions["nachocode"].store.get_delivery, delivery).outcome)
+        store = self.app.extensions["nachocode"].store
+        return str(self.read(get_delivery, store, delivery).outcome)
 
 
 @pytest.fixture
@@ -276,38 +278,6 @@ def test_a_handler_that_raises_rolls_the_ledger_back(shop: Shop, event: str) -> 
     assert purchase is not None
     assert purchase.purchase_received
     assert purchase.refunded_quantity == (1 if event == "refund" else 0)
-
-
-def test_queries_find_every_environment_unless_one_is_asked_for(shop: Shop) -> None:
-    ledger = shop.ext.ledger
-    live = purchase_payload(environment="production", quantity=2, userId="u1")
-    # What `flask nachocode send` and the test factories build: a sandbox purchase.
-    test = purchase_payload(quantity=5, userId="u1")
-    assert test["environment"] == "sandbox"
-    other_user = purchase_payload(environment="production", quantity=7, userId="u2")
-    for payload in (live, test, other_user):
-        shop.post("purchase", payload)
-    product = live["productId"]
-
-    assert shop.read(ledger.get, test["iapLogId"]).environment == "sandbox"
-    assert shop.read(ledger.get, test["iapLogId"], environment="production") is None
-    assert shop.read(ledger.get, test["iapLogId"], environment="sandbox") is not None
-    assert shop.read(ledger.get, live["iapLogId"], user_id="u2") is None
-    assert shop.read(ledger.net_quantity, "u1", product) == 7
-    assert shop.read(ledger.net_quantity, "u1", product, environment="production") == 2
-    assert shop.read(ledger.net_quantity, "u1", product, environment="sandbox") == 5
-    assert [p.iap_log_id for p in shop.read(ledger.purchases_of, "u1")] == [
-        test["iapLogId"],
-        live["iapLogId"],  # newest first
-    ]
-    assert [
-        p.iap_log_id for p in shop.read(ledger.purchases_of, "u1", environment="production")
-    ] == [live["iapLogId"]]
-
-    shop.post("refund", refund_payload(live))
-    assert shop.read(ledger.owns, "u1", product)  # the sandbox units are still held
-    assert not shop.read(ledger.owns, "u1", product, environment="production")
-    assert shop.read(ledger.owns, "u1", product, environment="sandbox")
 
 
 def test_refunds_arriving_out_of_order_keep_the_latest_refund_time(shop: Shop) -> None:

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from flask_nachocode import NachocodeWebhook
+from flask_nachocode.reads import queued_summary
 from flask_nachocode.store import SQLITE_BUSY_TIMEOUT_MS, resolve_database_uri
 from flask_nachocode.testing import post_delivery, purchase_payload
 
@@ -453,7 +454,7 @@ def test_the_queued_reads_go_through_the_queued_index(make_app: Callable[..., An
             store.overdue_queued(utcnow() - utcnow())
             store.stranded_queued(store.session.connection(), "purchase:ios:1")
             store.session.rollback()
-            assert store.queued_summary() == (0, None)
+            assert queued_summary(store) == (0, None)
         finally:
             sa.event.remove(store.engine, "before_cursor_execute", note)
         queued_reads = [(sql, params) for sql, params in statements if "queued" in sql]
