@@ -11,7 +11,7 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import Mapped, mapped_column
 
-from flask_nachocode import NachocodeWebhook, PurchaseEvent, RefundEvent
+from flask_nachocode import ExactText, NachocodeWebhook, PurchaseEvent, RefundEvent
 
 db = SQLAlchemy()
 nachocode = NachocodeWebhook(db=db)  # the deliveries share your database and transaction
@@ -20,12 +20,16 @@ COINS_PER_UNIT = 100
 
 
 class Wallet(db.Model):
-    user_id: Mapped[str] = mapped_column(primary_key=True)
+    # ExactText: compared exactly on every database (MySQL's default collation
+    # would take "Alice" and "alice " for one user).
+    user_id: Mapped[str] = mapped_column(ExactText(255), primary_key=True)
     coins: Mapped[int]
 
 
 def wallet_of(user_id: str) -> Wallet:
-    wallet = db.session.get(Wallet, user_id)
+    # FOR UPDATE: another purchase of this user, handled at the same moment by another
+    # worker, waits for this one to commit instead of overwriting its coins.
+    wallet = db.session.get(Wallet, user_id, with_for_update=True)
     if wallet is None:
         wallet = Wallet(user_id=user_id, coins=0)
         db.session.add(wallet)
@@ -55,7 +59,7 @@ def create_app() -> Flask:
     db.init_app(app)
     nachocode.init_app(app)
     with app.app_context():
-        db.create_all()  # the wallets and the nachocode_* tables
+        db.create_all()  # the wallets and the nachocode_* tables (gunicorn: --preload)
 
     @app.get("/coins/<user_id>")
     def coins(user_id: str) -> dict[str, int]:

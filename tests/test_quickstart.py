@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,49 @@ def test_ci_runs_the_readmes_test_command() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     (command,) = readme_commands(readme, "## Run the tests")
     assert command.strip() in ci.read_text().splitlines()
+
+
+@pytest.mark.integration
+@pytest.mark.once
+@pytest.mark.every_database
+def test_the_quickstart_app_under_gunicorn_preload_with_four_workers(
+    database_url: str, tmp_path: Path
+) -> None:
+    # The path teams deploy by: the app touches the database at import (create_all),
+    # and gunicorn --preload imports it once, in the master, before forking four
+    # workers. Every worker must open connections of its own: sharing the master's
+    # answered 503s and hung on PostgreSQL and MariaDB.
+    port = free_port()
+    log_path = tmp_path / "gunicorn.log"
+    env = {"FLASK_SQLALCHEMY_DATABASE_URI": database_url, "NACHOCODE_WEBHOOK_KEY": "fork-key"}
+    args = [
+        str(Path(sys.executable).parent / "gunicorn"),
+        "--preload", "--workers", "4", "--bind", f"127.0.0.1:{port}", "--timeout", "60",
+        "--chdir", str(ROOT / "examples"), "minimal:create_app()",
+    ]  # fmt: skip
+    users = [f"forked-{n}" for n in range(12)]
+    purchases = [purchase_payload(user_id=users[n % 12], quantity=1) for n in range(120)]
+    # Each user's first purchase alone: two first purchases of one new user at the
+    # same moment would race to create the wallet, a limit of the example's handler.
+    first, burst = purchases[:12], purchases[12:] + purchases[::3]  # 40 of them twice
+
+    def send(body: dict[str, object]) -> tuple[int, object]:
+        answer = requests.post(
+            f"{base_url}/nachocode/webhooks/purchase",
+            data=json.dumps(body),
+            headers={"Authorization": "Bearer fork-key", "Content-Type": "application/json"},
+            timeout=30,
+        )
+        return answer.status_code, answer.json().get("duplicate")
+
+    with live_server(args, port=port, env=env, log_path=log_path) as base_url:
+        answers = [send(body) for body in first]
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            answers += pool.map(send, burst)
+        coins = [requests.get(f"{base_url}/coins/{user}", timeout=10).json() for user in users]
+    log = log_path.read_text(errors="replace")
+    assert [status for status, _ in answers] == [200] * 160, log[-3000:]
+    assert sum(1 for _, duplicate in answers if duplicate is False) == len(purchases)
+    assert coins == [{"coins": 100 * 10}] * 12  # each purchase granted once
+    assert "Traceback" not in log, log[-3000:]
+    assert "Error" not in log, log[-3000:]

@@ -143,4 +143,8 @@ def handle(event: Any) -> None:
 
 
 app = create_app()
+# As the README does: the tables at import, so that gunicorn and the Celery worker's
+# parent hold a pooled connection when they fork (each child must open its own).
+with app.app_context():
+    db.create_all()
 celery_app: Celery = app.extensions["celery"]
