@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from flask_nachocode import NachocodeWebhook
+from flask_nachocode.events import utcnow
 from flask_nachocode.reads import queued_summary
 from flask_nachocode.store import SQLITE_BUSY_TIMEOUT_MS, resolve_database_uri
 from flask_nachocode.testing import post_delivery, purchase_payload
@@ -468,3 +470,27 @@ def test_the_queued_reads_go_through_the_queued_index(make_app: Callable[..., An
             for sql, params in queued_reads:
                 plan = connection.exec_driver_sql(explain + sql, params).all()
                 assert "ix_nachocode_deliveries_queued" in " ".join(map(str, plan)), sql
+
+
+@pytest.mark.every_store
+def test_prune_deletes_in_batches_each_its_own_transaction(make_effects_app: Any) -> None:
+    # One transaction for every old delivery held SQLite's write lock for seconds on a
+    # large table: each batch must commit, so that a delivery waits for one batch at most.
+    store_app = make_effects_app()
+    for _ in range(5):
+        post_delivery(store_app.client, "purchase", purchase_payload())
+    kept = post_delivery(store_app.client, "purchase", purchase_payload()).get_json()["delivery"]
+    with store_app.app.app_context():
+        store = store_app.store
+        table = store.deliveries
+        store.session.execute(
+            sa.update(table)
+            .where(table.c.id != kept)
+            .values(received_at=utcnow() - timedelta(days=40))
+        )
+        store.session.commit()
+        commits: list[object] = []
+        sa.event.listen(store.engine, "commit", commits.append)
+        assert store.prune(timedelta(days=30), batch=2) == 5
+    assert len(commits) == 3  # 2 + 2 + 1
+    assert [row.id for row in store_app.deliveries()] == [kept]
