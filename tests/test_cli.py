@@ -135,7 +135,9 @@ def test_replay_failed_replays_every_failed_delivery_and_fails_if_any_still_fail
     store_app.broken = lambda event: event.user_id == "stuck"
     result = run(store_app, "replay", "--failed")
     assert result.exit_code == 1, result.output
-    lines = result.output.splitlines()
+    preview, lines = result.output.split("replaying 3 deliveries\n")
+    assert listed_ids(preview) == [stuck_id, fixed_id, resent_id]  # oldest first
+    lines = lines.splitlines()
     replays = [int(line.split(" as delivery ")[1].split(":")[0]) for line in lines[:3]]
     assert lines[0].startswith(
         f"delivery {stuck_id}: failed (500) as delivery {replays[0]}: RuntimeError: handler bug"
@@ -155,7 +157,9 @@ def test_replay_failed_replays_every_failed_delivery_and_fails_if_any_still_fail
     store_app.broken = False
     result = run(store_app, "replay", "--failed")
     assert result.exit_code == 0, result.output
-    assert result.output.strip().startswith(f"delivery {stuck_id}: handled (200) as delivery ")
+    assert f"replaying 1 delivery\ndelivery {stuck_id}: handled (200) as delivery " in (
+        result.output
+    )
     assert run(store_app, "replay", "--failed").output.strip() == "nothing to replay"
 
 
