@@ -277,8 +277,11 @@ def stats(where: DeliveryFilter, replays: bool, period: str, as_json: bool) -> N
             f"{count.start.strftime(shown):{width}}  {count.event or '-':17}  "
             f"{count.outcome:9}  {count.count:>8}"
         )
+    if not counts:
+        click.echo("no deliveries")
+        return
     total = sum(count.count for count in counts)
-    click.echo(f"{'total':{width}}  {'':17}  {'':9}  {total:>8}" if counts else "no deliveries")
+    click.echo(f"{'total':{width}}  {'':17}  {'':9}  {total:>8}")
 
 
 COMMANDS = (list_deliveries, show, replay, stats)
