@@ -223,6 +223,7 @@ def test_stats_count_by_day_or_hour_event_and_outcome(make_effects_app: Any) -> 
         (["replay", "--iap-log-id", "-1"], "Invalid value for '--iap-log-id'"),
         (["replay", "--user", ""], "Invalid value for '--user': is empty"),
         (["stats", "--store-id", ""], "Invalid value for '--store-id': is empty"),
+        (["deliveries", "--user", "\udcff"], "Invalid value for '--user': '\\udcff' is not UTF-8"),
         (["stats", "--by", "week"], "Invalid value for '--by'"),
         (["deliveries", "--bogus"], "No such option '--bogus'"),
         (["deliveries", "--json", "--limit", "5"], "--limit is for the table"),

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from ..events import EVENT_SPELLINGS
 from ..reads import DeliveryFilter
 from ..schemas import MAX_ID, parse_id
+from ..sender import command_line_text
 from ..store import describe_database_error
 from ..tables import OUTCOMES
 
@@ -87,11 +88,13 @@ class Moment(click.ParamType):  # type: ignore[type-arg]
             self.fail(f"{value!r} is not {wanted}", param, ctx)
 
 
-def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+def _id_text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
     # An empty id would be no filter at all: every delivery, not none.
     if value == "":
         raise click.BadParameter("is empty", ctx, param)
-    return value
+    return command_line_text(value, f"'{param.opts[0]}'")
 
 
 #: The options of :func:`filter_options`, as the keyword arguments they become.
@@ -100,7 +103,7 @@ _FILTER_NAMES = ("outcome", "event", "user_id", "iap_log_id", "store_id", "since
 _FILTER_OPTIONS = (
     click.option("--status", "outcome", type=click.Choice(OUTCOMES), help="Latest outcome."),
     click.option("--event", type=EventChoice()),
-    click.option("--user", "user_id", metavar="ID", callback=_not_empty, help="An exact user id."),
+    click.option("--user", "user_id", metavar="ID", callback=_id_text, help="An exact user id."),
     click.option(
         "--iap-log-id",
         type=WholeNumber(0),
@@ -110,7 +113,7 @@ _FILTER_OPTIONS = (
     click.option(
         "--store-id",
         metavar="ID",
-        callback=_not_empty,
+        callback=_id_text,
         help="A Play orderId or App Store transactionId: the purchase and its refunds.",
     ),
     click.option(
