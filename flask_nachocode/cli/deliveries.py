@@ -156,8 +156,8 @@ def show(delivery_id: int) -> None:
 @filter_options
 def replay(where: DeliveryFilter, delivery_id: int | None, all_failed: bool, dry_run: bool) -> None:
     """Run the handlers again on a stored delivery, or on every one that failed
-    (those the filter options leave, with any of them). Prints which deliveries,
-    and how many, before replaying them.
+    (--failed), or on those of them the filter options pick. Prints which
+    deliveries, and how many, before replaying them.
 
     Failed, refused and unhandled deliveries run their handlers again. A purchase
     or refund that was handled (at first, by a re-send or by an earlier replay)
