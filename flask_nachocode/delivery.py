@@ -180,7 +180,7 @@ def _defer_duplicate(state: AppState, delivery: Delivery, event: Event) -> Resul
     # sends it. A task that was on its way after all finds the attempt made.
     assert event.identity is not None  # only claimed events are duplicates
     store = state.store
-    stranded = store.stranded_queued(store.session.connection(), event.identity)
+    stranded = store.stranded_queued(store.connection(), event.identity)
     result = _commit(state, delivery, event, "duplicate", 200)
     if stranded is not None:
         send_task(state, *stranded)
@@ -240,7 +240,7 @@ def _claim(
         )
         try:
             claimed, delivery_id = state.store.claim(
-                session.connection(), event, now, early, with_ledger=not defer
+                state.store.connection(), event, now, early, with_ledger=not defer
             )
             delivery.claimed = time.perf_counter()
             return claimed, delivery_id
@@ -345,7 +345,7 @@ def _commit(
         state, delivery, event, outcome, status, utcnow(), error=error, message=message, trace=trace
     )
     try:
-        delivery_id = store.record_delivery(store.session.connection(), values)
+        delivery_id = store.record_delivery(store.connection(), values)
     except sa.exc.SQLAlchemyError as db_error:
         raise _store_unavailable(state, db_error) from db_error
     return _finish(state, delivery, event, outcome, status, delivery_id, error=error)
@@ -369,7 +369,7 @@ def _finish(
     elapsed = time.perf_counter() - delivery.started
     try:
         if early and time.perf_counter() - delivery.claimed > EXACT_DURATION_AFTER_SECONDS:
-            store.set_finished(session.connection(), delivery_id, utcnow(), elapsed * 1000.0)
+            store.set_finished(store.connection(), delivery_id, utcnow(), elapsed * 1000.0)
         session.commit()
     except sa.exc.SQLAlchemyError as db_error:
         raise _store_unavailable(state, db_error) from db_error
@@ -416,12 +416,14 @@ def _store_unavailable(state: AppState, error: sa.exc.SQLAlchemyError) -> StoreU
     if is_lock_timeout(error):
         logger.warning(
             "nachocode delivery gave up after waiting %.0f s for a lock another transaction "
-            "holds (a copy of it being handled, or a transaction left open), not recorded: %s",
+            "holds (a copy of it being handled, a transaction left open, or a table locked "
+            "by a migration), not recorded: %s",
             LOCK_TIMEOUT_SECONDS,
             describe_database_error(error),
         )
         return StoreUnavailable(
-            "another transaction holds this delivery's claim or the database's write lock; "
+            "another transaction holds a lock this delivery needs (its claim, a table, or "
+            "the database's write lock); "
             "nothing was handled, re-send this delivery later"
         )
     logger.error(

@@ -20,6 +20,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,9 +57,12 @@ logger = logging.getLogger("flask_nachocode")
 #: SQLite's busy timeout: the same limit, also for the app's own engine with ``db=``
 #: (Python's sqlite3 module waits 5 s by default too).
 SQLITE_BUSY_TIMEOUT_MS = int(LOCK_TIMEOUT_SECONDS * 1000)
-#: PostgreSQL's lock limit for a delivery with no claim to carry it (``unavailable_users``;
-#: :func:`~flask_nachocode.tables.pg_claim` carries it for the others). ``SET LOCAL`` ends
-#: with the transaction, so the app's own use of a shared ``db`` is left as it was.
+#: PostgreSQL's lock limit, the first statement of each delivery's transaction
+#: (:meth:`Store.connection`). It must come before any statement that names a table:
+#: PostgreSQL takes a statement's table locks before running any of it, so a limit set
+#: inside the claim (as 0.1 did) never bounded a ``LOCK TABLE`` or a migration's
+#: ``ALTER TABLE``. ``SET LOCAL`` ends with the transaction, so the app's own use of a
+#: shared ``db`` keeps its settings, and PgBouncer's transaction pooling is safe.
 _PG_LOCK_TIMEOUT = f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT_SECONDS * 1000)}ms'"
 
 #: What to run when the tables are missing, for the log and the CLI.
@@ -160,8 +164,14 @@ def _mysql_lock_wait(dbapi_connection: Any, connection_record: Any, *args: Any) 
     timeout do, once per connection: InnoDB's default of 50 s is past Nachocode's budget."""
     if connection_record.info.get("nachocode_mysql_ready"):
         return
+    seconds = max(1, int(LOCK_TIMEOUT_SECONDS))
     cursor = dbapi_connection.cursor()
-    cursor.execute(f"SET SESSION innodb_lock_wait_timeout = {max(1, int(LOCK_TIMEOUT_SECONDS))}")
+    # innodb_lock_wait_timeout bounds row locks; lock_wait_timeout bounds metadata
+    # locks: a LOCK TABLES, or an ALTER TABLE queued behind an open reader, which
+    # every later statement on the table waits behind (the server's default: a day).
+    cursor.execute(
+        f"SET SESSION innodb_lock_wait_timeout = {seconds}, SESSION lock_wait_timeout = {seconds}"
+    )
     cursor.close()
     connection_record.info["nachocode_mysql_ready"] = True
 
@@ -208,6 +218,42 @@ def _set_up_connections(engine: Engine) -> None:
     set_up = _CONNECTION_SET_UP.get(engine.dialect.name)
     if set_up is not None and not sa.event.contains(engine, "checkout", set_up):
         sa.event.listen(engine, "checkout", set_up)
+
+
+#: Every engine the deliveries or the app's handlers run on: the extension's own, and
+#: each of the app's with ``db=`` (:func:`_renew_pools_after_fork`).
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+#: The pools a forked process inherited, kept and never used. Dropping them would let
+#: the garbage collector close their connections, and closing one can speak on the
+#: socket the parent still uses (mysqlclient sends COM_QUIT on close).
+_INHERITED_POOLS: list[sa.pool.Pool] = []
+
+
+def _renew_pools_after_fork() -> None:
+    """In a forked child (gunicorn ``--preload``, Celery's prefork pool,
+    ``multiprocessing``), give every tracked engine a new, empty pool, as SQLAlchemy
+    documents ("Using Connection Pools with Multiprocessing or os.fork()"). A connection
+    opened before the fork, when the app touched the database at import, is shared with
+    the parent and every sibling: answers read by the wrong process, "Command Out of
+    Sync", lost connections. ``close=False`` leaves the parent's connections alone."""
+    for engine in list(_ENGINES):
+        if isinstance(engine.pool, sa.pool.StaticPool):
+            # An in-memory SQLite database lives in its one connection: the child's
+            # copy of it is the only database it has.
+            continue
+        _INHERITED_POOLS.append(engine.pool)
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_renew_pools_after_fork)
+
+
+def _engines_of(app: Flask, db: SQLAlchemy) -> list[Engine]:
+    """The app's engines, every bind, once ``db.init_app(app)`` has made them."""
+    if app.extensions.get("sqlalchemy") is not db:
+        return []  # db.init_app comes later: ensure_ready tracks db.engine then
+    with app.app_context():
+        return list(db.engines.values())
 
 
 def resolve_database_uri(app: Flask) -> str:
@@ -265,8 +311,8 @@ class Store:
 
     ``session`` is a scoped session tied to the app context, like
     Flask-SQLAlchemy's ``db.session``; with ``db=`` it *is* ``db.session``.
-    The per-delivery statements run on ``session.connection()``, fetched once: the
-    same transaction as the handlers' ORM writes, without the ORM's per-statement work.
+    The per-delivery statements run on the session's connection (:meth:`connection`):
+    the same transaction as the handlers' ORM writes, without the ORM's per-statement work.
     """
 
     def __init__(self, app: Flask, db: SQLAlchemy | None, *, ledger_enabled: bool = True) -> None:
@@ -288,6 +334,9 @@ class Store:
             # (SQLALCHEMY_ENGINES); ensure_ready checks the engine it made.
             if app.config.get("SQLALCHEMY_DATABASE_URI"):
                 check_supported(app.config["SQLALCHEMY_DATABASE_URI"], "SQLALCHEMY_DATABASE_URI")
+            # Tracked now, not at the first delivery: the app may open connections at
+            # import (db.create_all()) and then fork its workers.
+            _ENGINES.update(_engines_of(app, db))
         else:
             self._uri = resolve_database_uri(app)
             check_supported(
@@ -311,6 +360,21 @@ class Store:
                 duration_ms=sa.bindparam("new_duration_ms", type_=deliveries.c.duration_ms.type),
             )
         )
+
+    def connection(self) -> sa.Connection:
+        """The session's connection, for a delivery's statements. On PostgreSQL the
+        first call in a transaction sets its ``lock_timeout`` (:data:`_PG_LOCK_TIMEOUT`),
+        so that no statement of the delivery, nor of its handlers, waits on a lock for
+        longer than :data:`LOCK_TIMEOUT_SECONDS`; the other databases have it per
+        connection (:func:`_set_up_connections`)."""
+        session = self.session()  # the scoped session's current Session
+        connection: sa.Connection = session.connection()
+        if self._dialect_name == "postgresql":
+            transaction = session.get_transaction()
+            if session.info.get("nachocode_lock_limit") is not transaction:
+                connection.exec_driver_sql(_PG_LOCK_TIMEOUT)
+                session.info["nachocode_lock_limit"] = transaction
+        return connection
 
     def _remove_session(self, exc: BaseException | None) -> None:
         self.session.remove()
@@ -340,6 +404,7 @@ class Store:
             options = {"pool_pre_ping": True}
         engine = sa.create_engine(url, **options)
         _set_up_connections(engine)
+        _ENGINES.add(engine)
         self._sessionmaker.configure(bind=engine)
         return engine
 
@@ -370,6 +435,7 @@ class Store:
                 check_supported(engine.url.render_as_string(), "The app's database")
                 # The app's own engine: its connections must survive several workers too.
                 _set_up_connections(engine)
+                _ENGINES.add(engine)
                 # The tables are the app's to create (create_all or migrations): say
                 # so once, now, rather than only in every failed delivery's log line.
                 self._warn_if_tables_missing()
@@ -471,13 +537,12 @@ class Store:
         with_ledger: bool = True,
     ) -> tuple[bool, int | None]:
         """Claim ``event`` and write its ledger row: the start of the delivery's
-        transaction, before any handler runs, on its connection (``session.connection()``).
+        transaction, before any handler runs, on its connection (:meth:`connection`).
         Returns whether it claimed (False for a duplicate, which wrote nothing to the
         claims or the ledger; an event without an identity, ``unavailable_users``, is
         never a duplicate) and, when it also inserted ``record`` as the delivery's
-        record, its id. On PostgreSQL the transaction waits at most
-        :data:`LOCK_TIMEOUT_SECONDS` for a lock (the claim row of a copy being handled,
-        or the handlers' own rows) before failing.
+        record, its id. ``connection`` comes from :meth:`connection`, which bounds every
+        lock wait of the transaction.
 
         ``record`` is the record as it would be inserted after a handled delivery
         (every column but ``id`` and ``outcome``); it is inserted here when
@@ -487,8 +552,6 @@ class Store:
         (:meth:`apply_ledger`).
         """
         if event.identity is None:
-            if connection.dialect.name == "postgresql":
-                connection.exec_driver_sql(_PG_LOCK_TIMEOUT)
             return True, None
         if (
             not with_ledger

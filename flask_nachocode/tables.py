@@ -140,24 +140,9 @@ def insert_or_keep(
 @functools.lru_cache(maxsize=8)
 def pg_claim(claims: sa.Table) -> Any:
     """PostgreSQL's claim: insert the claim row unless its identity is claimed
-    already, returning the identity when this statement inserted it.
-
-    The row comes from a SELECT whose WHERE first sets the transaction's
-    ``lock_timeout`` (``set_config(..., true)`` is ``SET LOCAL`` as a function), so
-    that the time limit travels with the claim in one round trip, not one of its
-    own. It is in force before the INSERT can wait on a copy's uncommitted claim,
-    and until the transaction ends: the handlers' own writes wait no longer either,
-    and the app's own use of a shared ``db`` afterwards is left as it was.
-    """
-    lock_timeout = sa.func.set_config(
-        sa.literal_column("'lock_timeout'"),
-        sa.literal_column(f"'{int(LOCK_TIMEOUT_SECONDS * 1000)}ms'"),
-        sa.true(),
-    )
+    already, returning the identity when this statement inserted it."""
     columns = list(claims.c)
-    source = sa.select(*(sa.bindparam(c.key, type_=c.type) for c in columns)).where(
-        lock_timeout.is_not(None)
-    )
+    source = sa.select(*(sa.bindparam(c.key, type_=c.type) for c in columns))
     return (
         postgresql.insert(claims)
         .from_select([c.key for c in columns], source)

@@ -83,7 +83,7 @@ def run_attempt(state: AppState, delivery_id: int, attempt: int) -> Result | Non
     started_at = utcnow()
     try:
         store.ensure_ready()
-        connection = session.connection()
+        connection = store.connection()
         row = store.take_queued(connection, delivery_id, attempt)
         if row is None:
             session.rollback()
@@ -182,7 +182,7 @@ def _attempt_failed(
     message, trace = failure_text(cause)
     store = state.store
     store.record_attempt(
-        store.session.connection(),
+        store.connection(),
         _attempt_values(
             row,
             attempt,
@@ -222,7 +222,7 @@ def _finish(
     """The delivery's last attempt: handled (``error`` None), refused, unhandled,
     invalid, or failed for good (with ``cause``, what the handler raised)."""
     store = state.store
-    connection = store.session.connection()
+    connection = store.connection()
     outcome, status = ("handled", 200) if error is None else (error.outcome, error.status)
     message = trace = None
     if cause is not None:

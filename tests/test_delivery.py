@@ -220,10 +220,10 @@ def test_a_delivery_is_its_writes_and_one_commit(make_app: Any, database_url: st
     assert len(seen) == 2
     assert sent.count("COMMIT") == 1
     # claim, ledger row, delivery record: no reads, no second transaction; on
-    # PostgreSQL all three go in one statement (a CTE), which also carries the
-    # transaction's lock timeout.
+    # PostgreSQL all three go in one statement (a CTE), after the transaction's lock
+    # limit, which must come first to bound the table locks of that statement too.
     postgres = database_url.startswith("postgresql")
-    assert [s for s in sent if s != "COMMIT"] == (["WITH"] if postgres else ["INSERT"] * 3)
+    assert [s for s in sent if s != "COMMIT"] == (["SET", "WITH"] if postgres else ["INSERT"] * 3)
 
     sent.clear()
     again = post_delivery(client, "purchase", payload)
@@ -232,7 +232,7 @@ def test_a_delivery_is_its_writes_and_one_commit(make_app: Any, database_url: st
     assert len(seen) == 2
     assert sent.count("COMMIT") == 1
     # The claim that found the purchase claimed, and the duplicate's record.
-    assert [s for s in sent if s != "COMMIT"] == (["WITH"] if postgres else ["INSERT"] * 2)
+    assert [s for s in sent if s != "COMMIT"] == (["SET", "WITH"] if postgres else ["INSERT"] * 2)
     with app.app_context():
         purchase = nachocode.ledger.find(seen[-1])
     assert purchase is not None
@@ -316,28 +316,86 @@ def test_resends_waiting_on_a_failing_first_delivery_are_handled_once(
         assert "claim tried again after OperationalError: (1213" in caplog.text
 
 
+def _hold_lock(how: str, url: str, identity: str) -> Callable[[], None]:
+    """Hold, from connections of the test's own, the lock a delivery of ``identity``
+    will meet; returns what lets it go.
+
+    - ``claim``: a transaction left open (a network partition) holding the purchase's
+      claim row; on SQLite, the database's write lock, its only lock.
+    - ``table``: ``LOCK TABLE`` on PostgreSQL, ``LOCK TABLES ... WRITE`` on MySQL.
+    - ``migration``: an ``ALTER TABLE`` queued behind a reader's open transaction: it
+      holds nothing yet, but every later statement on the table queues behind it.
+    """
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    holder = engine.connect()
+    dialect = holder.dialect.name
+    alter: threading.Thread | None = None
+    if how == "claim":
+        if dialect == "sqlite":
+            holder.exec_driver_sql("BEGIN IMMEDIATE")
+        holder.execute(
+            sa.text(
+                "INSERT INTO nachocode_claims (identity, event, claimed_at) "
+                "VALUES (:identity, 'purchase', CURRENT_TIMESTAMP)"
+            ),
+            {"identity": identity},
+        )
+    elif how == "table" and dialect == "postgresql":
+        holder.exec_driver_sql("LOCK TABLE nachocode_claims IN ACCESS EXCLUSIVE MODE")
+    elif how == "table":
+        holder.exec_driver_sql("LOCK TABLES nachocode_claims WRITE")
+    else:
+        holder.exec_driver_sql("SELECT count(*) FROM nachocode_deliveries").all()
+
+        def migrate() -> None:
+            with engine.begin() as migration:
+                migration.exec_driver_sql(
+                    "ALTER TABLE nachocode_deliveries ADD COLUMN note INTEGER"
+                )
+                migration.exec_driver_sql("ALTER TABLE nachocode_deliveries DROP COLUMN note")
+
+        alter = threading.Thread(target=migrate)
+        alter.start()
+        # The delivery must come after the ALTER has queued, as it would in production.
+        waiting_alter = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE 'ALTER TABLE nachocode_deliveries%'"
+            if dialect == "postgresql"
+            else "SELECT count(*) FROM information_schema.processlist "
+            "WHERE state = 'Waiting for table metadata lock'"
+        )
+        with engine.connect() as watcher:
+            while not watcher.execute(sa.text(waiting_alter)).scalar():
+                time.sleep(0.05)
+                watcher.rollback()
+
+    def release() -> None:
+        if dialect in ("mysql", "mariadb") and how == "table":
+            holder.exec_driver_sql("UNLOCK TABLES")
+        holder.rollback()
+        holder.close()
+        if alter is not None:
+            alter.join()
+        engine.dispose()
+
+    return release
+
+
 @pytest.mark.every_store
-def test_a_delivery_waiting_on_a_stuck_transaction_gives_up_inside_the_budget(
-    make_effects_app: Any, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("how", ["claim", "table", "migration"])
+def test_a_delivery_waiting_on_a_lock_gives_up_inside_the_budget(
+    make_effects_app: Any, caplog: pytest.LogCaptureFixture, database_url: str, how: str
 ) -> None:
-    # A network partition left a transaction open holding the purchase's claim (on
-    # SQLite: the database's write lock). A re-send used to wait until gunicorn killed
-    # the worker; it must answer a JSON 503 while Nachocode still listens.
+    # A re-send whose claim a stuck transaction held, and any delivery while a table
+    # was locked or a migration waited for one, used to wait until gunicorn killed the
+    # worker; each must answer a JSON 503 while Nachocode still listens.
+    if how != "claim" and database_url.startswith("sqlite"):
+        pytest.skip("SQLite has one lock, the database's write lock: the claim case holds it")
     store_app = make_effects_app()
     warm_up = post_delivery(store_app.client, "purchase", purchase_payload())
     assert warm_up.status_code == 200  # the tables exist
     purchase = purchase_payload()
-    stuck_engine = sa.create_engine(store_app.url, poolclass=sa.pool.NullPool)
-    stuck = stuck_engine.connect()
-    if stuck.dialect.name == "sqlite":
-        stuck.exec_driver_sql("BEGIN IMMEDIATE")
-    stuck.execute(
-        sa.text(
-            "INSERT INTO nachocode_claims (identity, event, claimed_at) "
-            "VALUES (:identity, 'purchase', CURRENT_TIMESTAMP)"
-        ),
-        {"identity": identity_of(purchase)},
-    )
+    release = _hold_lock(how, store_app.url, identity_of(purchase))
     answers: list[Any] = []
     waiting = threading.Thread(
         target=lambda: answers.append(post_delivery(store_app.client, "purchase", purchase))
@@ -347,20 +405,23 @@ def test_a_delivery_waiting_on_a_stuck_transaction_gives_up_inside_the_budget(
         # Generous: the point is that it answers at all, not how fast (benchmarks measure that).
         waiting.join(timeout=3 * flask_nachocode.delivery.DELIVERY_BUDGET_SECONDS)
     gave_up = not waiting.is_alive()
-    stuck.rollback()
-    stuck.close()
-    stuck_engine.dispose()
+    release()
     waiting.join()
-    assert gave_up, "the delivery kept waiting on the stuck transaction"
+    assert gave_up, f"the delivery kept waiting on the {how} lock"
     [answer] = answers
     assert answer.status_code == 503
     assert answer.mimetype == "application/json"
     assert answer.get_json()["error"] == "store_unavailable"
     assert "another transaction holds" in answer.get_json()["message"]
     assert any("gave up after waiting 5 s for a lock" in r.getMessage() for r in caplog.records)
-    assert identity_of(purchase) not in store_app.effects()  # no handler ran
+    if how != "migration" or store_app.db is not None:
+        # Nothing was kept: the claim's lock is met before any handler runs, and with
+        # the shared db the handlers' writes roll back with the delivery. (A migration
+        # holds the deliveries table, which MySQL and SQLite write after the handlers:
+        # an own-engine handler's writes are its own, as after any later failure.)
+        assert identity_of(purchase) not in store_app.effects()
 
-    # The stuck transaction gone, the re-send is handled.
+    # The lock gone, the re-send is handled.
     again = post_delivery(store_app.client, "purchase", purchase)
     assert (again.status_code, again.get_json()["duplicate"]) == (200, False)
     assert identity_of(purchase) in store_app.effects()
@@ -371,9 +432,9 @@ def test_a_delivery_waiting_on_a_stuck_transaction_gives_up_inside_the_budget(
 def test_on_postgresql_the_lock_limit_holds_for_the_whole_delivery_and_ends_with_it(
     make_app: Callable[..., Any], event: str
 ) -> None:
-    # The limit travels inside the claim's own statement (no round trip of its own):
-    # the handlers' writes must wait no longer than the claim, and the app's next
-    # transaction on the shared db must have its own setting back.
+    # The limit is the transaction's first statement: the handlers' writes must wait
+    # no longer than the claim, and the app's next transaction on the shared db must
+    # have its own setting back.
     store_app = make_app()
     seen: list[str] = []
 
