@@ -35,7 +35,7 @@ from .events import ROUTES_BY_NAME, Event, utcnow
 from .reads import get_delivery
 from .schemas import MAX_ID_LENGTH, load_event
 from .state import AppState
-from .store import describe_database_error, is_lock_timeout, is_worth_retrying
+from .store import Store, describe_database_error, is_lock_timeout, is_worth_retrying
 from .tables import LOCK_TIMEOUT_SECONDS, REPLAYABLE
 
 logger = logging.getLogger("flask_nachocode")
@@ -460,6 +460,32 @@ def _is_storable_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
+def replay_target(store: Store, delivery_id: int) -> sa.Row[Any]:
+    """The stored delivery that :func:`replay` of ``delivery_id`` runs again (its
+    original, for a replay), read and checked without replaying: ``flask nachocode
+    replay --dry-run``. Raises as :func:`replay` does."""
+    row = get_delivery(store, delivery_id)
+    if row is None:
+        raise LookupError(f"no delivery {delivery_id}")
+    if row.replay_of is not None:
+        original = get_delivery(store, row.replay_of)
+        if original is None:
+            raise LookupError(
+                f"delivery {delivery_id} replays delivery {row.replay_of}, which was pruned"
+            )
+        row = original
+    if row.outcome not in REPLAYABLE and (
+        row.outcome not in ("handled", "duplicate") or row.identity is None
+    ):
+        raise ValueError(
+            f"delivery {row.id} was {row.outcome}; only failed, refused or unhandled deliveries "
+            "and handled purchases or refunds (which come back as duplicates) are replayed"
+        )
+    if row.body is None:
+        raise ValueError(f"delivery {row.id} has no stored body (NACHOCODE_KEEP_BODIES is off)")
+    return row
+
+
 def replay(state: AppState, delivery_id: int) -> Result:
     """Run the handlers again on a stored delivery, under the same exactly-once
     rule as a new delivery, and return what happened.
@@ -476,25 +502,7 @@ def replay(state: AppState, delivery_id: int) -> Result:
     ``unavailable_users`` delivery that was handled already (those are never
     deduplicated, so a replay would run its handlers twice).
     """
-    row = get_delivery(state.store, delivery_id)
-    if row is None:
-        raise LookupError(f"no delivery {delivery_id}")
-    if row.replay_of is not None:
-        original = get_delivery(state.store, row.replay_of)
-        if original is None:
-            raise LookupError(
-                f"delivery {delivery_id} replays delivery {row.replay_of}, which was pruned"
-            )
-        row = original
-    if row.outcome not in REPLAYABLE and (
-        row.outcome not in ("handled", "duplicate") or row.identity is None
-    ):
-        raise ValueError(
-            f"delivery {row.id} was {row.outcome}; only failed, refused or unhandled deliveries "
-            "and handled purchases or refunds (which come back as duplicates) are replayed"
-        )
-    if row.body is None:
-        raise ValueError(f"delivery {row.id} has no stored body (NACHOCODE_KEEP_BODIES is off)")
+    row = replay_target(state.store, delivery_id)
     payload = json.loads(bytes(row.body))
     event = load_event(row.event, payload)
     delivery = Delivery(

@@ -1,5 +1,6 @@
 """`flask nachocode deliveries | show | replay | prune | init-db` on the stored
-deliveries, and `urls`."""
+deliveries, and `urls`; the operator's filters, exports and counts are in
+test_cli_deliveries.py."""
 
 from __future__ import annotations
 
@@ -15,22 +16,8 @@ import sqlalchemy as sa
 from flask_nachocode.events import utcnow
 from flask_nachocode.testing import post_delivery, purchase_payload, unavailable_users_payload
 
+from support.cli import delivery_id, listed_ids, run
 from support.common import WEBHOOK_KEY
-
-
-def run(store_app: Any, *args: str) -> Any:
-    return store_app.app.test_cli_runner().invoke(args=["nachocode", *args])
-
-
-def listed_ids(output: str) -> list[int]:
-    return [int(line.split()[0]) for line in output.splitlines()[1:] if line.split()[0].isdigit()]
-
-
-def delivery_id(answer: Any) -> int:
-    """The stored delivery an answer names. Ids are not taken as 1, 2, 3...: on
-    PostgreSQL a delivery whose handler failed also used up the id of the record
-    its rolled-back claim had written."""
-    return int(answer.get_json()["delivery"])
 
 
 @pytest.mark.every_store
@@ -135,7 +122,9 @@ def test_replay_failed_replays_every_failed_delivery_and_fails_if_any_still_fail
     store_app.broken = lambda event: event.user_id == "stuck"
     result = run(store_app, "replay", "--failed")
     assert result.exit_code == 1, result.output
-    lines = result.output.splitlines()
+    preview, lines = result.output.split("replaying 3 deliveries\n")
+    assert listed_ids(preview) == [stuck_id, fixed_id, resent_id]  # oldest first
+    lines = lines.splitlines()
     replays = [int(line.split(" as delivery ")[1].split(":")[0]) for line in lines[:3]]
     assert lines[0].startswith(
         f"delivery {stuck_id}: failed (500) as delivery {replays[0]}: RuntimeError: handler bug"
@@ -155,7 +144,9 @@ def test_replay_failed_replays_every_failed_delivery_and_fails_if_any_still_fail
     store_app.broken = False
     result = run(store_app, "replay", "--failed")
     assert result.exit_code == 0, result.output
-    assert result.output.strip().startswith(f"delivery {stuck_id}: handled (200) as delivery ")
+    assert f"replaying 1 delivery\ndelivery {stuck_id}: handled (200) as delivery " in (
+        result.output
+    )
     assert run(store_app, "replay", "--failed").output.strip() == "nothing to replay"
 
 
@@ -168,14 +159,14 @@ def test_replay_refuses_what_cannot_be_replayed(make_effects_app: Any) -> None:
     store_app = make_effects_app()
     post_delivery(store_app.client, "purchase", b"{}")
     post_delivery(store_app.client, "unavailable_users", unavailable_users_payload())
-    for delivery_id, reason in [
+    for stored, reason in [
         ("1", "delivery 1 was invalid"),
         ("2", "delivery 2 was handled"),
         ("9", "no delivery 9"),
     ]:
-        result = run(store_app, "replay", delivery_id)
+        result = run(store_app, "replay", stored)
         assert result.exit_code == 1
-        assert f"delivery {delivery_id}: not replayed: {reason}" in result.output
+        assert f"delivery {stored}: not replayed: {reason}" in result.output
     assert store_app.effects() == ["unavailable_users"]
     assert run(store_app, "replay").exit_code == 2
     assert run(store_app, "replay", "1", "--failed").exit_code == 2

@@ -1,26 +1,20 @@
-"""The ``flask nachocode`` command group."""
+"""The ``flask nachocode`` command group: the store's upkeep (``init-db``,
+``requeue``, ``prune``) and a developer's ``urls`` and ``send`` here; the
+operator's reads and replays in :mod:`.deliveries`."""
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import click
-import sqlalchemy as sa
 from flask.cli import with_appcontext
 
-from . import reads
-from .delivery import DELIVERY_BUDGET_SECONDS
-from .delivery import replay as replay_delivery
-from .display import escape_controls, pretty_json
-from .errors import WebhookError
-from .events import EVENT_SPELLINGS, ROUTES, ROUTES_BY_EVENT
-from .schemas import MAX_ID, parse_id
-from .sender import (
+from ..delivery import DELIVERY_BUDGET_SECONDS
+from ..events import ROUTES, ROUTES_BY_EVENT
+from ..sender import (
     DEFAULT_BASE_URL,
     check_key,
     check_url,
@@ -32,56 +26,12 @@ from .sender import (
     set_field,
     show_answer,
 )
-from .state import current_state
-from .store import add_column_statement, describe_database_error
-from .tables import OUTCOMES
-from .testing import payload_for
-from .worker import requeue
-
-
-def _needs_store(command: Callable[..., None]) -> Callable[..., None]:
-    """A clear one-line error instead of a traceback when the database is unreachable."""
-
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> None:
-        try:
-            command(*args, **kwargs)
-        except sa.exc.SQLAlchemyError as error:
-            raise click.ClickException(
-                f"the delivery store is unavailable: {describe_database_error(error)}"
-            ) from None
-
-    return run
-
-
-class EventChoice(click.Choice):  # type: ignore[type-arg]
-    """An event name, in either spelling (``unavailable_users`` or the URL's
-    ``unavailable-users``); converted to the event name."""
-
-    name = "event"
-
-    def __init__(self) -> None:
-        super().__init__(list(EVENT_SPELLINGS))
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        return EVENT_SPELLINGS[super().convert(value, param, ctx)]
-
-
-class WholeNumber(click.IntRange):
-    """A whole number in ASCII digits, from ``min`` to ``max``. Click's int also takes
-    other scripts' digits ("٣" is 3), signs, spaces and underscores, as the inspector
-    does not (it uses :func:`flask_nachocode.schemas.parse_id` too)."""
-
-    name = "integer"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str):
-            number = parse_id(value)
-            if number is None:
-                wanted = f"a whole number in digits 0-9 up to {MAX_ID}"
-                self.fail(f"{value!r} is not {wanted}", param, ctx)
-            value = number
-        return super().convert(value, param, ctx)
+from ..state import current_state
+from ..store import add_column_statement
+from ..testing import payload_for
+from ..worker import requeue
+from .deliveries import COMMANDS as DELIVERY_COMMANDS
+from .params import EventChoice, WholeNumber, needs_store
 
 
 @click.group("nachocode")
@@ -90,9 +40,13 @@ def nachocode_cli() -> None:
     sending test deliveries to a running app."""
 
 
+for _command in DELIVERY_COMMANDS:
+    nachocode_cli.add_command(_command)
+
+
 @nachocode_cli.command("init-db")
 @with_appcontext
-@_needs_store
+@needs_store
 def init_db() -> None:
     """Create the nachocode_* tables, or bring those of an earlier version up to
     date: the missing tables and indexes are added. A missing column is not: the
@@ -118,141 +72,6 @@ def init_db() -> None:
     click.echo(f"the nachocode tables on {where} are up to date")
 
 
-@nachocode_cli.command("deliveries")
-@click.option("--status", "outcome", type=click.Choice(OUTCOMES), help="Latest outcome.")
-@click.option("--event", type=EventChoice())
-@click.option(
-    "--replays",
-    is_flag=True,
-    help="List replays too; by default each delivery is listed once, with its latest outcome.",
-)
-@click.option("--limit", default=20, show_default=True, type=WholeNumber(1, 10_000))
-@with_appcontext
-@_needs_store
-def list_deliveries(outcome: str | None, event: str | None, replays: bool, limit: int) -> None:
-    """A table of recent deliveries, newest first."""
-    where = reads.DeliveryFilter(outcome=outcome or "", event=event or "", replays=replays)
-    rows = reads.list_deliveries(current_state().store, where, limit=limit)
-    click.echo(
-        f"{'id':>6}  {'received (UTC)':19}  {'event':17}  {'outcome':9}  "
-        f"{'status':>6}  {'ms':>8}  user"
-    )
-    for row in rows:
-        click.echo(
-            f"{row.id:>6}  {row.received_at:%Y-%m-%d %H:%M:%S}  "
-            f"{row.event or '-':17}  {row.outcome:9}  {row.status:>6}  {row.duration_ms:>8.1f}  "
-            f"{escape_controls(row.user_id or '-', keep='')}"
-            + (f"  (replayed {row.replay_count}x)" if row.replay_count else "")
-            + (f"  (replay of {row.replay_of})" if row.replay_of is not None else "")
-        )
-    if not rows:
-        click.echo("no deliveries")
-
-
-@nachocode_cli.command("show")
-@click.argument("delivery_id", type=WholeNumber())
-@with_appcontext
-@_needs_store
-def show(delivery_id: int) -> None:
-    """One delivery: headers, body pretty-printed, error and traceback."""
-    row = reads.get_delivery(current_state().store, delivery_id)
-    if row is None:
-        raise click.ClickException(f"no delivery {delivery_id}")
-    outcome = f"{row.outcome} ({row.status})"
-    if row.status == 202:  # deferred: what Nachocode was answered, then what the worker did
-        outcome = "answered 202 (queued)" + (
-            f", then {row.outcome} by the worker" if row.outcome != "queued" else ""
-        )
-    lines: list[str] = [
-        f"delivery {row.id}: {row.event or '-'} on {row.route}, {outcome}",
-        f"received {row.received_at.isoformat()}  finished {row.finished_at.isoformat()}  "
-        f"{row.duration_ms:.1f} ms  from {row.remote_addr or '-'}",
-        f"identity {row.identity or '-'}  replayed {row.replay_count}x"
-        + (f"  replay of {row.replay_of}" if row.replay_of else ""),
-        "headers:",
-    ]
-    lines += [f"  {name}: {value}" for name, value in (row.headers or {}).items()]
-    lines.append("body:")
-    lines.append(pretty_json(row.body)[0] if row.body is not None else "  (not kept)")
-    if row.error:
-        lines += ["error:", row.error]
-    if row.traceback:
-        lines += ["traceback:", row.traceback]
-    attempts = reads.attempts_of(current_state().store, delivery_id)
-    if attempts:
-        lines.append("attempts:")
-    for attempt in attempts:
-        due = attempt.next_attempt_at
-        lines.append(
-            f"  {attempt.attempt}. {attempt.outcome}  started {attempt.started_at.isoformat()}  "
-            f"finished {attempt.finished_at.isoformat()}"
-            + (f"  next attempt {due.isoformat()}" if due is not None else "")
-        )
-        if attempt.error:
-            lines.append(f"     {attempt.error}")
-        if attempt.traceback:
-            lines += [f"     {line}" for line in attempt.traceback.rstrip().splitlines()]
-    click.echo(escape_controls("\n".join(lines)))
-
-
-@nachocode_cli.command("replay")
-@click.argument("delivery_id", type=WholeNumber(), required=False)
-@click.option(
-    "--failed",
-    "all_failed",
-    is_flag=True,
-    help="Replay every delivery whose latest outcome is failed, refused or unhandled.",
-)
-@with_appcontext
-@_needs_store
-def replay(delivery_id: int | None, all_failed: bool) -> None:
-    """Run the handlers again on a stored delivery, or on every one that failed.
-
-    Failed, refused and unhandled deliveries run their handlers again. A purchase
-    or refund that was handled (at first, by a re-send or by an earlier replay)
-    comes back as a duplicate without running them: the exactly-once rule holds
-    for replays too. Invalid bodies and handled unavailable_users deliveries are
-    not replayed. Exits non-zero if any replay fails.
-    """
-    state = current_state()
-    if (delivery_id is None) == (not all_failed):
-        raise click.UsageError("give a delivery ID or --failed, not both")
-    ids: Iterable[int]
-    if all_failed:
-        where = reads.DeliveryFilter(replayable=True)
-        ids = (row.id for row in reads.iter_deliveries(state.store, where, columns=("id",)))
-    else:
-        assert delivery_id is not None
-        ids = [delivery_id]
-    failures = replayed = 0
-    for one in ids:
-        replayed += 1
-        try:
-            result = replay_delivery(state, one)
-        except (LookupError, ValueError, WebhookError) as error:
-            failures += 1
-            reason = escape_controls(str(getattr(error, "message", error)))
-            click.echo(f"delivery {one}: not replayed: {reason}")
-            continue
-        failures += not result.ok
-        detail = ""
-        if result.error is not None:
-            # The stored error says what the handler raised; the answer only that it failed.
-            stored = (
-                reads.get_delivery(state.store, result.delivery_id) if result.delivery_id else None
-            )
-            stored_error = stored.error if stored is not None else None
-            detail = f": {escape_controls(stored_error or result.error.message)}"
-        click.echo(
-            f"delivery {one}: {result.outcome} ({result.status}) "
-            f"as delivery {result.delivery_id}{detail}"
-        )
-    if not replayed:
-        click.echo("nothing to replay")
-    if failures:
-        raise SystemExit(1)
-
-
 @nachocode_cli.command("requeue")
 @click.option(
     "--older-than",
@@ -263,7 +82,7 @@ def replay(delivery_id: int | None, all_failed: bool) -> None:
     help="Minutes a queued delivery's next attempt has been due.",
 )
 @with_appcontext
-@_needs_store
+@needs_store
 def requeue_command(minutes: int) -> None:
     """Send again the tasks of queued deliveries that should have run MINUTES ago.
 
@@ -297,7 +116,7 @@ def requeue_command(minutes: int) -> None:
 @nachocode_cli.command("prune")
 @click.option("--older-than", "days", required=True, type=WholeNumber(0), help="Age in days.")
 @with_appcontext
-@_needs_store
+@needs_store
 def prune(days: int) -> None:
     """Delete deliveries received more than DAYS days ago, except queued ones.
 
