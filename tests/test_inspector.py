@@ -6,21 +6,26 @@ screenshots of each page go to ``test-artifacts/inspector/``."""
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
 import logging
 import os
 import re
 import subprocess
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask, abort, request
 from flask.testing import FlaskClient
 
 from flask_nachocode import NachocodeWebhook
+from flask_nachocode.reads import EXPORT_COLUMNS
 from flask_nachocode.state import CONFIG_DEFAULTS
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
 
@@ -720,6 +725,198 @@ def test_a_lone_surrogate_in_a_body_is_shown_as_its_escape(
         assert replayed.status_code == 200
         assert "Replayed as delivery" in replayed.text
         assert handlers.handled == ["lone"]
+
+
+# -- time range, exports, bulk replay, overview -----------------------------------------
+
+
+def set_received_at(app: Flask, times: dict[int, datetime]) -> None:
+    """Give deliveries the times they were received at."""
+    with app.app_context():
+        store = app.extensions["nachocode"].store
+        with store.engine.begin() as connection:
+            for delivery_id, moment in times.items():
+                connection.execute(
+                    sa.update(store.deliveries)
+                    .where(store.deliveries.c.id == delivery_id)
+                    .values(received_at=moment)
+                )
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+def test_time_range_filters_the_list_and_carries_into_links(
+    inspector: Callable[..., Any],
+) -> None:
+    app, _, client = inspector()
+    early, mid, late = send(client), send(client), send(client)
+    set_received_at(
+        app,
+        {early: at("2026-11-30 23:59:59"), mid: at("2026-12-01 09:30"), late: at("2026-12-02")},
+    )
+    ids = lambda query: ids_on(client.get(f"/nachocode/deliveries?{query}").text)  # noqa: E731
+    assert ids("from=2026-12-01") == [late, mid]
+    assert ids("until=2026-12-01") == [mid, early]  # a date alone: to the end of that day
+    assert ids("from=2026-12-01&until=2026-12-01") == [mid]
+    assert ids("from=2026-12-01T09:30&until=2026-12-01T09:31") == [mid]  # the form's spelling
+    assert ids("from=2026-12-01T18:30%2B09:00") == [late, mid]  # an offset: 09:30 UTC
+    page = client.get("/nachocode/deliveries?from=2026-12-01").text
+    assert 'name="from" step="1" value="2026-12-01T00:00:00"' in page
+    assert "export.csv?from=2026-12-01T00:00:00" in page
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "from=yesterday",
+        "until=2026-13-01",
+        "from=2026-12-01T25:00",
+        "from=0001-01-01",
+        "until=9999-12-31",
+        "from=2026-12-02&until=2026-12-01",
+        "from=2026-12-01&until=2026-12-01T00:00",
+    ],
+)
+@pytest.mark.parametrize(
+    "path", ["deliveries", "deliveries/export.csv", "deliveries/export.jsonl", "deliveries/replay"]
+)
+def test_bad_time_ranges_are_a_clear_400(
+    inspector: Callable[..., Any], path: str, query: str
+) -> None:
+    _, _, client = inspector()
+    answer = client.get(f"/nachocode/{path}?{query}")
+    assert answer.status_code == 400
+    assert "from" in answer.text or "until" in answer.text
+
+
+def test_exports_stream_the_filter_as_csv_and_json_lines(inspector: Callable[..., Any]) -> None:
+    app, handlers, client = inspector()
+    handled = send(client, userId='=HYPERLINK("http://evil")', iapLogId=810001)
+    handlers.failing = True
+    failed = send(client, userId="bob", iapLogId=810002)
+    set_received_at(app, {handled: at("2026-12-01 10:00"), failed: at("2026-12-02 10:00")})
+
+    lines = client.get("/nachocode/deliveries/export.jsonl").text.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["id"] for r in records] == [handled, failed]  # oldest first
+    assert list(records[0]) == list(EXPORT_COLUMNS)
+    assert records[1]["outcome"] == "failed"
+    assert records[1]["iap_log_id"] == 810002
+    assert records[1]["received_at"] == "2026-12-02T10:00:00+00:00"
+    assert "the grant service is down" in records[1]["error"]
+
+    answer = client.get("/nachocode/deliveries/export.csv?outcome=handled")
+    assert answer.mimetype == "text/csv"
+    assert answer.headers["Content-Disposition"].startswith('attachment; filename="deliveries-')
+    rows = list(csv.reader(io.StringIO(answer.text)))
+    assert rows[0] == list(EXPORT_COLUMNS)
+    assert [row[0] for row in rows[1:]] == [str(handled)]
+    # A spreadsheet would run it as a formula; the quote keeps it text.
+    assert rows[1][EXPORT_COLUMNS.index("user_id")] == '\'=HYPERLINK("http://evil")'
+
+    ranged = client.get("/nachocode/deliveries/export.jsonl?from=2026-12-02").text
+    assert [json.loads(line)["id"] for line in ranged.splitlines()] == [failed]
+    assert client.get("/nachocode/deliveries/export.csv?q=nobody").text.count("\n") == 1
+
+
+def test_bulk_replay_confirms_the_count_then_replays_the_filters_failed_ones(
+    inspector: Callable[..., Any],
+) -> None:
+    app, handlers, client = inspector()
+    send(client, userId="ok")
+    handlers.failing = True
+    old_failure = send(client, userId="old")
+    for n in range(3):
+        send(client, userId=f"f{n}")
+    set_received_at(app, {old_failure: at("2026-11-01 00:00")})
+
+    page = client.get("/nachocode/deliveries/replay?from=2026-11-15").text
+    assert 'id="replay-count" data-count="3"' in page
+    handlers.failing = False
+    send(client, userId="late")  # handled, so not replayable anyway
+    handlers.failing = True
+    late_failure = send(client, userId="late-failure")  # after the confirmation: left alone
+    handlers.failing = False
+
+    action = re.search(r'action="([^"]+/deliveries/replay[^"]*)"', page)
+    assert action is not None
+    upto = re.search(r'name="upto" value="(\d+)"', page)
+    assert upto is not None
+    answer = client.post(
+        action.group(1).replace("&amp;", "&"),
+        data={"nachocode_csrf": csrf_of(page), "upto": upto.group(1)},
+    )
+    assert answer.status_code == 303
+    assert "from=2026-11-15" in answer.headers["Location"]
+    assert "Replayed 3 deliveries: 3 handled." in client.get(answer.headers["Location"]).text
+    assert handlers.handled == ["ok", "late", "f0", "f1", "f2"]
+    still = ids_on(client.get("/nachocode/deliveries?outcome=failed").text)
+    assert still == [late_failure, old_failure]
+
+
+def test_bulk_replay_is_capped_and_needs_the_csrf_token(
+    inspector: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, handlers, client = inspector()
+    monkeypatch.setattr("flask_nachocode.inspector.BULK_REPLAY_LIMIT", 2)
+    handlers.failing = True
+    failures = [send(client, userId=f"f{n}") for n in range(3)]
+    handlers.failing = False
+    page = client.get("/nachocode/deliveries/replay").text
+    assert "3 deliveries in this filter" in page
+    assert "oldest <strong>2</strong>" in page
+    upto = str(failures[-1])
+    refused = client.post("/nachocode/deliveries/replay", data={"upto": upto})
+    assert refused.status_code == 400
+    assert handlers.handled == []
+    assert (
+        client.post(
+            "/nachocode/deliveries/replay", data={"nachocode_csrf": csrf_of(page), "upto": "x"}
+        ).status_code
+        == 400
+    )
+    client.post(
+        "/nachocode/deliveries/replay", data={"nachocode_csrf": csrf_of(page), "upto": upto}
+    )
+    assert handlers.handled == ["f0", "f1"]
+    assert "No delivery in this filter" not in client.get("/nachocode/deliveries/replay").text
+
+
+def test_overview_counts_per_hour_and_day_by_outcome(inspector: Callable[..., Any]) -> None:
+    app, handlers, client = inspector()
+    now = datetime.now(timezone.utc).replace(minute=30, second=0, microsecond=0)
+    a, b = send(client), send(client)
+    handlers.failing = True
+    c = send(client)
+    old = send(client)
+    set_received_at(
+        app,
+        {
+            a: now - timedelta(hours=2),
+            b: now - timedelta(hours=2),
+            c: now,
+            old: now - timedelta(days=3),
+        },
+    )
+    page = client.get("/nachocode/overview").text
+    hour = (now - timedelta(hours=2)).replace(minute=30 - 30).isoformat()
+    assert f'<g class="period" data-start="{hour}" data-total="2">' in page
+    assert 'data-outcome="handled" data-count="2"' in page
+    day = (now - timedelta(days=3)).replace(hour=0, minute=0).isoformat()
+    assert f'<g class="period" data-start="{day}" data-total="1">' in page
+    assert page.count('<g class="period"') == 24 + 7
+    assert "Last 24 hours, per hour (UTC): 3" in page
+    assert "Last 7 days, per day (UTC): 4" in page
+    assert "<script" not in page.split("</head>")[1]  # drawn by the server
+    assert client.get("/nachocode/overview?days=7").status_code == 400
+
+
+def test_overview_axis_is_a_round_number_above_the_tallest_bar() -> None:
+    from flask_nachocode.overview import _axis_top
+
+    assert [_axis_top(n) for n in (0, 4, 5, 9, 21, 99, 401)] == [4, 4, 8, 20, 40, 200, 800]
 
 
 # -- in a real browser, against a real server (integration, browser) ------------------------
