@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1185,3 +1187,108 @@ def test_a_deferred_delivery_shows_it_is_queued_then_each_attempt(tmp_path: Any)
     assert "<dt>Answer</dt><dd>202 <small>(queued; handled by the worker)</small></dd>" in page
     rows = re.findall(r"<tr>\s*<td>(\d)</td>\s*<td><span class=\"badge (\w+)\"", page)
     assert rows == [("1", "failed"), ("2", "handled")]
+
+
+def store_counts(instance: Path, starts: list[str], period: str) -> dict[tuple[str, str], int]:
+    """Read straight from the served app's SQLite file: each original delivery
+    under its latest outcome, in the UTC hour or day of ``starts`` it arrived in."""
+    counts: dict[tuple[str, str], int] = {}
+    with closing(sqlite3.connect(instance / "nachocode.db")) as db:
+        rows = db.execute(
+            "SELECT received_at, outcome FROM nachocode_deliveries WHERE replay_of IS NULL"
+        ).fetchall()
+    for received_at, outcome in rows:
+        moment = datetime.fromisoformat(received_at).replace(tzinfo=timezone.utc)
+        moment = moment.replace(minute=0, second=0, microsecond=0)
+        if period == "day":
+            moment = moment.replace(hour=0)
+        if moment.isoformat() in starts:
+            key = (moment.isoformat(), outcome)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.mark.integration
+@pytest.mark.browser  # .ci/matrix leaves these out
+def test_overview_chart_shows_the_stores_numbers_without_javascript(
+    browser: Browser, served_url: str, served_instance: Path, send_with_cli: Callable[..., int]
+) -> None:
+    from playwright.sync_api import expect
+
+    sent = [send_with_cli(f"userId=overview-{n}") for n in range(6)]
+    (served_instance / BROKEN_MARKER).touch()
+    try:
+        sent += [send_with_cli(f"userId=overview-failed-{n}") for n in range(3)]
+    finally:
+        (served_instance / BROKEN_MARKER).unlink()
+    # Spread them over the hours and days the charts cover.
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    ago = [timedelta(hours=h) for h in (1, 1, 3, 7, 7, 30)] + [
+        timedelta(hours=h) for h in (3, 50, 100)
+    ]
+    with closing(sqlite3.connect(served_instance / "nachocode.db")) as db, db:
+        for delivery, before in zip(sent, ago, strict=True):
+            db.execute(
+                "UPDATE nachocode_deliveries SET received_at = ? WHERE id = ?",
+                ((now - before).isoformat(sep=" "), delivery),
+            )
+
+    context = browser.new_context(
+        viewport=DESKTOP,  # type: ignore[arg-type]
+        base_url=served_url,
+        java_script_enabled=False,
+    )
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(f"/nachocode/overview?token={INSPECTOR_TOKEN}")
+        expect(page).to_have_url(f"{served_url}/nachocode/overview")
+        for period, size in (("hour", 24), ("day", 7)):
+            chart = page.locator(f"#chart-{period}")
+            expect(chart.locator("svg.bars")).to_be_visible()
+            starts = chart.locator("g.period").evaluate_all("gs => gs.map(g => g.dataset.start)")
+            assert len(starts) == size
+            bars = chart.locator("rect.bar").evaluate_all(
+                "rs => rs.map(r => [r.parentElement.dataset.start, r.dataset.outcome,"
+                " Number(r.dataset.count), r.getBBox().height])"
+            )
+            expected = store_counts(served_instance, starts, period)
+            assert {(start, outcome): count for start, outcome, count, _ in bars} == expected
+            assert all(height > 0 for *_, height in bars)  # drawn, not just present
+            cells = chart.locator("table.numbers td[data-outcome]").evaluate_all(
+                "tds => tds.map(td => [td.parentElement.dataset.start, td.dataset.outcome,"
+                " Number(td.textContent)])"
+            )
+            assert {(s, o): n for s, o, n in cells if n} == expected
+        page.locator("#chart-hour details summary").click()  # the numbers open without script
+        expect(page.locator("#chart-hour table.numbers")).to_be_visible()
+        page.locator("#chart-hour details summary").click()
+        screenshot(page, "overview")
+        page.screenshot(path=str(ROOT / "docs" / "_static" / "overview.png"), full_page=True)
+    finally:
+        context.close()
+
+
+@pytest.mark.integration
+@pytest.mark.browser  # .ci/matrix leaves these out
+def test_bulk_replay_of_a_filter_after_a_confirmation(
+    open_page: OpenPage, send_with_cli: Callable[..., int], served_instance: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    (served_instance / BROKEN_MARKER).touch()
+    try:
+        failed = [send_with_cli("userId=bulk-user") for _ in range(2)]
+    finally:
+        (served_instance / BROKEN_MARKER).unlink()
+    page = open_page()
+    page.goto("/nachocode/deliveries?q=bulk-user&outcome=failed")
+    expect(page.locator("tr.delivery")).to_have_count(2)
+    page.locator("#bulk-replay").click()
+    expect(page.locator("#replay-count")).to_have_attribute("data-count", "2")
+    page.locator("#confirm-replay").click()
+    expect(page.locator(".flash")).to_have_text("Replayed 2 deliveries: 2 handled.")
+    expect(page.locator("tr.delivery")).to_have_count(0)  # back on the filtered list
+    page.goto("/nachocode/deliveries?q=bulk-user")
+    for delivery in failed:
+        expect(page.locator(f'tr[data-id="{delivery}"] td.outcome')).to_contain_text("handled")
