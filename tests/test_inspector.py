@@ -755,10 +755,11 @@ def at(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
 
 
+@pytest.mark.every_database  # the time range and the grouping are each database's SQL
 def test_time_range_filters_the_list_and_carries_into_links(
-    inspector: Callable[..., Any],
+    inspector: Callable[..., Any], database_url: str
 ) -> None:
-    app, _, client = inspector()
+    app, _, client = inspector(NACHOCODE_DATABASE_URI=database_url)
     early, mid, late = send(client), send(client), send(client)
     set_received_at(
         app,
@@ -892,8 +893,11 @@ def test_bulk_replay_is_capped_and_needs_the_csrf_token(
     assert "No delivery in this filter" not in client.get("/nachocode/deliveries/replay").text
 
 
-def test_overview_counts_per_hour_and_day_by_outcome(inspector: Callable[..., Any]) -> None:
-    app, handlers, client = inspector()
+@pytest.mark.every_database  # the time range and the grouping are each database's SQL
+def test_overview_counts_per_hour_and_day_by_outcome(
+    inspector: Callable[..., Any], database_url: str
+) -> None:
+    app, handlers, client = inspector(NACHOCODE_DATABASE_URI=database_url)
     now = datetime.now(timezone.utc).replace(minute=30, second=0, microsecond=0)
     a, b = send(client), send(client)
     handlers.failing = True
