@@ -893,6 +893,21 @@ def test_bulk_replay_is_capped_and_needs_the_csrf_token(
     assert "No delivery in this filter" not in client.get("/nachocode/deliveries/replay").text
 
 
+def test_bulk_replay_reports_deliveries_it_cannot_replay(inspector: Callable[..., Any]) -> None:
+    _, handlers, client = inspector(NACHOCODE_KEEP_BODIES=False)
+    handlers.failing = True
+    bodiless = send(client)
+    handlers.failing = False
+    page = client.get("/nachocode/deliveries/replay").text
+    answer = client.post(
+        "/nachocode/deliveries/replay",
+        data={"nachocode_csrf": csrf_of(page), "upto": str(bodiless)},
+        follow_redirects=True,
+    )
+    assert "Replayed 0 deliveries; 1 could not be replayed" in answer.text
+    assert handlers.handled == []
+
+
 @pytest.mark.every_database  # the time range and the grouping are each database's SQL
 def test_overview_counts_per_hour_and_day_by_outcome(
     inspector: Callable[..., Any], database_url: str
