@@ -1158,6 +1158,12 @@ def test_pages_fit_a_phone(
     assert fits_the_width(page)
     screenshot(page, "delivery-phone")
 
+    page.goto("/nachocode/overview")
+    expect(page.locator("#chart-day svg.bars")).to_be_visible()
+    page.locator("#chart-hour details summary").click()
+    assert fits_the_width(page)
+    screenshot(page, "overview-phone")
+
 
 def test_a_deferred_delivery_shows_it_is_queued_then_each_attempt(tmp_path: Any) -> None:
     from celery import Celery
