@@ -6,8 +6,15 @@ for both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Iterator
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
+
+from .errors import BODY_ERRORS, InvalidEvent
+from .schemas import SCHEMAS, load_event
 
 #: What :func:`parse_json` and :func:`pretty_json` return for a value that is not JSON.
 NOT_JSON = object()
@@ -81,3 +88,41 @@ def _pretty_fits(value: Any, length: int) -> bool:
         elif isinstance(item, list):
             stack.extend((child, depth + 1) for child in item)
     return True
+
+
+def parse_stored_event(
+    event_name: str | None, payload: Any
+) -> tuple[str | None, list[tuple[str, str]], dict[str, list[str]] | None]:
+    """What a handler received (or would receive): the event's class name and
+    its fields as ``(dotted name, text)``, or the validation errors."""
+    if event_name not in SCHEMAS or not isinstance(payload, dict):
+        return None, [], None
+    try:
+        event = load_event(event_name, payload)
+    except InvalidEvent as error:
+        return None, [], error.errors or {BODY_ERRORS: [error.message]}
+    fields = [("identity", _show(event.identity))] + list(_fields(event))
+    return type(event).__name__, fields, None
+
+
+def _fields(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    for field in dataclasses.fields(value):
+        if field.name == "raw":  # the body, shown on its own
+            continue
+        item = getattr(value, field.name)
+        if dataclasses.is_dataclass(item):
+            yield from _fields(item, f"{prefix}{field.name}.")
+        else:
+            yield f"{prefix}{field.name}", _show(item)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value) or "(none)"
+    return str(value)

@@ -2,7 +2,8 @@
 read one (headers, body, parsed event, error, traceback) and replay a failed one.
 
 It is off unless ``NACHOCODE_INSPECTOR`` is true, and then mounted below the
-extension's prefix: ``{prefix}/deliveries`` and ``{prefix}/deliveries/<id>``.
+extension's prefix: ``{prefix}/deliveries`` (with its exports and bulk replay),
+``{prefix}/deliveries/<id>`` and ``{prefix}/overview``.
 What protects it (config read once, in ``init_app``):
 
 ``NACHOCODE_INSPECTOR_DECORATORS``
@@ -29,13 +30,15 @@ pages send a Content-Security-Policy without inline scripts as a second line.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hmac
+import io
+import json
 import logging
 import secrets
 from collections.abc import Callable, Iterator
-from datetime import datetime
-from decimal import Decimal
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlencode
 
@@ -51,16 +54,18 @@ from flask import (
     render_template,
     request,
     session,
+    stream_with_context,
     url_for,
 )
 from werkzeug.wrappers import Response as BaseResponse
 
+from . import overview as overview_charts
 from . import reads
 from .delivery import replay
-from .display import NOT_JSON, pretty_json
-from .errors import BODY_ERRORS, InvalidEvent, WebhookError
+from .display import NOT_JSON, parse_stored_event, pretty_json
+from .errors import WebhookError
 from .events import EVENT_NAMES, EVENT_SPELLINGS
-from .schemas import SCHEMAS, load_event, parse_id
+from .schemas import parse_id
 from .state import AppState, InspectorSettings, decorate
 from .tables import OUTCOMES, REPLAYABLE
 
@@ -72,6 +77,13 @@ MAX_PAGE_SIZE = 200
 #: Most rows one poll returns; a bigger burst arrives over the next polls.
 POLL_BATCH = 100
 MAX_SEARCH_LENGTH = 512
+#: Most deliveries one bulk replay runs, oldest first: it runs the handlers inside
+#: the request, which a proxy's timeout must not cut off halfway. Run it again for the rest.
+BULK_REPLAY_LIMIT = 100
+#: How the time range's bounds are written in links and in the form's inputs (UTC).
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
+#: A cell that a spreadsheet would run as a formula starts with one of these.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 _SESSION_LOGIN = "nachocode_inspector"
 _SESSION_CSRF = "nachocode_inspector_csrf"
@@ -118,6 +130,16 @@ def make_inspector_blueprint(state: AppState) -> Blueprint:
     blueprint.register_error_handler(sa.exc.SQLAlchemyError, views.store_error)
     blueprint.add_url_rule("/deliveries", "deliveries", protect(views.deliveries))
     blueprint.add_url_rule("/deliveries/poll", "poll", protect(views.poll))
+    blueprint.add_url_rule(
+        "/deliveries/export.csv", "export_csv", protect(views.export), defaults={"fmt": "csv"}
+    )
+    blueprint.add_url_rule(
+        "/deliveries/export.jsonl", "export_jsonl", protect(views.export), defaults={"fmt": "jsonl"}
+    )
+    blueprint.add_url_rule(
+        "/deliveries/replay", "bulk_replay", protect(views.bulk_replay), methods=["GET", "POST"]
+    )
+    blueprint.add_url_rule("/overview", "overview", protect(views.overview))
     blueprint.add_url_rule("/deliveries/<delivery_id>", "delivery", protect(views.delivery))
     blueprint.add_url_rule(
         "/deliveries/<delivery_id>/replay", "replay", protect(views.replay), methods=["POST"]
@@ -195,14 +217,55 @@ def filter_from_request() -> reads.DeliveryFilter:
     if "\x00" in q:
         # No stored user id holds one, and PostgreSQL refuses it in a query as an error.
         abort(400, "the search cannot contain a NUL character")
-    return reads.DeliveryFilter(outcome, event, q, replays=request.args.get("replays") == "1")
+    received_from = _time_arg("from")
+    received_until = _time_arg("until", end_of_day=True)
+    if received_from and received_until and received_from >= received_until:
+        abort(400, "from must be earlier than until")
+    return reads.DeliveryFilter(
+        outcome,
+        event,
+        q,
+        replays=request.args.get("replays") == "1",
+        received_from=received_from,
+        received_until=received_until,
+    )
+
+
+def _time_arg(name: str, *, end_of_day: bool = False) -> datetime | None:
+    """A time range bound: ``2026-12-01``, ``2026-12-01T09:30`` (what the form's
+    inputs send) or with seconds and a UTC offset; without an offset, UTC. A date
+    alone as ``until`` means the end of that day, so that from and until the same
+    date is that whole day."""
+    text = request.args.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        abort(400, f"{name} must be a date or time such as 2026-12-01 or 2026-12-01T09:30")
+    if not 1 < moment.year < 9999:
+        # Leaves room to add a day, and no database stores year 1 alike.
+        abort(400, f"{name} is out of range")
+    if moment.utcoffset() is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    if end_of_day and len(text) == len("2026-12-01"):
+        moment += timedelta(days=1)
+    return moment.astimezone(timezone.utc)
 
 
 def filter_args(where: reads.DeliveryFilter) -> dict[str, Any]:
-    """The filters that are set, as query arguments for links."""
-    args = {name: value for name, value in dataclasses.asdict(where).items() if value}
+    """The filters that are set, as query arguments for links and exports."""
+    args: dict[str, Any] = {
+        name: value for name, value in (("outcome", where.outcome), ("event", where.event)) if value
+    }
+    if where.q:
+        args["q"] = where.q
     if where.replays:
         args["replays"] = "1"
+    if where.received_from is not None:
+        args["from"] = where.received_from.strftime(_TIME_FORMAT)
+    if where.received_until is not None:
+        args["until"] = where.received_until.strftime(_TIME_FORMAT)
     return args
 
 
@@ -318,6 +381,84 @@ class _Views:
             )
         return redirect(url_for(".delivery", delivery_id=number), 303)
 
+    def export(self, fmt: str) -> Response:
+        """The current filter's deliveries as CSV or JSON lines, oldest first, with
+        :data:`~flask_nachocode.reads.EXPORT_COLUMNS`: streamed a batch at a time,
+        so memory stays bounded however many match."""
+        where = filter_from_request()
+        rows = reads.iter_deliveries(self.state.store, where)
+        # The first batch is read here, so that a store that cannot be reached is
+        # the 503 page rather than a download cut off after its headers.
+        first = next(rows, None)
+
+        def everything() -> Iterator[Any]:
+            if first is not None:
+                yield first
+                yield from rows
+
+        lines = _csv_lines(everything()) if fmt == "csv" else _json_lines(everything())
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        mimetype = "text/csv" if fmt == "csv" else "application/x-ndjson"
+        return Response(
+            stream_with_context(lines),
+            mimetype=mimetype,
+            headers={"Content-Disposition": f'attachment; filename="deliveries-{stamp}.{fmt}"'},
+        )
+
+    def bulk_replay(self) -> BaseResponse | str:
+        """GET: how many of the current filter's deliveries a replay would run
+        (originals whose latest outcome is replayable), and a form to confirm.
+        POST (with the CSRF token): replay them, oldest first, at most
+        :data:`BULK_REPLAY_LIMIT`, and none that arrived after the confirmation."""
+        where = dataclasses.replace(filter_from_request(), replayable=True)
+        store = self.state.store
+        if request.method == "GET":
+            newest = reads.list_deliveries(store, where, limit=1)
+            count = reads.count_deliveries(store, where)
+            return render_template(
+                "nachocode/bulk_replay.html",
+                filters=where,
+                filter_args=filter_args(where),
+                count=count,
+                will_replay=min(count, BULK_REPLAY_LIMIT),
+                limit=BULK_REPLAY_LIMIT,
+                upto=newest[0].id if newest else 0,
+            )
+        check_csrf()
+        upto = parse_id(request.form.get("upto", ""))
+        if upto is None:
+            abort(400, "upto must be a whole number")
+        outcomes: dict[str, int] = {}
+        skipped = 0
+        for row in reads.iter_deliveries(store, where, columns=("id",)):
+            if row.id > upto or sum(outcomes.values()) >= BULK_REPLAY_LIMIT:
+                break
+            try:
+                result = replay(self.state, row.id)
+            except (LookupError, ValueError, WebhookError):
+                # Pruned or handled since the confirmation, or never replayable (no
+                # stored body): cheap, so not counted against the limit, which is
+                # there for the handlers' time.
+                skipped += 1
+            else:
+                outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
+        done = sum(outcomes.values())
+        summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
+        message = f"Replayed {done} {'delivery' if done == 1 else 'deliveries'}"
+        message += f": {summary}" if summary else ""
+        if skipped:
+            message += f"; {skipped} could not be replayed (see each one's page)"
+        still_failing = skipped or any(o in REPLAYABLE for o in outcomes)
+        flash(message + ".", _FLASH_ERROR if still_failing else _FLASH_OK)
+        return redirect(url_for(".deliveries", **filter_args(where)), 303)
+
+    def overview(self) -> str:
+        """Deliveries per hour over the last 24 hours and per day over 7 days."""
+        if request.args:
+            abort(400, "the overview takes no query arguments")
+        charts = overview_charts.overview(self.state.store, datetime.now(timezone.utc))
+        return render_template("nachocode/overview.html", charts=charts)
+
     def store_error(self, error: sa.exc.SQLAlchemyError) -> tuple[str, int]:
         self.state.store.rollback_quietly()
         logger.error(
@@ -326,39 +467,30 @@ class _Views:
         return render_template("nachocode/unavailable.html"), 503
 
 
-def parse_stored_event(
-    event_name: str | None, payload: Any
-) -> tuple[str | None, list[tuple[str, str]], dict[str, list[str]] | None]:
-    """What a handler received (or would receive): the event's class name and
-    its fields as ``(dotted name, text)``, or the validation errors."""
-    if event_name not in SCHEMAS or not isinstance(payload, dict):
-        return None, [], None
-    try:
-        event = load_event(event_name, payload)
-    except InvalidEvent as error:
-        return None, [], error.errors or {BODY_ERRORS: [error.message]}
-    fields = [("identity", _show(event.identity))] + list(_fields(event))
-    return type(event).__name__, fields, None
+def _csv_cell(value: Any) -> Any:
+    # A user id such as "=HYPERLINK(...)" would run as a formula in the spreadsheet
+    # an operator opens the export with; a leading quote keeps it text (OWASP's advice).
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
-def _fields(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    for field in dataclasses.fields(value):
-        if field.name == "raw":  # the body, shown on its own
-            continue
-        item = getattr(value, field.name)
-        if dataclasses.is_dataclass(item):
-            yield from _fields(item, f"{prefix}{field.name}.")
-        else:
-            yield f"{prefix}{field.name}", _show(item)
+def _csv_lines(rows: Iterator[Any]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+
+    def line(cells: Any) -> str:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(cells)
+        return buffer.getvalue()
+
+    yield line(reads.EXPORT_COLUMNS)
+    for row in rows:
+        record = reads.delivery_record(row)
+        yield line(_csv_cell(record[name]) for name in reads.EXPORT_COLUMNS)
 
 
-def _show(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, list):
-        return ", ".join(str(item) for item in value) or "(none)"
-    return str(value)
+def _json_lines(rows: Iterator[Any]) -> Iterator[str]:
+    for row in rows:
+        yield json.dumps(reads.delivery_record(row), ensure_ascii=False) + "\n"

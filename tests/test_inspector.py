@@ -6,21 +6,28 @@ screenshots of each page go to ``test-artifacts/inspector/``."""
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
 import logging
 import os
 import re
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import closing
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask, abort, request
 from flask.testing import FlaskClient
 
 from flask_nachocode import NachocodeWebhook
+from flask_nachocode.reads import EXPORT_COLUMNS
 from flask_nachocode.state import CONFIG_DEFAULTS
 from flask_nachocode.testing import post_delivery, purchase_payload, refund_payload
 
@@ -516,17 +523,23 @@ def test_replay_without_the_sessions_csrf_token_is_refused(
         for rule in app.url_map.iter_rules()
         if rule.endpoint.startswith("nachocode.inspector") and "POST" in (rule.methods or ())
     ]
-    assert replays == [f"/nachocode/deliveries/{delivery}/replay"]
+    assert sorted(replays) == ["/nachocode/deliveries/1/replay", "/nachocode/deliveries/replay"]
     # Without the inspector token nothing is replayed; the webhook key opens nothing here.
     stranger = app.test_client()
-    for headers in ({}, {"Authorization": f"Bearer {WEBHOOK_KEY}"}):
-        assert stranger.post(replays[0], headers=headers).status_code == 403
+    for url in replays:
+        for headers in ({}, {"Authorization": f"Bearer {WEBHOOK_KEY}"}):
+            assert stranger.post(url, headers=headers).status_code == 403
     client.get(f"/nachocode/deliveries/{delivery}")  # the session has a CSRF token now
     handlers.failing = False
-    data = {} if token is None else {"nachocode_csrf": token}
-    response = client.post(f"/nachocode/deliveries/{delivery}/replay", data=data)
-    assert response.status_code == 400
-    assert "CSRF" in response.text
+    data = (
+        {"upto": str(delivery)}
+        if token is None
+        else {"nachocode_csrf": token, "upto": str(delivery)}
+    )
+    for url in replays:
+        response = client.post(url, data=data)
+        assert response.status_code == 400
+        assert "CSRF" in response.text
     assert handlers.handled == []
     assert ids_on(client.get("/nachocode/deliveries").text) == [delivery]
 
@@ -720,6 +733,217 @@ def test_a_lone_surrogate_in_a_body_is_shown_as_its_escape(
         assert replayed.status_code == 200
         assert "Replayed as delivery" in replayed.text
         assert handlers.handled == ["lone"]
+
+
+# -- time range, exports, bulk replay, overview -----------------------------------------
+
+
+def set_received_at(app: Flask, times: dict[int, datetime]) -> None:
+    """Give deliveries the times they were received at."""
+    with app.app_context():
+        store = app.extensions["nachocode"].store
+        with store.engine.begin() as connection:
+            for delivery_id, moment in times.items():
+                connection.execute(
+                    sa.update(store.deliveries)
+                    .where(store.deliveries.c.id == delivery_id)
+                    .values(received_at=moment)
+                )
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+@pytest.mark.every_database  # the time range and the grouping are each database's SQL
+def test_time_range_filters_the_list_and_carries_into_links(
+    inspector: Callable[..., Any], database_url: str
+) -> None:
+    app, _, client = inspector(NACHOCODE_DATABASE_URI=database_url)
+    early, mid, late = send(client), send(client), send(client)
+    set_received_at(
+        app,
+        {early: at("2026-11-30 23:59:59"), mid: at("2026-12-01 09:30"), late: at("2026-12-02")},
+    )
+    ids = lambda query: ids_on(client.get(f"/nachocode/deliveries?{query}").text)  # noqa: E731
+    assert ids("from=2026-12-01") == [late, mid]
+    assert ids("until=2026-12-01") == [mid, early]  # a date alone: to the end of that day
+    assert ids("from=2026-12-01&until=2026-12-01") == [mid]
+    assert ids("from=2026-12-01T09:30&until=2026-12-01T09:31") == [mid]  # the form's spelling
+    assert ids("from=2026-12-01T18:30%2B09:00") == [late, mid]  # an offset: 09:30 UTC
+    page = client.get("/nachocode/deliveries?from=2026-12-01").text
+    assert 'name="from" step="1" value="2026-12-01T00:00:00"' in page
+    assert "export.csv?from=2026-12-01T00:00:00" in page
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "from=yesterday",
+        "until=2026-13-01",
+        "from=2026-12-01T25:00",
+        "from=0001-01-01",
+        "until=9999-12-31",
+        "from=2026-12-02&until=2026-12-01",
+        "from=2026-12-01&until=2026-12-01T00:00",
+    ],
+)
+@pytest.mark.parametrize(
+    "path", ["deliveries", "deliveries/export.csv", "deliveries/export.jsonl", "deliveries/replay"]
+)
+def test_bad_time_ranges_are_a_clear_400(
+    inspector: Callable[..., Any], path: str, query: str
+) -> None:
+    _, _, client = inspector()
+    answer = client.get(f"/nachocode/{path}?{query}")
+    assert answer.status_code == 400
+    assert "from" in answer.text or "until" in answer.text
+
+
+def test_exports_stream_the_filter_as_csv_and_json_lines(inspector: Callable[..., Any]) -> None:
+    app, handlers, client = inspector()
+    handled = send(client, userId='=HYPERLINK("http://evil")', iapLogId=810001)
+    handlers.failing = True
+    failed = send(client, userId="bob", iapLogId=810002)
+    set_received_at(app, {handled: at("2026-12-01 10:00"), failed: at("2026-12-02 10:00")})
+
+    lines = client.get("/nachocode/deliveries/export.jsonl").text.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["id"] for r in records] == [handled, failed]  # oldest first
+    assert list(records[0]) == list(EXPORT_COLUMNS)
+    assert records[1]["outcome"] == "failed"
+    assert records[1]["iap_log_id"] == 810002
+    assert records[1]["received_at"] == "2026-12-02T10:00:00+00:00"
+    assert "the grant service is down" in records[1]["error"]
+
+    answer = client.get("/nachocode/deliveries/export.csv?outcome=handled")
+    assert answer.mimetype == "text/csv"
+    assert answer.headers["Content-Disposition"].startswith('attachment; filename="deliveries-')
+    rows = list(csv.reader(io.StringIO(answer.text)))
+    assert rows[0] == list(EXPORT_COLUMNS)
+    assert [row[0] for row in rows[1:]] == [str(handled)]
+    # A spreadsheet would run it as a formula; the quote keeps it text.
+    assert rows[1][EXPORT_COLUMNS.index("user_id")] == '\'=HYPERLINK("http://evil")'
+
+    ranged = client.get("/nachocode/deliveries/export.jsonl?from=2026-12-02").text
+    assert [json.loads(line)["id"] for line in ranged.splitlines()] == [failed]
+    assert client.get("/nachocode/deliveries/export.csv?q=nobody").text.count("\n") == 1
+
+
+def test_bulk_replay_confirms_the_count_then_replays_the_filters_failed_ones(
+    inspector: Callable[..., Any],
+) -> None:
+    app, handlers, client = inspector()
+    send(client, userId="ok")
+    handlers.failing = True
+    old_failure = send(client, userId="old")
+    for n in range(3):
+        send(client, userId=f"f{n}")
+    set_received_at(app, {old_failure: at("2026-11-01 00:00")})
+
+    page = client.get("/nachocode/deliveries/replay?from=2026-11-15").text
+    assert 'id="replay-count" data-count="3"' in page
+    handlers.failing = False
+    send(client, userId="late")  # handled, so not replayable anyway
+    handlers.failing = True
+    late_failure = send(client, userId="late-failure")  # after the confirmation: left alone
+    handlers.failing = False
+
+    action = re.search(r'action="([^"]+/deliveries/replay[^"]*)"', page)
+    assert action is not None
+    upto = re.search(r'name="upto" value="(\d+)"', page)
+    assert upto is not None
+    answer = client.post(
+        action.group(1).replace("&amp;", "&"),
+        data={"nachocode_csrf": csrf_of(page), "upto": upto.group(1)},
+    )
+    assert answer.status_code == 303
+    assert "from=2026-11-15" in answer.headers["Location"]
+    assert "Replayed 3 deliveries: 3 handled." in client.get(answer.headers["Location"]).text
+    assert handlers.handled == ["ok", "late", "f0", "f1", "f2"]
+    still = ids_on(client.get("/nachocode/deliveries?outcome=failed").text)
+    assert still == [late_failure, old_failure]
+
+
+def test_bulk_replay_is_capped_and_needs_the_csrf_token(
+    inspector: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, handlers, client = inspector()
+    monkeypatch.setattr("flask_nachocode.inspector.BULK_REPLAY_LIMIT", 2)
+    handlers.failing = True
+    failures = [send(client, userId=f"f{n}") for n in range(3)]
+    handlers.failing = False
+    page = client.get("/nachocode/deliveries/replay").text
+    assert "3 deliveries in this filter" in page
+    assert "oldest <strong>2</strong>" in page
+    upto = str(failures[-1])
+    refused = client.post("/nachocode/deliveries/replay", data={"upto": upto})
+    assert refused.status_code == 400
+    assert handlers.handled == []
+    assert (
+        client.post(
+            "/nachocode/deliveries/replay", data={"nachocode_csrf": csrf_of(page), "upto": "x"}
+        ).status_code
+        == 400
+    )
+    client.post(
+        "/nachocode/deliveries/replay", data={"nachocode_csrf": csrf_of(page), "upto": upto}
+    )
+    assert handlers.handled == ["f0", "f1"]
+    assert "No delivery in this filter" not in client.get("/nachocode/deliveries/replay").text
+
+
+def test_bulk_replay_reports_deliveries_it_cannot_replay(inspector: Callable[..., Any]) -> None:
+    _, handlers, client = inspector(NACHOCODE_KEEP_BODIES=False)
+    handlers.failing = True
+    bodiless = send(client)
+    handlers.failing = False
+    page = client.get("/nachocode/deliveries/replay").text
+    answer = client.post(
+        "/nachocode/deliveries/replay",
+        data={"nachocode_csrf": csrf_of(page), "upto": str(bodiless)},
+        follow_redirects=True,
+    )
+    assert "Replayed 0 deliveries; 1 could not be replayed" in answer.text
+    assert handlers.handled == []
+
+
+@pytest.mark.every_database  # the time range and the grouping are each database's SQL
+def test_overview_counts_per_hour_and_day_by_outcome(
+    inspector: Callable[..., Any], database_url: str
+) -> None:
+    app, handlers, client = inspector(NACHOCODE_DATABASE_URI=database_url)
+    now = datetime.now(timezone.utc).replace(minute=30, second=0, microsecond=0)
+    a, b = send(client), send(client)
+    handlers.failing = True
+    c = send(client)
+    old = send(client)
+    set_received_at(
+        app,
+        {
+            a: now - timedelta(hours=2),
+            b: now - timedelta(hours=2),
+            c: now,
+            old: now - timedelta(days=3),
+        },
+    )
+    page = client.get("/nachocode/overview").text
+    hour = (now - timedelta(hours=2)).replace(minute=30 - 30).isoformat()
+    assert f'<g class="period" data-start="{hour}" data-total="2">' in page
+    assert 'data-outcome="handled" data-count="2"' in page
+    day = (now - timedelta(days=3)).replace(hour=0, minute=0).isoformat()
+    assert f'<g class="period" data-start="{day}" data-total="1">' in page
+    assert page.count('<g class="period"') == 24 + 7
+    assert "Last 24 hours, per hour (UTC): 3" in page
+    assert "Last 7 days, per day (UTC): 4" in page
+    assert "<script" not in page.split("</head>")[1]  # drawn by the server
+    assert client.get("/nachocode/overview?days=7").status_code == 400
+
+
+def test_overview_axis_is_a_round_number_above_the_tallest_bar() -> None:
+    from flask_nachocode.overview import _axis_top
+
+    assert [_axis_top(n) for n in (0, 4, 5, 9, 21, 99, 401)] == [4, 4, 8, 20, 40, 200, 800]
 
 
 # -- in a real browser, against a real server (integration, browser) ------------------------
@@ -934,6 +1158,12 @@ def test_pages_fit_a_phone(
     assert fits_the_width(page)
     screenshot(page, "delivery-phone")
 
+    page.goto("/nachocode/overview")
+    expect(page.locator("#chart-day svg.bars")).to_be_visible()
+    page.locator("#chart-hour details summary").click()
+    assert fits_the_width(page)
+    screenshot(page, "overview-phone")
+
 
 def test_a_deferred_delivery_shows_it_is_queued_then_each_attempt(tmp_path: Any) -> None:
     from celery import Celery
@@ -982,3 +1212,108 @@ def test_a_deferred_delivery_shows_it_is_queued_then_each_attempt(tmp_path: Any)
     assert "<dt>Answer</dt><dd>202 <small>(queued; handled by the worker)</small></dd>" in page
     rows = re.findall(r"<tr>\s*<td>(\d)</td>\s*<td><span class=\"badge (\w+)\"", page)
     assert rows == [("1", "failed"), ("2", "handled")]
+
+
+def store_counts(instance: Path, starts: list[str], period: str) -> dict[tuple[str, str], int]:
+    """Read straight from the served app's SQLite file: each original delivery
+    under its latest outcome, in the UTC hour or day of ``starts`` it arrived in."""
+    counts: dict[tuple[str, str], int] = {}
+    with closing(sqlite3.connect(instance / "nachocode.db")) as db:
+        rows = db.execute(
+            "SELECT received_at, outcome FROM nachocode_deliveries WHERE replay_of IS NULL"
+        ).fetchall()
+    for received_at, outcome in rows:
+        moment = datetime.fromisoformat(received_at).replace(tzinfo=timezone.utc)
+        moment = moment.replace(minute=0, second=0, microsecond=0)
+        if period == "day":
+            moment = moment.replace(hour=0)
+        if moment.isoformat() in starts:
+            key = (moment.isoformat(), outcome)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.mark.integration
+@pytest.mark.browser  # .ci/matrix leaves these out
+def test_overview_chart_shows_the_stores_numbers_without_javascript(
+    browser: Browser, served_url: str, served_instance: Path, send_with_cli: Callable[..., int]
+) -> None:
+    from playwright.sync_api import expect
+
+    sent = [send_with_cli(f"userId=overview-{n}") for n in range(6)]
+    (served_instance / BROKEN_MARKER).touch()
+    try:
+        sent += [send_with_cli(f"userId=overview-failed-{n}") for n in range(3)]
+    finally:
+        (served_instance / BROKEN_MARKER).unlink()
+    # Spread them over the hours and days the charts cover.
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    ago = [timedelta(hours=h) for h in (1, 1, 3, 7, 7, 30)] + [
+        timedelta(hours=h) for h in (3, 50, 100)
+    ]
+    with closing(sqlite3.connect(served_instance / "nachocode.db")) as db, db:
+        for delivery, before in zip(sent, ago, strict=True):
+            db.execute(
+                "UPDATE nachocode_deliveries SET received_at = ? WHERE id = ?",
+                ((now - before).isoformat(sep=" "), delivery),
+            )
+
+    context = browser.new_context(
+        viewport=DESKTOP,  # type: ignore[arg-type]
+        base_url=served_url,
+        java_script_enabled=False,
+    )
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(f"/nachocode/overview?token={INSPECTOR_TOKEN}")
+        expect(page).to_have_url(f"{served_url}/nachocode/overview")
+        for period, size in (("hour", 24), ("day", 7)):
+            chart = page.locator(f"#chart-{period}")
+            expect(chart.locator("svg.bars")).to_be_visible()
+            starts = chart.locator("g.period").evaluate_all("gs => gs.map(g => g.dataset.start)")
+            assert len(starts) == size
+            bars = chart.locator("rect.bar").evaluate_all(
+                "rs => rs.map(r => [r.parentElement.dataset.start, r.dataset.outcome,"
+                " Number(r.dataset.count), r.getBBox().height])"
+            )
+            expected = store_counts(served_instance, starts, period)
+            assert {(start, outcome): count for start, outcome, count, _ in bars} == expected
+            assert all(height > 0 for *_, height in bars)  # drawn, not just present
+            cells = chart.locator("table.numbers td[data-outcome]").evaluate_all(
+                "tds => tds.map(td => [td.parentElement.dataset.start, td.dataset.outcome,"
+                " Number(td.textContent)])"
+            )
+            assert {(s, o): n for s, o, n in cells if n} == expected
+        page.locator("#chart-hour details summary").click()  # the numbers open without script
+        expect(page.locator("#chart-hour table.numbers")).to_be_visible()
+        page.locator("#chart-hour details summary").click()
+        screenshot(page, "overview")
+        page.screenshot(path=str(ROOT / "docs" / "_static" / "overview.png"), full_page=True)
+    finally:
+        context.close()
+
+
+@pytest.mark.integration
+@pytest.mark.browser  # .ci/matrix leaves these out
+def test_bulk_replay_of_a_filter_after_a_confirmation(
+    open_page: OpenPage, send_with_cli: Callable[..., int], served_instance: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    (served_instance / BROKEN_MARKER).touch()
+    try:
+        failed = [send_with_cli("userId=bulk-user") for _ in range(2)]
+    finally:
+        (served_instance / BROKEN_MARKER).unlink()
+    page = open_page()
+    page.goto("/nachocode/deliveries?q=bulk-user&outcome=failed")
+    expect(page.locator("tr.delivery")).to_have_count(2)
+    page.locator("#bulk-replay").click()
+    expect(page.locator("#replay-count")).to_have_attribute("data-count", "2")
+    page.locator("#confirm-replay").click()
+    expect(page.locator(".flash")).to_have_text("Replayed 2 deliveries: 2 handled.")
+    expect(page.locator("tr.delivery")).to_have_count(0)  # back on the filtered list
+    page.goto("/nachocode/deliveries?q=bulk-user")
+    for delivery in failed:
+        expect(page.locator(f'tr[data-id="{delivery}"] td.outcome')).to_contain_text("handled")
