@@ -3,6 +3,14 @@ the same plus one INSERT and one COMMIT of the raw body (B).
 
     .venv/bin/python benchmarks/run.py --quick        # a few minutes
     .venv/bin/python benchmarks/run.py                # full run
+    .venv/bin/python benchmarks/run.py --against v0.1.0 --only sqlite --rounds 5
+
+With ``--against REV`` a fourth variant, R, is C built from the git revision REV: its
+tree is exported (``git archive``) and installed into a virtualenv of its own, cached in
+``~/.cache/flask-nachocode-bench/<commit>``, and served with this tree's benchmark app
+(``benchmarks/apps.py``) on a database of its own beside C's, created by REV's code.
+It alternates with A, B and C in every round, so the same noise hits all four; the
+table then gives C/R, this tree's speed over REV's, as the median of per-round ratios.
 
 Each variant runs under gunicorn on loopback (sync workers, same settings) and
 is loaded with wrk (8 connections), alternating A B C for several rounds so that
@@ -37,6 +45,8 @@ from typing import Any, Callable, Iterator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import sqlalchemy as sa  # noqa: E402
+
 from support.live import free_port, gunicorn_args, live_server, worker_pids  # noqa: E402
 
 from benchmarks.apps import KEY, PATH, prepare_database  # noqa: E402
@@ -64,6 +74,65 @@ class Load:
     def cpu_us(self) -> float:
         """The server side's CPU time per request: worker plus database."""
         return self.worker_cpu_us + self.database_cpu_us
+
+
+@dataclass
+class Revision:
+    """C built from another git revision (``--against``): its virtualenv and the
+    folder holding this tree's benchmark app, which imports that revision's library."""
+
+    name: str
+    commit: str
+    python: Path
+    app_dir: Path
+
+    @property
+    def gunicorn(self) -> Path:
+        return self.python.with_name("gunicorn")
+
+
+def build_revision(rev: str) -> Revision:
+    """Export ``rev`` and install it into a cached virtualenv with what the benchmark
+    app needs; reused while the commit and this tree's ``apps.py`` stay the same."""
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout.strip()
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    base = home / "flask-nachocode-bench" / commit
+    python = base / "venv" / "bin" / "python"
+    if not (base / "installed").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        (base / "src").mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", commit], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(base / "src")], input=archive, check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True)
+        print(f"installing {rev} ({commit[:12]}) into {base / 'venv'}", flush=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", str(base / "src"),
+                        "gunicorn", "psycopg[binary]", "pymysql", "prometheus-client"], check=True)
+        (base / "installed").touch()
+    app_dir = base / "app"
+    app_dir.mkdir(exist_ok=True)
+    # A module of its own name, outside this tree: nothing on its path is this tree's library.
+    shutil.copy(Path(__file__).with_name("apps.py"), app_dir / "bench_apps.py")
+    return Revision(rev, commit, python, app_dir)
+
+
+def sibling_database(url: str) -> str:
+    """A database beside ``url`` for R, so that each revision works on tables its own
+    code created: an SQLite file next to it, or a database of the same server."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return str(parsed.set(database=f"{parsed.database}-against.db").render_as_string(hide_password=False))
+    name = f"{parsed.database}_against"
+    server = sa.create_engine(parsed, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with server.connect() as connection:
+        if parsed.get_backend_name() == "postgresql":
+            if not connection.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first():
+                connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        else:
+            connection.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{name}`")
+    server.dispose()
+    return parsed.set(database=name).render_as_string(hide_password=False)
 
 
 @dataclass
@@ -228,41 +297,50 @@ def measured(generate: Callable[[str, float, str, str], Load], workers: list[int
 
 def run_scenario(scenario: Scenario, rounds: int, seconds: float, dup_rounds: int,
                  generate: Callable[[str, float, str, str], Load], logs: Path, ledger: str,
-                 metrics: str = "off") -> None:
+                 metrics: str = "off", against: Revision | None = None) -> None:
     prepare_database(scenario.database_url)
-    ports = {variant: free_port() for variant in VARIANTS}
+    variants = VARIANTS + (("R",) if against else ())
+    ports = {variant: free_port() for variant in variants}
     scenario.load_before = load_average()
     run_id = f"{int(time.time())}{scenario.workers}"
     from contextlib import ExitStack
 
     with ExitStack() as servers:
         urls = {}
-        for variant in VARIANTS:
+        for variant in variants:
             args = gunicorn_args("benchmarks.apps:create_app()", ports[variant], scenario.workers)
             env = {"BENCH_VARIANT": variant, "BENCH_DATABASE_URL": scenario.database_url,
                    "BENCH_LEDGER": ledger, "BENCH_METRICS": metrics}
-            if metrics == "on" and variant == "C":  # the workers' counters, as in production
+            if variant == "R":
+                assert against is not None
+                env.update(BENCH_VARIANT="C", BENCH_DATABASE_URL=sibling_database(scenario.database_url))
+                subprocess.run([str(against.python), "-c", "import sys, bench_apps; "
+                                "bench_apps.prepare_database(sys.argv[1])", env["BENCH_DATABASE_URL"]],
+                               cwd=against.app_dir, check=True)
+                args = [str(against.gunicorn), *args[1:-1], "--chdir", str(against.app_dir),
+                        "bench_apps:create_app()"]
+            if metrics == "on" and variant in ("C", "R"):  # the workers' counters, as in production
                 env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(dir=logs, prefix="metrics-")
             base = servers.enter_context(live_server(
                 args, port=ports[variant], env=env, ready_path="/ping",
                 log_path=logs / f"{scenario.workers}-{variant}.log",
             ))
             urls[variant] = base + PATH
-        for variant in VARIANTS:  # warm up: imports, connections, statement caches
+        for variant in variants:  # warm up: imports, connections, statement caches
             generate(urls[variant], 1, f"w{run_id}{variant}", "unique")
         # Workers are listed after the warm-up: gunicorn has forked them all by then.
         database = database_pids(scenario.database_url)
-        loaders = {variant: measured(generate, worker_pids(ports[variant]), database) for variant in VARIANTS}
+        loaders = {variant: measured(generate, worker_pids(ports[variant]), database) for variant in variants}
         for round_number in range(rounds):
             scenario.unique.append({
                 variant: loaders[variant](urls[variant], seconds, f"r{run_id}{round_number}{variant}", "unique")
-                for variant in VARIANTS
+                for variant in variants
             })
             print(f"  round {round_number + 1}: " + _round_line(scenario.unique[-1]), flush=True)
         for round_number in range(dup_rounds):
             scenario.duplicate.append({
                 variant: loaders[variant](urls[variant], seconds, f"d{run_id}{round_number}{variant}", "duplicate")
-                for variant in VARIANTS
+                for variant in variants
             })
             print(f"  duplicates {round_number + 1}: " + _round_line(scenario.duplicate[-1]), flush=True)
     scenario.load_after = load_average()
@@ -272,7 +350,7 @@ def _round_line(loads: dict[str, Load]) -> str:
     parts = [
         f"{v} {loads[v].rps:7.0f}/s p99 {loads[v].p99_ms:6.1f} ms"
         f" cpu {loads[v].cpu_us:5.0f} µs"
-        for v in VARIANTS
+        for v in loads
     ]
     errors = sum(load.errors for load in loads.values())
     return "  ".join(parts) + (f"  ERRORS {errors}" if errors else "")
@@ -310,6 +388,25 @@ def table(scenarios: list[Scenario]) -> str:
             f"{_median_ratio(rounds, 'C', 'B', 'p99_ms'):.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def against_table(scenarios: list[Scenario], against: Revision) -> str:
+    """This tree's C against REV's (R), both against B, medians of per-round ratios."""
+    header = (f"| database, workers | deliveries | C req/s | R ({against.name}) req/s "
+              "| C p50/p99 ms | R p50/p99 ms | C/B | R/B | C/R |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for title, kind, rounds in _measured_rounds(scenarios):
+        def med(variant: str, attr: str) -> float:
+            return statistics.median(getattr(r[variant], attr) for r in rounds)
+
+        lines.append("| " + " | ".join([
+            title, kind, f"{med('C', 'rps'):.0f}", f"{med('R', 'rps'):.0f}",
+            f"{med('C', 'p50_ms'):.1f} / {med('C', 'p99_ms'):.1f}",
+            f"{med('R', 'p50_ms'):.1f} / {med('R', 'p99_ms'):.1f}",
+            f"{_median_ratio(rounds, 'C', 'B'):.3f}", f"{_median_ratio(rounds, 'R', 'B'):.3f}",
+            f"{_median_ratio(rounds, 'C', 'R'):.3f}",
+        ]) + " |")
     return "\n".join(lines)
 
 
@@ -421,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", choices=["on", "off"], default="off",
                         help="C with NACHOCODE_METRICS (multiprocess mode) or without (default)")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even if wrk exists")
+    parser.add_argument("--workers", type=int, action="append", choices=[1, 4],
+                        help="gunicorn workers per scenario (repeatable; default 1 and 4)")
+    parser.add_argument("--against", metavar="REV",
+                        help="also run C built from git revision REV (R) in every round, and print C/R")
     args = parser.parse_args(argv)
 
     rounds = args.rounds or (3 if args.quick else 6)
@@ -432,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         print("wrk not found (apt-get install wrk): using the Python load generator", file=sys.stderr)
         generate = python_load
 
+    against = build_revision(args.against) if args.against else None
     print(f"load average at start: {load_average()}  ({os.cpu_count()} CPUs)")
     print(f"C's ledger: {args.ledger}, C's metrics: {args.metrics}")
     if "inprocess" in parts:
@@ -440,8 +542,9 @@ def main(argv: list[str] | None = None) -> int:
 
     scenarios = []
     workdir = Path(tempfile.mkdtemp(prefix="nachocode-bench-"))
+    worker_counts = args.workers or [1, 4]
     if "sqlite" in parts:
-        for workers in (1, 4):
+        for workers in worker_counts:
             path = workdir / f"bench-{workers}.db"
             scenarios.append(Scenario(f"SQLite (WAL), {workers}", f"sqlite:///{path}", workers))
     for part, url, name in (("postgresql", args.postgres, "PostgreSQL"), ("mysql", args.mysql, "MariaDB")):
@@ -450,15 +553,20 @@ def main(argv: list[str] | None = None) -> int:
         if not url:
             print(f"no {name} URL (--{part.replace('postgresql', 'postgres')}): {name} skipped", file=sys.stderr)
             continue
-        for workers in (1, 4):
+        for workers in worker_counts:
             scenarios.append(Scenario(f"{name}, {workers}", url, workers))
     for scenario in scenarios:
         print(f"{scenario.title} worker(s): {rounds} rounds of {seconds:g} s, {CONNECTIONS} connections", flush=True)
-        run_scenario(scenario, rounds, seconds, dup_rounds, generate, workdir, args.ledger, args.metrics)
+        run_scenario(scenario, rounds, seconds, dup_rounds, generate, workdir, args.ledger, args.metrics,
+                     against)
     if scenarios:
         print()
         print(table(scenarios))
         print()
+        if against:
+            print(f"against {against.name} ({against.commit[:12]}):")
+            print(against_table(scenarios, against))
+            print()
         cpu = cpu_table(scenarios)
         if cpu:
             print(cpu)
