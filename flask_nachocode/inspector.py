@@ -240,17 +240,17 @@ def _time_arg(name: str, *, end_of_day: bool = False) -> datetime | None:
     if not text:
         return None
     try:
-        moment = datetime.fromisoformat(text)
+        moment = reads.parse_moment(text)
     except ValueError:
         abort(400, f"{name} must be a date or time such as 2026-12-01 or 2026-12-01T09:30")
+    except OverflowError:
+        abort(400, f"{name} is out of range")
     if not 1 < moment.year < 9999:
         # Leaves room to add a day, and no database stores year 1 alike.
         abort(400, f"{name} is out of range")
-    if moment.utcoffset() is None:
-        moment = moment.replace(tzinfo=timezone.utc)
     if end_of_day and len(text) == len("2026-12-01"):
         moment += timedelta(days=1)
-    return moment.astimezone(timezone.utc)
+    return moment
 
 
 def filter_args(where: reads.DeliveryFilter) -> dict[str, Any]:

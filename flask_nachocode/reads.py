@@ -54,6 +54,21 @@ _PLATFORMS: tuple[str, ...] = get_args(Platform)
 _REFUND_TIME_WIDTH = len(iso_ms(datetime(2000, 1, 1, tzinfo=timezone.utc)))
 
 
+def parse_moment(text: str) -> datetime:
+    """A time-range bound as the CLI and the inspector take it: an ISO 8601 date (its
+    midnight) or date and time, in UTC unless it names an offset; aware, in UTC.
+    Raises ValueError (or OverflowError, when an offset moves it out of the calendar)."""
+    # ASCII digits only: some Pythons' fromisoformat also takes other scripts' digits.
+    if not (text.isascii() and text[:4].isdigit()):
+        raise ValueError(f"{text!r} is not an ISO date")
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"  # Python 3.10's fromisoformat has no "Z"
+    moment = datetime.fromisoformat(text)
+    if moment.utcoffset() is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
 @dataclass(frozen=True)
 class DeliveryFilter:
     """Which deliveries a list, a stream or a count covers; every field left empty

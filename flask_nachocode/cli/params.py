@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import click
 import sqlalchemy as sa
 
 from ..events import EVENT_SPELLINGS
-from ..reads import DeliveryFilter
+from ..reads import DeliveryFilter, parse_moment
 from ..schemas import MAX_ID, parse_id
 from ..sender import command_line_text
 from ..store import describe_database_error
@@ -75,16 +75,9 @@ class Moment(click.ParamType):  # type: ignore[type-arg]
         if isinstance(value, datetime):
             return value
         wanted = "an ISO date or date and time, e.g. 2025-03-01 or 2025-03-01T09:30+09:00"
-        # fromisoformat alone would also take other scripts' digits in some versions.
-        if not (isinstance(value, str) and value.isascii() and value[:4].isdigit()):
-            self.fail(f"{value!r} is not {wanted}", param, ctx)
         try:
-            moment = datetime.fromisoformat(value)  # a date alone is its midnight
-            if moment.utcoffset() is None:
-                moment = moment.replace(tzinfo=timezone.utc)
-            # Also where the offset moves it out of the calendar (0001-01-01T00:00+09:00).
-            return moment.astimezone(timezone.utc)
-        except (ValueError, OverflowError):
+            return parse_moment(value)
+        except (ValueError, OverflowError, TypeError):
             self.fail(f"{value!r} is not {wanted}", param, ctx)
 
 
