@@ -6,8 +6,9 @@ the same plus one INSERT and one COMMIT of the raw body (B).
     .venv/bin/python benchmarks/run.py --against v0.1.0 --only sqlite --rounds 5
 
 With ``--against REV`` a fourth variant, R, is C built from the git revision REV: its
-tree is exported (``git archive``) and installed into a virtualenv of its own, cached in
-``~/.cache/flask-nachocode-bench/<commit>``, and served with this tree's benchmark app
+tree is exported (``git archive``) and installed, with the dependency versions of this
+environment, into a virtualenv of its own, cached in
+``~/.cache/flask-nachocode-bench/<commit>-<versions>``, and served with this tree's benchmark app
 (``benchmarks/apps.py``) on a database of its own beside C's, created by REV's code.
 It alternates with A, B and C in every round, so the same noise hits all four; the
 table then gives C/R, this tree's speed over REV's, as the median of per-round ratios.
@@ -28,6 +29,7 @@ Not part of the test run; numbers depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import json
 import os
@@ -93,11 +95,15 @@ class Revision:
 
 def build_revision(rev: str) -> Revision:
     """Export ``rev`` and install it into a cached virtualenv with what the benchmark
-    app needs; reused while the commit and this tree's ``apps.py`` stay the same."""
+    app needs, at the versions this environment has: only the library differs between
+    C and R. Reused while the commit and those versions stay the same."""
     commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT,
                             check=True, capture_output=True, text=True).stdout.strip()
+    pins = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+                          check=True, capture_output=True, text=True).stdout
     home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    base = home / "flask-nachocode-bench" / commit
+    key = hashlib.sha256(pins.encode()).hexdigest()[:8]
+    base = home / "flask-nachocode-bench" / f"{commit}-{key}"
     python = base / "venv" / "bin" / "python"
     if not (base / "installed").exists():
         shutil.rmtree(base, ignore_errors=True)
@@ -106,9 +112,11 @@ def build_revision(rev: str) -> Revision:
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(base / "src")], input=archive, check=True)
         subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True)
+        (base / "constraints.txt").write_text(pins)
         print(f"installing {rev} ({commit[:12]}) into {base / 'venv'}", flush=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", str(base / "src"),
-                        "gunicorn", "psycopg[binary]", "pymysql", "prometheus-client"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(base / "constraints.txt"),
+                        str(base / "src"), "gunicorn", "psycopg[binary]", "pymysql",
+                        "prometheus-client"], check=True)
         (base / "installed").touch()
     app_dir = base / "app"
     app_dir.mkdir(exist_ok=True)
