@@ -49,8 +49,9 @@ pytestmark = pytest.mark.every_database
 
 REDIS_URL = os.environ.get("NACHOCODE_TEST_REDIS_URL")
 RABBITMQ_URL = os.environ.get("NACHOCODE_TEST_RABBITMQ_URL")
-#: Run in a process of its own, with the app's environment.
-CREATE_TABLES = "from support.deferred_app import app, db\nwith app.app_context(): db.create_all()"
+#: Run in a process of its own, with the app's environment, before any server starts:
+#: importing the app creates its tables (at import, as the README does).
+CREATE_TABLES = "import support.deferred_app"
 #: Seconds a test waits for the worker before it fails.
 PATIENCE = 60.0
 
