@@ -64,6 +64,8 @@ SQLITE_BUSY_TIMEOUT_MS = int(LOCK_TIMEOUT_SECONDS * 1000)
 #: ``ALTER TABLE``. ``SET LOCAL`` ends with the transaction, so the app's own use of a
 #: shared ``db`` keeps its settings, and PgBouncer's transaction pooling is safe.
 _PG_LOCK_TIMEOUT = f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT_SECONDS * 1000)}ms'"
+#: The transaction's start and its lock limit in one round trip (:func:`_pg_begin_limited`).
+_PG_BEGIN_LIMITED = f"BEGIN; {_PG_LOCK_TIMEOUT}".encode()
 
 #: How many deliveries :meth:`Store.prune` deletes per transaction: on SQLite about
 #: 30 ms of holding the write lock, far inside the 5 s a delivery waits for it.
@@ -233,6 +235,36 @@ _ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 _INHERITED_POOLS: list[sa.pool.Pool] = []
 
 
+def _pg_begin_limited(connection: sa.Connection) -> bool:
+    """Start the transaction of ``connection`` with its lock limit in one round trip,
+    on psycopg 3 when nothing has run in it yet; False when it did not (another
+    driver, a transaction the app began already, or an error, which the plain
+    ``SET LOCAL`` that follows then raises the usual way).
+
+    psycopg sends its ``BEGIN`` on its own before the first statement, so ``SET
+    LOCAL`` through SQLAlchemy costs two round trips, a quarter of a delivery's on
+    PostgreSQL: under load each one is a wait for the server process to be
+    scheduled. Sent as one simple query through libpq, both take one. psycopg reads
+    the transaction's state from libpq, so it sends no ``BEGIN`` of its own after
+    this and commits and rolls back as usual.
+    """
+    pgconn = getattr(connection.connection.driver_connection, "pgconn", None)
+    if pgconn is None:
+        return False
+    import psycopg  # present: pgconn is psycopg 3's
+
+    if pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return False
+    # On failure (the connection killed, say) nothing is cleaned up here: the plain
+    # SET LOCAL then fails through SQLAlchemy, which tells a lost connection (the
+    # claim tries again on a new one) from a database error (503).
+    try:
+        result = pgconn.exec_(_PG_BEGIN_LIMITED)
+    except psycopg.Error:
+        return False
+    return bool(result.status == psycopg.pq.ExecStatus.COMMAND_OK)
+
+
 def _renew_pools_after_fork() -> None:
     """In a forked child (gunicorn ``--preload``, Celery's prefork pool,
     ``multiprocessing``), give every tracked engine a new, empty pool, as SQLAlchemy
@@ -376,7 +408,8 @@ class Store:
         if self._dialect_name == "postgresql":
             transaction = session.get_transaction()
             if session.info.get("nachocode_lock_limit") is not transaction:
-                connection.exec_driver_sql(_PG_LOCK_TIMEOUT)
+                if not _pg_begin_limited(connection):
+                    connection.exec_driver_sql(_PG_LOCK_TIMEOUT)
                 session.info["nachocode_lock_limit"] = transaction
         return connection
 
