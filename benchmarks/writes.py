@@ -53,13 +53,15 @@ APPS = (("B", "B", True), ("C", "C", True), ("C, ledger off", "C", False))
 def statements_per_delivery(
     variant: str, url: str, ledger: bool, count: int = 50
 ) -> dict[str, float]:
-    """Statements by first keyword, and COMMITs, per unique purchase and per duplicate."""
+    """Statements by first keyword, and COMMITs, per unique purchase and per duplicate;
+    on PostgreSQL also the round trips, from libpq's trace of the connection."""
     prepare_database(url)
     app = create_app(variant, url, ledger)
     client = app.test_client()
     _post(client, purchase_payload())  # connects, and on first use sets the store up
     sent: collections.Counter[str] = collections.Counter()
     engine = _engine(app)
+    trace = _trace_round_trips(engine, sent)
     sa.event.listen(
         engine,
         "before_cursor_execute",
@@ -68,15 +70,41 @@ def statements_per_delivery(
     sa.event.listen(engine, "commit", lambda conn: sent.update(["COMMIT"]))
     for _ in range(count):
         _post(client, purchase_payload())
+    trace()
     figures = {f"unique {kind}": n / count for kind, n in sorted(sent.items())}
     again = purchase_payload()
     _post(client, again)
+    trace()
     sent.clear()
     for _ in range(count):
         _post(client, again)
+    trace()
     figures.update({f"duplicate {kind}": n / count for kind, n in sorted(sent.items())})
     engine.dispose()
     return figures
+
+
+def _trace_round_trips(engine: sa.Engine, sent: collections.Counter[str]) -> Any:
+    """On PostgreSQL with psycopg 3, trace the protocol of every new connection; the
+    function returned adds the round trips traced since its last call to ``sent``:
+    one per ReadyForQuery, which ends each of the server's answers. Cursor events do
+    not see what is sent through libpq directly (the store's BEGIN)."""
+    if engine.dialect.name != "postgresql":
+        return lambda: None
+    log = tempfile.TemporaryFile("w+")
+    engine.dispose()  # the next connection is a new one, traced from its start
+    sa.event.listen(
+        engine, "connect", lambda dbapi_connection, record: dbapi_connection.pgconn.trace(log.fileno())
+    )
+
+    def count() -> None:
+        log.flush()
+        log.seek(0)
+        sent.update({"round trips": sum("\tB\t" in line and "ReadyForQuery" in line for line in log)})
+        log.seek(0)
+        log.truncate()
+
+    return count
 
 
 def sqlite_pages_per_delivery(
