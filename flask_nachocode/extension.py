@@ -16,7 +16,7 @@ from .openapi import make_openapi_view
 from .purchase_status import add_purchase_status_route
 from .reads import Ledger
 from .registry import Handler, HandlerRegistry, check_event_name
-from .state import build_state, current_ledger
+from .state import AppState, build_state, current_ledger
 from .tables import alembic_render_item
 from .views import make_blueprint
 
@@ -89,7 +89,8 @@ class NachocodeWebhook:
         app.cli.add_command(nachocode_cli)
         # Flask-Migrate may be set up before or after this, and replaces its config
         # when it is; every `flask db` command pushes an app context first.
-        appcontext_pushed.connect(_offer_render_item, app)
+        state.migrate_listener = functools.partial(_offer_render_item, state)
+        appcontext_pushed.connect(state.migrate_listener, app)
 
     def handler(self, event_name: str) -> Callable[[H], H]:
         """Register the decorated function for ``event_name`` (``purchase``,
@@ -126,16 +127,23 @@ def _render_item_before(
     return rendered
 
 
-def _offer_render_item(app: Flask, **_: Any) -> None:
+def _offer_render_item(state: AppState, app: Flask, **_: Any) -> None:
     """Put :func:`~flask_nachocode.tables.alembic_render_item` into the Alembic
     arguments that Flask-Migrate's ``env.py`` passes on, ahead of the app's own
     ``render_item`` if it has one, so that generated migrations run unedited."""
     arguments = getattr(app.extensions.get("migrate"), "configure_args", None)
-    if not isinstance(arguments, dict):
-        return
-    theirs = arguments.get("render_item")
-    if getattr(theirs, "func", None) is not _render_item_before:
-        arguments["render_item"] = functools.partial(_render_item_before, theirs)
+    if isinstance(arguments, dict):
+        theirs = arguments.get("render_item")
+        if getattr(theirs, "func", None) is not _render_item_before:
+            arguments["render_item"] = functools.partial(_render_item_before, theirs)
+    # Once the app has handled a request its set-up is over (Flask's own set-up methods
+    # refuse from then on), so the config this push saw is the one for good. Listening
+    # on would cost every request blinker's dispatch to this receiver: 0.7% of a
+    # delivery's instructions on SQLite, which 0.1.0 did not pay. Disconnected from
+    # every sender, as it is this app's own, so that blinker forgets it altogether.
+    if app._got_first_request and state.migrate_listener is not None:
+        appcontext_pushed.disconnect(state.migrate_listener)
+        state.migrate_listener = None
 
 
 __all__ = ["NachocodeWebhook"]

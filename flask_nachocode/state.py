@@ -145,6 +145,10 @@ class AppState:
     metrics_route: Protection | None = None
     #: {prefix}/health is mounted (NACHOCODE_HEALTH_ROUTE).
     health_route: bool = False
+    #: The app's own receiver of ``appcontext_pushed`` that hands Flask-Migrate the
+    #: rendering hook, held here because blinker holds receivers weakly; None once it
+    #: has stopped listening (``extension.init_app``).
+    migrate_listener: Callable[..., None] | None = None
 
     def handlers(self, name: str) -> list[Handler]:
         """The handlers of event ``name``: decorated ones first, then NACHOCODE_HANDLERS."""

@@ -87,3 +87,40 @@ def test_generated_migrations_run_whichever_is_set_up_first(
     assert seen == ["type"]
     (script,) = (tmp_path / "migrations" / "versions").glob("*.py")
     assert "flask_nachocode" not in script.read_text()
+
+
+@pytest.mark.parametrize("migrate_first", [True, False], ids=["migrate-first", "migrate-last"])
+def test_requests_stop_paying_for_the_rendering_hook_once_set_up_is_over(
+    tmp_path: Path, migrate_first: bool
+) -> None:
+    # The hook listens to every app context push until the app has handled a request:
+    # Flask-Migrate, set up before that in either order, has it in its config for good,
+    # and later requests push their contexts without running it.
+    from flask.signals import appcontext_pushed
+
+    db = SQLAlchemy()
+    app = Flask("served_app", instance_path=str(tmp_path / "instance"))
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'app.db'}",
+        NACHOCODE_WEBHOOK_KEY=WEBHOOK_KEY,
+    )
+    db.init_app(app)
+    migrate = flask_migrate.Migrate()
+    if migrate_first:
+        migrate.init_app(app, db)
+    NachocodeWebhook(app, db=db)
+    if not migrate_first:
+        migrate.init_app(app, db)
+
+    def listening() -> bool:
+        return any(True for _ in appcontext_pushed.receivers_for(app))
+
+    assert listening()
+    client = app.test_client()
+    for _ in range(2):
+        assert client.get("/nachocode/webhooks/purchase").status_code == 405
+    assert not listening()
+    assert app.extensions["nachocode"].migrate_listener is None
+    render_item = app.extensions["migrate"].configure_args["render_item"]
+    assert getattr(render_item, "func", None) is not None
+    assert render_item("type", sa.String(8), None) is False
