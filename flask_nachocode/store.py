@@ -238,8 +238,9 @@ _INHERITED_POOLS: list[sa.pool.Pool] = []
 def _pg_begin_limited(connection: sa.Connection) -> bool:
     """Start the transaction of ``connection`` with its lock limit in one round trip,
     on psycopg 3 when nothing has run in it yet; False when it did not (another
-    driver, a transaction the app began already, or an error, which the plain
-    ``SET LOCAL`` that follows then raises the usual way).
+    driver, a transaction the app began already, an engine with its own isolation
+    level, read-only or autocommit setting, or an error, which the plain ``SET
+    LOCAL`` that follows then raises the usual way).
 
     psycopg sends its ``BEGIN`` on its own before the first statement, so ``SET
     LOCAL`` through SQLAlchemy costs two round trips, a quarter of a delivery's on
@@ -248,12 +249,19 @@ def _pg_begin_limited(connection: sa.Connection) -> bool:
     the transaction's state from libpq, so it sends no ``BEGIN`` of its own after
     this and commits and rolls back as usual.
     """
-    pgconn = getattr(connection.connection.driver_connection, "pgconn", None)
+    driver = connection.connection.driver_connection
+    pgconn = getattr(driver, "pgconn", None)
     if pgconn is None:
         return False
     import psycopg  # present: pgconn is psycopg 3's
 
     if pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        return False
+    # psycopg's own BEGIN carries these (BEGIN ISOLATION LEVEL ..., READ ONLY), and in
+    # autocommit mode it sends none: a plain BEGIN would not be what the app set up.
+    if driver.autocommit or any(
+        getattr(driver, name) is not None for name in ("isolation_level", "read_only", "deferrable")
+    ):
         return False
     # On failure (the connection killed, say) nothing is cleaned up here: the plain
     # SET LOCAL then fails through SQLAlchemy, which tells a lost connection (the

@@ -462,24 +462,29 @@ def test_a_delivery_waiting_on_a_lock_gives_up_inside_the_budget(
 
 @pytest.mark.parametrize("store_variant", [("postgresql", "shared_db")], indirect=True)
 @pytest.mark.parametrize("event", ["purchase", "refund", "unavailable_users"])
+@pytest.mark.parametrize("isolation", [None, "REPEATABLE READ"])
 def test_on_postgresql_the_lock_limit_holds_for_the_whole_delivery_and_ends_with_it(
-    make_app: Callable[..., Any], event: str
+    make_app: Callable[..., Any], event: str, isolation: str | None
 ) -> None:
     # The limit is the transaction's first statement: the handlers' writes must wait
     # no longer than the claim, and the app's next transaction on the shared db must
-    # have its own setting back.
-    store_app = make_app()
-    seen: list[str] = []
+    # have its own setting back. The transaction is the one the app's engine asks
+    # for: the store's own BEGIN must not drop its isolation level.
+    options = {"isolation_level": isolation} if isolation else {}
+    store_app = make_app(SQLALCHEMY_ENGINE_OPTIONS=options)
+    seen: list[tuple[str, str]] = []
 
-    def read_lock_timeout() -> str:
-        return str(store_app.db.session.execute(sa.text("SHOW lock_timeout")).scalar())
+    def read(setting: str) -> str:
+        return str(store_app.db.session.execute(sa.text(f"SHOW {setting}")).scalar())
 
-    store_app.ext.handler(event)(lambda _event: seen.append(read_lock_timeout()))
+    store_app.ext.handler(event)(
+        lambda _event: seen.append((read("lock_timeout"), read("transaction_isolation")))
+    )
     answer = post_delivery(store_app.client, event, payload_for(event))
     assert answer.status_code == 200, answer.get_json()
-    assert seen == ["5s"]
+    assert seen == [("5s", (isolation or "read committed").lower())]
     with store_app.app.app_context():
-        assert read_lock_timeout() == "0"
+        assert read("lock_timeout") == "0"
 
 
 # --- the database unreachable ---
