@@ -251,7 +251,7 @@ def _pg_begin_limited(connection: sa.Connection) -> bool:
     """
     driver = connection.connection.driver_connection
     pgconn = getattr(driver, "pgconn", None)
-    if pgconn is None:
+    if driver is None or pgconn is None:
         return False
     import psycopg  # present: pgconn is psycopg 3's
 
