@@ -232,9 +232,26 @@ _PURCHASE_CONSTANTS: dict[str, Any] = {
     "refunded_at": None,
 }
 
-#: The record's columns that the one-statement claim takes from the claim's
-#: parameters, which hold the same values: the record is written as the claim is.
-_RECORD_FROM_CLAIM = {"identity": "identity", "event": "event", "finished_at": "claimed_at"}
+#: The record's columns that the one-statement claim takes from the claim's and the
+#: ledger row's parameters, which hold the same values: the record is written as
+#: the claim is, of the valid purchase the ledger row is.
+_RECORD_FROM_CLAIM = {
+    "identity": "identity",
+    "event": "event",
+    "finished_at": "claimed_at",
+    "user_id": "user_id",
+    "iap_log_id": "iap_log_id",
+}
+
+#: The record's columns that are the same in every record the one-statement claim
+#: writes: a new delivery (not a replay) answered 200, without an error.
+_CLAIM_RECORD_CONSTANTS: dict[str, Any] = {
+    "status": 200,
+    "error": None,
+    "traceback": None,
+    "replay_of": None,
+    "replay_count": 0,
+}
 
 
 @functools.lru_cache(maxsize=64)
@@ -245,26 +262,27 @@ def _claimed_purchase_upsert(claims: sa.Table, table: sa.Table, deliveries: sa.T
     # row, so a duplicate writes no ledger row, as with separate statements; the
     # record is written either way, as "handled" or "duplicate".
     #
-    # Each value is bound once: what every purchase writes alike is in the text
-    # (_PURCHASE_CONSTANTS), and the ledger row's update time and the record's
-    # identity, event and end take the claim's own parameters (_RECORD_FROM_CLAIM).
+    # Each value is bound once: what every such purchase and record hold alike is in
+    # the text (_PURCHASE_CONSTANTS, _CLAIM_RECORD_CONSTANTS), and the ledger row's
+    # update time and the record's copies of the claim's and the ledger row's values
+    # take their parameters (_RECORD_FROM_CLAIM).
     claim = pg_claim(claims).cte("nachocode_claim")
     claimed = sa.exists(claim.select())
 
-    def from_claim(name: str) -> Any:
-        return sa.bindparam(name, type_=claims.c[name].type)
-
     def ledger_value(name: str) -> Any:
         if name == "updated_at":
-            return from_claim("claimed_at")
+            return sa.bindparam("claimed_at", type_=claims.c.claimed_at.type)
         if name in _PURCHASE_CONSTANTS:
             return _constant(_PURCHASE_CONSTANTS[name], table.c[name].type)
         return sa.bindparam(name, type_=table.c[name].type)
 
     def record_value(name: str) -> Any:
+        type_ = deliveries.c[name].type  # the same as the shared parameter's
         if name in _RECORD_FROM_CLAIM:
-            return from_claim(_RECORD_FROM_CLAIM[name])
-        return sa.bindparam(RECORD_PREFIX + name, type_=deliveries.c[name].type)
+            return sa.bindparam(_RECORD_FROM_CLAIM[name], type_=type_)
+        if name in _CLAIM_RECORD_CONSTANTS:
+            return _constant(_CLAIM_RECORD_CONSTANTS[name], type_)
+        return sa.bindparam(RECORD_PREFIX + name, type_=type_)
 
     names = [*_SET_BY_PURCHASE, "refunded_quantity", "state", "refunded_at"]
     source = sa.select(*(ledger_value(name) for name in names)).where(claimed)
@@ -341,17 +359,11 @@ def claim_and_apply_purchase(
     record: dict[str, Any],
 ) -> tuple[bool, int]:
     """On PostgreSQL, the claim (see :meth:`Store.claim`), :func:`apply_purchase`
-    and the delivery record (``record``: every column but ``id`` and ``outcome``, of
-    ``event`` and ending at ``now``) in one statement: whether it claimed, and the
-    record's id. A duplicate writes only
+    and the delivery record (``record``: every column but ``id`` and ``outcome`` of
+    a new delivery of ``event`` answered 200, ending at ``now``) in one statement:
+    whether it claimed, and the record's id. A duplicate writes only
     its record; :class:`Refuse` as from :func:`apply_purchase`."""
     assert event.identity is not None  # purchases always have one
-    # The statement binds these once, as the claim's (_RECORD_FROM_CLAIM).
-    assert (record["identity"], record["event"], record["finished_at"]) == (
-        event.identity,
-        event.name,
-        now,
-    )
     values = {
         **_purchase_values(event, now),
         "identity": event.identity,
@@ -359,6 +371,12 @@ def claim_and_apply_purchase(
         "claimed_at": now,
         **{RECORD_PREFIX + name: value for name, value in record.items()},
     }
+    # The statement does not bind these columns of the record: they must be what it
+    # writes in their place.
+    for name, shared in _RECORD_FROM_CLAIM.items():
+        assert record[name] == values[shared], name
+    for name, constant in _CLAIM_RECORD_CONSTANTS.items():
+        assert record[name] == constant, name
     statement = _claimed_purchase_upsert(claims, table, deliveries)
     claimed, recorded, delivery_id = connection.execute(statement, values).one()
     if claimed and not recorded:
