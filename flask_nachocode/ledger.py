@@ -142,9 +142,26 @@ _SET_BY_PURCHASE = (
 )
 
 
+def _constant(value: str | int | bool | None, type_: Any) -> Any:
+    """``value`` written into the statement's text rather than bound: a bound constant
+    costs every execution a parameter to build, convert and send. Only for this
+    module's own constants (states, counts), never for a delivery's values."""
+    if value is None:
+        # Typed: an untyped NULL in an INSERT's SELECT is text to PostgreSQL.
+        return sa.cast(sa.null(), type_)
+    if isinstance(value, bool):
+        return sa.true() if value else sa.false()
+    if isinstance(value, int):
+        return sa.literal_column(str(value), type_)
+    assert "'" not in value
+    return sa.literal_column(f"'{value}'", type_)
+
+
 def _state_for(quantity: Any, refunded: Any) -> Any:
     return sa.case(
-        (refunded >= quantity, REFUNDED), (refunded > 0, PARTIALLY_REFUNDED), else_=ACTIVE
+        (refunded >= quantity, _constant(REFUNDED, sa.String())),
+        (refunded > _constant(0, sa.Integer()), _constant(PARTIALLY_REFUNDED, sa.String())),
+        else_=_constant(ACTIVE, sa.String()),
     )
 
 
@@ -207,6 +224,35 @@ def _on_purchase_conflict(statement: Any, table: sa.Table) -> Any:
 #: record and the ledger row share column names with different values.
 RECORD_PREFIX = "record_"
 
+#: The ledger columns that a purchase sets to the same values every time.
+_PURCHASE_CONSTANTS: dict[str, Any] = {
+    "purchase_received": True,
+    "refunded_quantity": 0,
+    "state": ACTIVE,
+    "refunded_at": None,
+}
+
+#: The record's columns that the one-statement claim takes from the claim's and the
+#: ledger row's parameters, which hold the same values: the record is written as
+#: the claim is, of the valid purchase the ledger row is.
+_RECORD_FROM_CLAIM = {
+    "identity": "identity",
+    "event": "event",
+    "finished_at": "claimed_at",
+    "user_id": "user_id",
+    "iap_log_id": "iap_log_id",
+}
+
+#: The record's columns that are the same in every record the one-statement claim
+#: writes: a new delivery (not a replay) answered 200, without an error.
+_CLAIM_RECORD_CONSTANTS: dict[str, Any] = {
+    "status": 200,
+    "error": None,
+    "traceback": None,
+    "replay_of": None,
+    "replay_count": 0,
+}
+
 
 @functools.lru_cache(maxsize=64)
 def _claimed_purchase_upsert(claims: sa.Table, table: sa.Table, deliveries: sa.Table) -> Any:
@@ -215,25 +261,45 @@ def _claimed_purchase_upsert(claims: sa.Table, table: sa.Table, deliveries: sa.T
     # reads its row from a SELECT that yields nothing unless the claim inserted its
     # row, so a duplicate writes no ledger row, as with separate statements; the
     # record is written either way, as "handled" or "duplicate".
+    #
+    # Each value is bound once: what every such purchase and record hold alike is in
+    # the text (_PURCHASE_CONSTANTS, _CLAIM_RECORD_CONSTANTS), and the ledger row's
+    # update time and the record's copies of the claim's and the ledger row's values
+    # take their parameters (_RECORD_FROM_CLAIM).
     claim = pg_claim(claims).cte("nachocode_claim")
     claimed = sa.exists(claim.select())
+
+    def ledger_value(name: str) -> Any:
+        if name == "updated_at":
+            return sa.bindparam("claimed_at", type_=claims.c.claimed_at.type)
+        if name in _PURCHASE_CONSTANTS:
+            return _constant(_PURCHASE_CONSTANTS[name], table.c[name].type)
+        return sa.bindparam(name, type_=table.c[name].type)
+
+    def record_value(name: str) -> Any:
+        type_ = deliveries.c[name].type  # the same as the shared parameter's
+        if name in _RECORD_FROM_CLAIM:
+            return sa.bindparam(_RECORD_FROM_CLAIM[name], type_=type_)
+        if name in _CLAIM_RECORD_CONSTANTS:
+            return _constant(_CLAIM_RECORD_CONSTANTS[name], type_)
+        return sa.bindparam(RECORD_PREFIX + name, type_=type_)
+
     names = [*_SET_BY_PURCHASE, "refunded_quantity", "state", "refunded_at"]
-    source = sa.select(*(sa.bindparam(name, type_=table.c[name].type) for name in names)).where(
-        claimed
-    )
+    source = sa.select(*(ledger_value(name) for name in names)).where(claimed)
     upsert = postgresql.insert(table).from_select(names, source)
     recorded = _on_purchase_conflict(upsert, table).returning(table.c.id).cte("nachocode_ledger")
     record_names = [c.key for c in deliveries.c if c.key not in ("id", "outcome")]
+    outcome_type = deliveries.c.outcome.type
     record = (
         postgresql.insert(deliveries)
         .from_select(
             [*record_names, "outcome"],
             sa.select(
-                *(
-                    sa.bindparam(RECORD_PREFIX + name, type_=deliveries.c[name].type)
-                    for name in record_names
+                *(record_value(name) for name in record_names),
+                sa.case(
+                    (claimed, _constant("handled", outcome_type)),
+                    else_=_constant("duplicate", outcome_type),
                 ),
-                sa.case((claimed, "handled"), else_="duplicate"),
             ),
         )
         .returning(deliveries.c.id)
@@ -249,12 +315,9 @@ def _claimed_purchase_upsert(claims: sa.Table, table: sa.Table, deliveries: sa.T
 def _purchase_values(event: PurchaseEvent, now: datetime) -> dict[str, Any]:
     return {
         **_purchase_fields(event, now),
-        "purchase_received": True,
         "purchased_at": event.purchased_at,
         "verified_at": event.verified_at,
-        "refunded_quantity": 0,
-        "state": ACTIVE,
-        "refunded_at": None,
+        **_PURCHASE_CONSTANTS,
     }
 
 
@@ -296,8 +359,9 @@ def claim_and_apply_purchase(
     record: dict[str, Any],
 ) -> tuple[bool, int]:
     """On PostgreSQL, the claim (see :meth:`Store.claim`), :func:`apply_purchase`
-    and the delivery record (``record``: every column but ``id`` and ``outcome``) in
-    one statement: whether it claimed, and the record's id. A duplicate writes only
+    and the delivery record (``record``: every column but ``id`` and ``outcome`` of
+    a new delivery of ``event`` answered 200, ending at ``now``) in one statement:
+    whether it claimed, and the record's id. A duplicate writes only
     its record; :class:`Refuse` as from :func:`apply_purchase`."""
     assert event.identity is not None  # purchases always have one
     values = {
@@ -307,6 +371,12 @@ def claim_and_apply_purchase(
         "claimed_at": now,
         **{RECORD_PREFIX + name: value for name, value in record.items()},
     }
+    # The statement does not bind these columns of the record: they must be what it
+    # writes in their place.
+    for name, shared in _RECORD_FROM_CLAIM.items():
+        assert record[name] == values[shared], name
+    for name, constant in _CLAIM_RECORD_CONSTANTS.items():
+        assert record[name] == constant, name
     statement = _claimed_purchase_upsert(claims, table, deliveries)
     claimed, recorded, delivery_id = connection.execute(statement, values).one()
     if claimed and not recorded:

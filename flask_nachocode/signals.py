@@ -43,6 +43,8 @@ def send_after_commit(signal: NamedSignal, **kwargs: Any) -> None:
     """Send ``signal`` with the current app as sender to each receiver in turn,
     logging (with its traceback) a receiver that raises instead of letting it turn
     a stored outcome into a different answer."""
+    if not signal.receivers:  # nothing listens (the usual case): skip the app lookup
+        return
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     for receiver in signal.receivers_for(app):
         try:
