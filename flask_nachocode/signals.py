@@ -39,6 +39,13 @@ delivery_queued = _signals.signal("nachocode-delivery-queued")
 delivery_retry = _signals.signal("nachocode-delivery-retry")
 
 
+def send(signal: NamedSignal, **kwargs: Any) -> None:
+    """Send ``signal`` with the current app as sender; a receiver that raises
+    propagates (``delivery_received``: nothing is stored yet)."""
+    if signal.receivers:  # nothing listens (the usual case): skip the app lookup
+        signal.send(current_app._get_current_object(), **kwargs)  # type: ignore[attr-defined]
+
+
 def send_after_commit(signal: NamedSignal, **kwargs: Any) -> None:
     """Send ``signal`` with the current app as sender to each receiver in turn,
     logging (with its traceback) a receiver that raises instead of letting it turn

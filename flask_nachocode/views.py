@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from . import signals
 from .auth import check_bearer
@@ -111,10 +111,7 @@ def receive(route: str) -> Result:
     check_bearer(request.headers.get("Authorization"), state.keys)
     delivery.headers = storable_headers(request.headers, state.keys)
     delivery.remote_addr = request.remote_addr
-    # Sent only when something listens: the app lookup and the send cost every
-    # delivery otherwise, for nothing.
-    if signals.delivery_received.receivers:
-        signals.delivery_received.send(current_app._get_current_object(), delivery=delivery)  # type: ignore[attr-defined]
+    signals.send(signals.delivery_received, delivery=delivery)
     try:
         payload = read_json_object(state.max_body_bytes, delivery)
         event = load_event(ROUTES_BY_NAME[route].event or infer_event_name(payload), payload)
